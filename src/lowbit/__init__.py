@@ -1,0 +1,12 @@
+"""lowbit: quantize large language models with every major method, behind one API."""
+
+from lowbit.config import Config, ConfigError
+from lowbit.formats import Format, QuantizedTensor
+from lowbit.methods import MethodConfig, get_method, method_registry
+from lowbit.nn import QuantLinear
+from lowbit.quantize import quantize_
+
+__version__ = "0.1.0"
+
+__all__ = ["Config", "ConfigError", "Format", "MethodConfig", "QuantLinear", "QuantizedTensor", "get_method",
+           "method_registry", "quantize_", "__version__"]

@@ -1,0 +1,7 @@
+"""Formats: what the bits mean. Importing this package registers every built-in format."""
+
+from lowbit.formats.base import Format, QuantizedTensor, format_registry
+
+__all__ = ["Format", "QuantizedTensor", "format_registry"]
+
+# -- built-in formats register here (keep one line each) --

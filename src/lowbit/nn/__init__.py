@@ -1,0 +1,3 @@
+from lowbit.nn.linear import QuantLinear
+
+__all__ = ["QuantLinear"]
