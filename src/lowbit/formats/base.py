@@ -73,6 +73,19 @@ class Format(Config):
     def validate_shape(self, shape: tuple[int, int]) -> None:
         """Raise ``ValueError`` if this format cannot store a weight of ``shape``."""
 
+    def params(self, W: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Round-to-nearest's choice of parameters (e.g. ``scale``, ``zero_point``) for ``W: (out, in)``.
+
+        For grouped formats the result has one entry per (row, group); a ``W`` narrower than one group
+        gets one group, so a method may fit a group slice and then round single columns with it (GPTQ).
+        """
+        return {}
+
+    @classmethod
+    def examples(cls) -> list["Format"]:
+        """Representative instances, used by the format property tests that run over every format."""
+        return []
+
     # -- shared ---------------------------------------------------------------------------------
     def fake_quantize(self, W: torch.Tensor, **params: torch.Tensor) -> torch.Tensor:
         """Quantize then dequantize, in ``W``'s dtype."""
