@@ -1,0 +1,258 @@
+"""The ``lowbit`` command line.
+
+Subcommands: quantize, eval, methods, inspect, demo, export-gguf, finetune. Every command that takes a model
+accepts a transformers directory, a GGUF file or a lowbit checkpoint; omitted, the embedded default model
+(SmolLM2-135M-Instruct, whose weights its publisher already quantized to Q4_1 / Q8_0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+log = logging.getLogger("lowbit")
+
+
+def _progress():  # type: ignore[no-untyped-def]
+    from tqdm.auto import tqdm
+
+    def wrap(it, total=None, desc=None, **kw):  # type: ignore[no-untyped-def]
+        return tqdm(it, total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True, **kw)
+
+    return wrap
+
+
+def _dtype(name: str):  # type: ignore[no-untyped-def]
+    import torch
+
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in choices:
+        raise SystemExit(f"error: --dtype {name!r} is not one of {sorted(choices)}")
+    return choices[name]
+
+
+# -- commands ------------------------------------------------------------------------------------------------
+def cmd_methods(args: argparse.Namespace) -> int:
+    from lowbit.cli.options import method_options
+    from lowbit.methods.base import method_registry
+
+    rows = []
+    for kind, cls in sorted(method_registry().items()):
+        rows.append({"method": kind, "bits": list(cls.bits_choices), "calibration": list(cls.stats),
+                     "summary": cls.summary, "paper": cls.paper, "options": method_options(cls)})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        calib = ",".join(r["calibration"]) or "none"
+        print(f"{r['method']:<14} bits={r['bits']} calibration={calib}  {r['summary']}")
+        for name, o in r["options"].items():
+            print(f"    --{name.replace('_', '-'):<18} {o['type']:<6} default={o['default']}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.cli.options import build_method_config
+    from lowbit.data.corpora import calibration_tokens
+    from lowbit.io import checkpoint
+    from lowbit.io.atomic import check_writable
+    from lowbit.loading import load_with_tokenizer
+    from lowbit.quantize import quantize_
+
+    cfg = build_method_config(args.method, args.bits, args.group_size, args)
+    check_writable(args.out, args.overwrite)
+    model, tok = load_with_tokenizer(args.model, dtype=_dtype(args.dtype))
+    calib = None
+    if cfg.stats:
+        text = _read_text(args.calib_data)
+        calib = calibration_tokens(tok, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed,
+                                   text=text)
+    t0 = time.perf_counter()
+    quantize_(model, cfg, calibration=calib, progress=_progress(), ignore=args.ignore or ())
+    dt = time.perf_counter() - t0
+    checkpoint.save(model, args.out, tokenizer=tok, method=cfg, overwrite=args.overwrite,
+                    extra={"source": args.model or "default", "seconds": round(dt, 2)})
+    print(f"quantized with {cfg.describe()} in {dt:.1f}s -> {args.out}")
+    return 0
+
+
+def _read_text(path: str | None) -> str | None:
+    if path is None:
+        return None
+    from lowbit.data.corpora import load_text
+
+    return load_text(path)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit.eval.report import evaluate_against
+    from lowbit.io import checkpoint
+    from lowbit.loading import load_with_tokenizer
+
+    model, tok = load_with_tokenizer(args.model, dtype=_dtype(args.dtype))
+    ref_path = args.reference
+    if ref_path is None and args.model is not None and checkpoint.is_checkpoint(args.model):
+        src = checkpoint.read_manifest(args.model, verify=False).get("extra", {}).get("source", "default")
+        ref_path = None if src == "default" else src
+    reference = None
+    if ref_path is not None or (args.model is not None and checkpoint.is_checkpoint(args.model)):
+        reference = load_with_tokenizer(ref_path, dtype=_dtype(args.dtype))[0]
+    result = evaluate_against(model, tok, reference=reference, text=_read_text(args.data), ctx_len=args.ctx_len,
+                              max_tokens=args.max_tokens, progress=_progress())
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>16}: {v}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lowbit.inspect import inspect_path
+
+    info = inspect_path(args.path)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{info['kind']}: {info['path']}")
+    for k, v in info.get("summary", {}).items():
+        print(f"  {k}: {v}")
+    for t in info["tensors"][: args.limit]:
+        print(f"  {t['name']:<48} {str(t['shape']):<16} {t['format']:<12} {t['bits_per_weight']:.3f} bpw")
+    if len(info["tensors"]) > args.limit:
+        print(f"  ... {len(info['tensors']) - args.limit} more (--limit N or --json)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lowbit.demo import run_demo
+
+    run_demo(out_dir=Path(args.out), methods=args.methods, max_eval_tokens=args.max_eval_tokens,
+             ctx_len=args.ctx_len, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+             progress=_progress(), echo=print)
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from lowbit.io.gguf_export import export_gguf
+    from lowbit.io.imatrix import read_imatrix
+    from lowbit.loading import load_with_tokenizer
+
+    model, tok = load_with_tokenizer(args.model)
+    imatrix = read_imatrix(args.imatrix) if args.imatrix else None
+    export_gguf(model, tok, args.out, type=args.type, imatrix=imatrix, overwrite=args.overwrite,
+                progress=_progress())
+    print(f"wrote {args.out} ({args.type})")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from lowbit.train import finetune
+    from lowbit.loading import load_with_tokenizer
+
+    model, tok = load_with_tokenizer(args.model)
+    finetune(model, tok, data=args.data, method=args.method, out_dir=args.out, steps=args.steps, rank=args.rank,
+             alpha=args.alpha, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size,
+             overwrite=args.overwrite, progress=_progress())
+    print(f"adapters and loss plot written to {args.out}")
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from lowbit.cli.options import add_method_flags
+
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs with every major method, one API.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("methods", help="list every registered method with its options")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_methods)
+
+    s = sub.add_parser("quantize", help="quantize a model and save a lowbit checkpoint")
+    s.add_argument("model", nargs="?", default=None, help="transformers dir, GGUF file or checkpoint (default: SmolLM2)")
+    s.add_argument("--method", required=True)
+    s.add_argument("--bits", type=int, default=None)
+    s.add_argument("--group-size", type=int, default=None)
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.add_argument("--ignore", action="append", help="regex of layer names to leave unquantized (repeatable)")
+    s.add_argument("--calib-data", default=None, help="text file or folder (default: the docs-topics calibration split)")
+    s.add_argument("--calib-samples", type=int, default=64)
+    s.add_argument("--calib-seq-len", type=int, default=512)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", default="float32")
+    add_method_flags(s)
+    s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("eval", help="perplexity, KL and top-1 against the unquantized model, size")
+    s.add_argument("model", nargs="?", default=None)
+    s.add_argument("--reference", default=None, help="unquantized model to compare with (default: the checkpoint's source)")
+    s.add_argument("--data", default=None, help="text file or folder (default: the docs-topics evaluation split)")
+    s.add_argument("--ctx-len", type=int, default=2048)
+    s.add_argument("--max-tokens", type=int, default=None)
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("inspect", help="tensors, formats and bits per weight of a checkpoint or GGUF file")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--limit", type=int, default=40)
+    s.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("demo", help="quantize the default model with every method, evaluate, table + plot")
+    s.add_argument("--out", default="lowbit-demo", help="folder for the table (markdown, JSON) and the plot")
+    s.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: all registered)")
+    s.add_argument("--max-eval-tokens", type=int, default=4096)
+    s.add_argument("--ctx-len", type=int, default=1024)
+    s.add_argument("--calib-samples", type=int, default=16)
+    s.add_argument("--calib-seq-len", type=int, default=256)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("export-gguf", help="write a GGUF file llama.cpp runs")
+    s.add_argument("model", nargs="?", default=None)
+    s.add_argument("--type", required=True, help="block type or llama-quantize mix, e.g. Q4_K_M")
+    s.add_argument("--out", required=True)
+    s.add_argument("--imatrix", default=None)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_export_gguf)
+
+    s = sub.add_parser("finetune", help="QLoRA (and friends) fine-tuning with a loss plot")
+    s.add_argument("model", nargs="?", default=None)
+    s.add_argument("--method", default="qlora")
+    s.add_argument("--data", required=True, help="text file or folder")
+    s.add_argument("--out", required=True)
+    s.add_argument("--steps", type=int, default=100)
+    s.add_argument("--rank", type=int, default=16)
+    s.add_argument("--alpha", type=float, default=32.0)
+    s.add_argument("--lr", type=float, default=2e-4)
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_finetune)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as e:
+        print(f"lowbit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
