@@ -1,0 +1,123 @@
+"""GPTQ: column-by-column rounding with optimal second-order error feedback (Frantar et al., arXiv 2210.17323).
+
+Symbols (paper, Algorithm 1):
+
+======  ===========================================================================
+W       weight ``(d_row, d_col)`` = ``(out_features, in_features)``, updated in place
+H       Hessian of the layer's squared error, ``2·XᵀX/n``, ``(d_col, d_col)``
+λ       dampening, ``damp · mean(diag(H))`` added to ``diag(H)``
+U       upper Cholesky factor of ``H⁻¹`` (``H⁻¹ = UᵀU``); row ``i`` holds the updates for column ``i``
+B       lazy-batch width (columns updated together, ``block_size``)
+g       group size (columns sharing one set of rounding parameters)
+Q       the quantized (dequantized-value) weight
+E       scaled errors ``(w - q) / U_ii`` of one lazy batch
+perm    column order (act-order: ``argsort(diag(H), descending)``)
+======  ===========================================================================
+
+Rounding is abstract: ``fit(W_slice) -> params`` chooses parameters for a group of columns and
+``round_(w, params) -> q`` rounds one column ``(d_row, 1)`` with them, so any format (integer grids, codebooks,
+minifloats) can be used.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["gptq", "inverse_hessian_factor", "remove_dead_inputs"]
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, torch.Tensor]
+
+
+def remove_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
+    """Inputs never active (``H_ii = 0``): set ``H_ii = 1`` and ``W[:, i] = 0`` in place, as the reference does."""
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float, max_tries: int = 8) -> torch.Tensor:
+    """``U`` with ``UᵀU = (H + λI)⁻¹``, ``λ = damp·mean(diag H)``; doubles ``damp`` until ``H + λI`` factors.
+
+    Raises:
+        ValueError: if ``H`` is not finite or still does not factor after ``max_tries`` doublings.
+    """
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("Hessian has NaN/Inf entries; check the calibration inputs of this layer")
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    d = damp
+    for attempt in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                if attempt:
+                    log.warning("GPTQ: Hessian did not factor with damp=%g; used damp=%g instead (more calibration "
+                                "tokens or a larger damp avoid this)", damp, d)
+                return U
+        d *= 2
+    raise ValueError(f"Hessian is not positive definite even with damp={d / 2:g} (started at {damp:g}); "
+                     "use more calibration data or a larger damp")
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, fit: Callable[[torch.Tensor], Params],
+         round_: Callable[[torch.Tensor, Params], torch.Tensor], *, group_size: int | None, damp: float = 0.01,
+         block_size: int = 128, act_order: bool = False, static_groups: bool = False
+         ) -> tuple[torch.Tensor, list[Params], torch.Tensor | None]:
+    """Quantize ``W: (out, in)`` given ``H: (in, in)``.
+
+    Args:
+        fit: parameters for columns ``W[:, j:j+g]`` (or for the whole ``W`` when ``group_size`` is None).
+        round_: rounds one column ``(out, 1)`` with given parameters, returns it dequantized.
+        group_size: ``g``; None = one parameter set per row for all columns.
+        static_groups: fit every group on the original ``W`` before any update (groups stay contiguous in the
+            original column order even with act-order).
+
+    Returns:
+        ``(Q, params, g_idx)``: ``Q: (out, in)`` in the original column order; one params dict per group in the
+        order groups were fitted; ``g_idx: (in,)`` int32 group of each original column (None when groups are
+        contiguous and in order, i.e. without act-order or with static groups).
+    """
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W = W.to(dtype).clone()
+    H = H.to(dtype).clone()
+    n = W.shape[1]
+    remove_dead_inputs(W, H)
+    g = group_size or n
+    groups: list[Params] = [fit(W[:, j:j + g]) for j in range(0, n, g)] if (static_groups or not group_size) else []
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
+    if act_order:
+        W, H = W[:, perm], H[perm][:, perm]
+    U = inverse_hessian_factor(H, damp)
+    Q = torch.zeros_like(W)
+    params: Params = groups[0] if groups else {}
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if group_size and static_groups:
+                params = groups[int(perm[j]) // g]
+            elif group_size and j % g == 0:
+                # the group may run past this lazy batch: apply the batch's pending updates to those columns
+                tail = W[:, i2:j + g] - E[:, :i] @ U[i1:j, i2:j + g]
+                groups.append(fit(torch.cat([W1[:, i:i + g], tail], 1)))
+                params = groups[-1]
+            w = W1[:, i:i + 1]
+            q = round_(w, params).to(dtype)
+            Q[:, j:j + 1] = q
+            E[:, i:i + 1] = (w - q) / U1[i, i]
+            W1[:, i:] -= E[:, i:i + 1] @ U1[i:i + 1, i:]
+        W[:, i2:] -= E @ U[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    g_idx = None
+    if act_order and group_size and not static_groups:
+        g_idx = (inv // g).to(torch.int32)
+    return Q[:, inv], groups, g_idx
