@@ -5,3 +5,5 @@ from lowbit.formats.base import Format, QuantizedTensor, format_registry
 __all__ = ["Format", "QuantizedTensor", "format_registry"]
 
 # -- built-in formats register here (keep one line each) --
+import lowbit.formats.int8_rowwise  # noqa: E402,F401
+import lowbit.formats.minifloat  # noqa: E402,F401

@@ -30,6 +30,7 @@ VOCABULARY = frozenset({
     "qdata", "scale", "zero_point", "codebook", "absmax", "g_idx", "outlier_idx", "outlier_val",
     "absmax_scale", "absmax_offset", "scale_scale", "scale_zero_point", "zero_point_scale",
     "zero_point_zero_point", "lora_a", "lora_b",
+    "act_scale",  # static (calibrated) input scale of W8A8 formats, e.g. SmoothQuant O3
 })
 
 

@@ -20,5 +20,8 @@ def dequantize(data: list[torch.Tensor], spec: str, shape: list[int], dtype: tor
 
 
 def qlinear(x: torch.Tensor, data: list[torch.Tensor], spec: str, shape: list[int], bias: torch.Tensor | None) -> torch.Tensor:
+    fmt = format_from_spec(spec)
+    if hasattr(fmt, "linear"):  # formats that quantize activations too (W8A8, LLM.int8()) own their matmul
+        return fmt.linear(x, as_quantized(data, spec, shape, x.dtype), bias)
     W = dequantize(data, spec, shape, x.dtype)
     return torch.nn.functional.linear(x, W, None if bias is None else bias.to(x.dtype))
