@@ -1,0 +1,159 @@
+"""Legacy 32-element GGML blocks: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (llama.cpp ``ggml-quants.c``).
+
+Round-to-nearest block quantization with one f16 scale (and an f16 min for the ``_1`` types) per 32 weights,
+as introduced in ggml (no paper; the importance-matrix variants follow llama.cpp PR #4861). Without an
+importance matrix the reference functions ``quantize_row_q*_ref`` are reproduced; with one, the searches of
+``quantize_row_q*_impl``.
+
+Symbols: ``x (R, n)`` rows, ``qw (n,)`` importance per column, ``d`` scale, ``m`` min, ``L`` levels,
+``sigma2`` mean square of the row.
+
+Every quantizer returns ``(R, n/32, type_size)`` uint8 and every dequantizer maps ``(B, type_size)`` uint8 to
+``(B, 32)`` float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lowbit.formats.ggml.numerics import (F32, f16_from_bytes, first_absmax, roundf, safe_recip, seq_sum,
+                                          to_f16_bytes)
+from lowbit.formats.ggml.search import make_qkx_quants, make_qx_quants
+
+QK = 32
+
+
+def _blocks(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1, QK)
+
+
+def _row_weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """``qw_j · sqrt(sigma2 + x_j²)`` with ``sigma2 = Σ_row x² / n`` (whole row), per block ``(R·nb, 32)``."""
+    R, n = x.shape
+    sigma2 = seq_sum(x * x) / F32(n)
+    w = np.asarray(qw, dtype=F32)[None, :] * np.sqrt(sigma2[:, None] + x * x)
+    return _blocks(w.astype(F32))
+
+
+def pack_nibbles(L: np.ndarray) -> np.ndarray:
+    """``(B, 32)`` levels → ``(B, 16)`` bytes: element j in the low nibble, element j+16 in the high one."""
+    L = L.astype(np.uint8)
+    return (L[:, :16] & 0xF) | ((L[:, 16:] & 0xF) << 4)
+
+
+def unpack_nibbles(qs: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_nibbles`: ``(B, 16)`` → ``(B, 32)`` uint8."""
+    return np.concatenate([qs & 0xF, qs >> 4], axis=1)
+
+
+def _pack_qh(L: np.ndarray) -> np.ndarray:
+    """5th bit of each of 32 levels → little-endian uint32 ``qh`` as ``(B, 4)`` bytes."""
+    bits = ((L.astype(np.uint32) >> 4) & 1) << np.arange(32, dtype=np.uint32)
+    qh = np.bitwise_or.reduce(bits, axis=1).astype("<u4")
+    return qh.view(np.uint8).reshape(-1, 4)
+
+
+def _unpack_qh(b: np.ndarray) -> np.ndarray:
+    qh = np.ascontiguousarray(b).view("<u4")[:, 0]
+    return ((qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+
+
+def _out(R: int, *parts: np.ndarray) -> np.ndarray:
+    b = np.concatenate(parts, axis=1)
+    return b.reshape(R, -1, b.shape[1])
+
+
+def _sym_ref(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """``quantize_row_q4_0_ref`` / ``q5_0_ref``: d = max/−nmax, levels = trunc(x/d + nmax + 0.5) ≤ 2·nmax−1."""
+    xb = _blocks(x)
+    _, mx = first_absmax(xb)
+    d = (mx / F32(-nmax)).astype(F32)
+    idd = safe_recip(d)
+    v = (xb * idd[:, None]) + F32(nmax + 0.5)
+    L = np.minimum(np.trunc(v).astype(np.int32), 2 * nmax - 1)
+    return d, L
+
+
+def _asym_ref(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``quantize_row_q4_1_ref`` / ``q5_1_ref``: d = (max−min)/nmax, levels = trunc((x−min)/d + 0.5)."""
+    xb = _blocks(x)
+    mn = xb.min(axis=1)
+    mx = xb.max(axis=1)
+    d = ((mx - mn) / F32(nmax)).astype(F32)
+    idd = safe_recip(d)
+    v = ((xb - mn[:, None]) * idd[:, None]) + F32(0.5)
+    L = np.minimum(np.trunc(v).astype(np.int32), nmax)
+    return d, mn, L
+
+
+def quantize_q4_0(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    R = x.shape[0]
+    if qw is None:
+        d, L = _sym_ref(x, 8)
+    else:
+        d, L = make_qx_quants(_blocks(x), 8, 1, _row_weights(x, qw))
+    return _out(R, to_f16_bytes(d), pack_nibbles(L))
+
+
+def quantize_q5_0(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    R = x.shape[0]
+    if qw is None:
+        d, L = _sym_ref(x, 16)
+    else:
+        d, L = make_qx_quants(_blocks(x), 16, 1, _row_weights(x, qw))
+    return _out(R, to_f16_bytes(d), _pack_qh(L), pack_nibbles(L))
+
+
+def _asym_imatrix(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scale, the_min, L = make_qkx_quants(_blocks(x), _row_weights(x, qw), nmax, -0.9, 0.05, 36, False, False)
+    return scale, -the_min, L
+
+
+def quantize_q4_1(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    R = x.shape[0]
+    d, m, L = _asym_ref(x, 15) if qw is None else _asym_imatrix(x, qw, 15)
+    return _out(R, to_f16_bytes(d), to_f16_bytes(m), pack_nibbles(L))
+
+
+def quantize_q5_1(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    R = x.shape[0]
+    d, m, L = _asym_ref(x, 31) if qw is None else _asym_imatrix(x, qw, 31)
+    return _out(R, to_f16_bytes(d), to_f16_bytes(m), _pack_qh(L), pack_nibbles(L))
+
+
+def quantize_q8_0(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    """``quantize_row_q8_0_ref``; the importance matrix is ignored, as in llama.cpp."""
+    R = x.shape[0]
+    xb = _blocks(x)
+    d = (np.abs(xb).max(axis=1) / F32(127)).astype(F32)
+    q = roundf(xb * safe_recip(d)[:, None]).astype(np.int8)
+    return _out(R, to_f16_bytes(d), q.view(np.uint8))
+
+
+def dequantize_q4_0(b: np.ndarray) -> np.ndarray:
+    d = f16_from_bytes(b[:, 0:2])
+    q = unpack_nibbles(b[:, 2:18]).astype(np.int8) - np.int8(8)
+    return d[:, None] * q.astype(F32)
+
+
+def dequantize_q4_1(b: np.ndarray) -> np.ndarray:
+    d, m = f16_from_bytes(b[:, 0:2]), f16_from_bytes(b[:, 2:4])
+    q = unpack_nibbles(b[:, 4:20]).astype(F32)
+    return d[:, None] * q + m[:, None]
+
+
+def dequantize_q5_0(b: np.ndarray) -> np.ndarray:
+    d = f16_from_bytes(b[:, 0:2])
+    q = (unpack_nibbles(b[:, 6:22]) | (_unpack_qh(b[:, 2:6]) << 4)).astype(np.int8) - np.int8(16)
+    return d[:, None] * q.astype(F32)
+
+
+def dequantize_q5_1(b: np.ndarray) -> np.ndarray:
+    d, m = f16_from_bytes(b[:, 0:2]), f16_from_bytes(b[:, 2:4])
+    q = (unpack_nibbles(b[:, 8:24]) | (_unpack_qh(b[:, 4:8]) << 4)).astype(F32)
+    return d[:, None] * q + m[:, None]
+
+
+def dequantize_q8_0(b: np.ndarray) -> np.ndarray:
+    d = f16_from_bytes(b[:, 0:2])
+    return np.ascontiguousarray(b[:, 2:34]).view(np.int8).astype(F32) * d[:, None]
