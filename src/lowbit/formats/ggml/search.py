@@ -157,6 +157,9 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
     L = np.clip(nearest_int(iscale[:, None] * xm), 0, nmax)
     best = seq_sum(w * err((scale[:, None] * L.astype(F32) + mn[:, None]) - x))
     for i in range(nstep + 1):
+        # the C loop keeps using the *current* min, which an accepted step replaces
+        rng = np.where(degen, F32(1), mx - mn).astype(F32)
+        xm = x - mn[:, None]
         isc = ((_f(rmin) + _f(rdelta) * _f(i) + _f(nmax)) / rng).astype(F32)
         la = np.clip(nearest_int(isc[:, None] * xm), 0, nmax)
         lf = la.astype(F32)
