@@ -1,0 +1,83 @@
+"""GGML block types as lowbit Formats: registry, shapes, round trip, QuantLinear, RTN, imatrix parameter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit.formats  # noqa: F401  (registers every format)
+from lowbit.formats.base import Format, format_from_spec, format_registry
+from lowbit.formats.ggml import GGML_TYPES, dequantize_raw, quantize_raw
+from lowbit.formats.ggml.format import GGMLFormat, Q4_K, Q8_0, ggml_format
+
+NAMES = list(GGML_TYPES)
+
+
+def test_every_type_is_a_registered_format_with_upstream_class_name():
+    reg = format_registry()
+    for name in NAMES:
+        cls = reg[f"ggml_{name}"]
+        assert issubclass(cls, GGMLFormat) and cls.__name__ == name
+        assert cls.examples() == [cls()]
+        assert format_from_spec(cls().spec()) == cls()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_qdata_is_the_raw_blocks_and_bits_per_weight_is_exact(name):
+    fmt = ggml_format(name)
+    W = torch.randn(8, 512)
+    q = fmt.quantize(W)
+    t = GGML_TYPES[name]
+    assert q["qdata"].dtype == torch.uint8 and tuple(q["qdata"].shape) == (8, 512 // t.block_size * t.type_size)
+    assert np.array_equal(q["qdata"].numpy(), quantize_raw(W, name))
+    assert q.bits_per_weight == pytest.approx(q["qdata"].numel() * 8 / W.numel())
+    assert q.bits_per_weight == pytest.approx(fmt.bits_per_weight)
+    torch.testing.assert_close(q.dequantize(), dequantize_raw(q["qdata"].numpy(), name, (8, 512)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fake_quantize_keeps_dtype_and_is_idempotent_where_the_reference_is(name):
+    fmt = ggml_format(name)
+    W = torch.randn(4, 256, dtype=torch.float64)
+    Y = fmt.fake_quantize(W)
+    assert Y.dtype == torch.float64 and Y.shape == W.shape
+    if type(fmt).idempotent:
+        torch.testing.assert_close(fmt.fake_quantize(Y), Y, rtol=0, atol=0)
+
+
+def test_validate_shape_names_block_size_and_fitting_types():
+    with pytest.raises(ValueError, match=r"blocks of 256; in_features=576.*Types that fit.*Q8_0"):
+        Q4_K().validate_shape((4, 576))
+    with pytest.raises(ValueError, match="2-D"):
+        Q8_0().validate_shape((4,))
+    Q8_0().validate_shape((4, 576))
+    with pytest.raises(ValueError, match="valid choices"):
+        ggml_format("Q7_K")
+
+
+def test_imatrix_parameter_changes_the_search_and_lowers_weighted_error():
+    torch.manual_seed(0)
+    W = torch.randn(64, 512)
+    imp = torch.rand(512) ** 4 * 10 + 1e-3
+    plain = Q4_K().quantize(W)
+    guided = Q4_K().quantize(W, act_sq_mean=imp)
+    assert np.array_equal(guided["qdata"].numpy(), quantize_raw(W, "Q4_K", imatrix=imp))
+    err = lambda q: float((((q.dequantize() - W) ** 2) * imp).sum())  # noqa: E731
+    assert err(guided) < err(plain)
+    with pytest.raises(ValueError, match="unknown Q4_K parameter"):
+        Q4_K().quantize(W, scale=torch.ones(1))
+
+
+def test_rtn_and_quantlinear_run_a_ggml_format():
+    from lowbit.methods.rtn.api import RTNConfig
+    from lowbit.quantize import quantize_
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(512, 32))
+    W = m[0].weight.detach().clone()
+    quantize_(m, RTNConfig(format=Q4_K()))
+    x = torch.randn(5, 512)
+    Wq = dequantize_raw(quantize_raw(W, "Q4_K"), "Q4_K", tuple(W.shape))
+    torch.testing.assert_close(m(x), torch.nn.functional.linear(x, Wq, m[0].bias), rtol=1e-5, atol=1e-5)
+    assert isinstance(Q4_K(), Format)
