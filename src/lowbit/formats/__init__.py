@@ -10,3 +10,4 @@ import lowbit.formats.codebook  # noqa: E402,F401
 import lowbit.formats.fp8  # noqa: E402,F401
 import lowbit.formats.int8_rowwise  # noqa: E402,F401
 import lowbit.formats.minifloat  # noqa: E402,F401
+import lowbit.formats.ggml.format  # noqa: E402,F401
