@@ -8,3 +8,7 @@ from lowbit.methods.base import MethodConfig, get_method, method_registry
 __all__ = ["MethodConfig", "get_method", "method_registry"]
 
 # -- built-in methods register here (keep one line each, alphabetical) --
+from lowbit.methods import gptq as _gptq  # noqa: E402,F401
+from lowbit.methods import hqq as _hqq  # noqa: E402,F401
+from lowbit.methods import nf4 as _nf4  # noqa: E402,F401
+from lowbit.methods import rtn as _rtn  # noqa: E402,F401
