@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from lowbit.methods.gptq.core import gptq, inverse_hessian_factor
+from lowbit.methods.gptq.core import gptq as _gptq, inverse_hessian_factor
 
 BITS = 3
 MAXQ = 2 ** BITS - 1
@@ -24,6 +24,11 @@ def fit(Wg: torch.Tensor) -> dict[str, torch.Tensor]:
 def round_(w: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     q = torch.clamp(torch.round(w / p["scale"]) + p["zero_point"], 0, MAXQ)
     return p["scale"] * (q - p["zero_point"])
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, fit_, round__, **kw):  # noqa: ANN001, ANN003
+    Q, groups, g_idx, _ = _gptq(W, H, lambda Wg, _u: fit_(Wg), lambda w, p, _j, _d: round__(w, p), **kw)
+    return Q, groups, g_idx
 
 
 def rtn(W: torch.Tensor, g: int | None) -> torch.Tensor:

@@ -44,9 +44,9 @@ def quantize_with_hessian(fmt: Format, W: torch.Tensor, H: torch.Tensor, *, damp
                           act_order: bool, static_groups: bool) -> QuantizedTensor:
     """Run :func:`~lowbit.methods.gptq.core.gptq` with ``fmt``'s grid and store the result in ``fmt``."""
     group_size = getattr(fmt, "group_size", None)
-    Q, groups, g_idx = gptq(W.detach(), H.to(W.device), fmt.params,
-                            lambda w, p: fmt.fake_quantize(w, **p), group_size=group_size, damp=damp,
-                            block_size=block_size, act_order=act_order, static_groups=static_groups)
+    Q, groups, g_idx, _ = gptq(W.detach(), H.to(W.device), lambda Wg, _u: fmt.params(Wg),
+                               lambda w, p, _j, _d: fmt.fake_quantize(w, **p), group_size=group_size, damp=damp,
+                               block_size=block_size, act_order=act_order, static_groups=static_groups)
     extra: dict[str, Any] = {} if g_idx is None else {"g_idx": g_idx}
     q = fmt.quantize(Q, **_cat(groups), **extra)
     return q if q.dtype == W.dtype else dataclasses.replace(q, dtype=W.dtype)

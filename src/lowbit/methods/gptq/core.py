@@ -14,9 +14,9 @@ E       scaled errors ``(w - q) / U_ii`` of one lazy batch
 perm    column order (act-order: ``argsort(diag(H), descending)``)
 ======  ===========================================================================
 
-Rounding is abstract: ``fit(W_slice) -> params`` chooses parameters for a group of columns and
-``round_(w, params) -> q`` rounds one column ``(d_row, 1)`` with them, so any format (integer grids, codebooks,
-minifloats) can be used.
+Rounding is abstract: ``fit(W_slice, u) -> params`` chooses parameters for a group of columns and
+``round_(w, params, j, U_jj) -> q`` rounds one column ``(d_row, 1)`` with them, so any format (integer grids,
+codebooks, minifloats) can be used, and SpQR can reuse the sweep with its outlier-aware fit and rounding.
 """
 
 from __future__ import annotations
@@ -66,23 +66,28 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float, max_tries: int = 8) -> 
                      "use more calibration data or a larger damp")
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, fit: Callable[[torch.Tensor], Params],
-         round_: Callable[[torch.Tensor, Params], torch.Tensor], *, group_size: int | None, damp: float = 0.01,
-         block_size: int = 128, act_order: bool = False, static_groups: bool = False
-         ) -> tuple[torch.Tensor, list[Params], torch.Tensor | None]:
+def gptq(W: torch.Tensor, H: torch.Tensor, fit: Callable[..., Params], round_: Callable[..., torch.Tensor], *,
+         group_size: int | None, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+         static_groups: bool = False, on_factor: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+         ) -> tuple[torch.Tensor, list[Params], torch.Tensor | None, torch.Tensor]:
     """Quantize ``W: (out, in)`` given ``H: (in, in)``.
 
     Args:
-        fit: parameters for columns ``W[:, j:j+g]`` (or for the whole ``W`` when ``group_size`` is None).
-        round_: rounds one column ``(out, 1)`` with given parameters, returns it dequantized.
+        fit: ``fit(W_g, u_g) -> params`` for columns ``W_g = W[:, j:j+g]`` (the whole ``W`` when ``group_size``
+            is None), with ``u_g`` their ``diag(U)`` (None for fits made before ``U`` exists: static groups,
+            per-row parameters). SpQR uses ``u_g`` for its leave-one-out outlier criterion.
+        round_: ``round_(w, params, j, u_jj) -> q`` rounds column ``j`` (in quantization order) ``w: (out, 1)``
+            and returns it dequantized; a method may keep some entries unrounded (SpQR outliers).
         group_size: ``g``; None = one parameter set per row for all columns.
         static_groups: fit every group on the original ``W`` before any update (groups stay contiguous in the
             original column order even with act-order).
+        on_factor: called once with ``(W, U)`` (permuted, dead inputs removed) before the sweep.
 
     Returns:
-        ``(Q, params, g_idx)``: ``Q: (out, in)`` in the original column order; one params dict per group in the
-        order groups were fitted; ``g_idx: (in,)`` int32 group of each original column (None when groups are
-        contiguous and in order, i.e. without act-order or with static groups).
+        ``(Q, params, g_idx, perm)``: ``Q: (out, in)`` in the original column order; one params dict per group
+        in the order groups were fitted; ``g_idx: (in,)`` int32 group of each original column (None when
+        groups are contiguous and in order: without act-order or with static groups); ``perm`` the order in
+        which columns were quantized.
     """
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W = W.to(dtype).clone()
@@ -90,11 +95,14 @@ def gptq(W: torch.Tensor, H: torch.Tensor, fit: Callable[[torch.Tensor], Params]
     n = W.shape[1]
     remove_dead_inputs(W, H)
     g = group_size or n
-    groups: list[Params] = [fit(W[:, j:j + g]) for j in range(0, n, g)] if (static_groups or not group_size) else []
+    groups: list[Params] = [fit(W[:, j:j + g], None) for j in range(0, n, g)] if (static_groups or not group_size) else []
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n, device=W.device)
     if act_order:
         W, H = W[:, perm], H[perm][:, perm]
     U = inverse_hessian_factor(H, damp)
+    if on_factor is not None:
+        on_factor(W, U)
+    u = torch.diag(U)
     Q = torch.zeros_like(W)
     params: Params = groups[0] if groups else {}
     for i1 in range(0, n, block_size):
@@ -108,10 +116,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, fit: Callable[[torch.Tensor], Params]
             elif group_size and j % g == 0:
                 # the group may run past this lazy batch: apply the batch's pending updates to those columns
                 tail = W[:, i2:j + g] - E[:, :i] @ U[i1:j, i2:j + g]
-                groups.append(fit(torch.cat([W1[:, i:i + g], tail], 1)))
+                groups.append(fit(torch.cat([W1[:, i:i + g], tail], 1), u[j:j + g]))
                 params = groups[-1]
             w = W1[:, i:i + 1]
-            q = round_(w, params).to(dtype)
+            q = round_(w, params, j, U1[i, i]).to(dtype)
             Q[:, j:j + 1] = q
             E[:, i:i + 1] = (w - q) / U1[i, i]
             W1[:, i:] -= E[:, i:i + 1] @ U1[i:i + 1, i:]
@@ -120,4 +128,4 @@ def gptq(W: torch.Tensor, H: torch.Tensor, fit: Callable[[torch.Tensor], Params]
     g_idx = None
     if act_order and group_size and not static_groups:
         g_idx = (inv // g).to(torch.int32)
-    return Q[:, inv], groups, g_idx
+    return Q[:, inv], groups, g_idx, perm
