@@ -51,7 +51,59 @@ def _qlinear_backward(ctx, grad):  # type: ignore[no-untyped-def]
     W = dequantize(list(ctx.saved_tensors), ctx.spec, ctx.shape, grad.dtype)
     grad_x = grad @ W
     grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, None, None, None, grad_b
+    return grad_x, [None] * len(ctx.saved_tensors), None, None, grad_b  # one None per stored tensor (data is a list)
 
 
 qlinear.register_autograd(_qlinear_backward, setup_context=_qlinear_setup)
+
+
+# -- kernel-layout ops: fast paths with their own packed layouts (lowbit.ops.repack) -------------------------
+
+@torch.library.custom_op("lowbit::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, q4: torch.Tensor, q2: torch.Tensor, q1: torch.Tensor, scale: torch.Tensor | None,
+                  zero_point: torch.Tensor | None, codebook: torch.Tensor | None, perm: torch.Tensor | None,
+                  bias: torch.Tensor | None, bits: int, group_size: int, in_features: int, mode: str) -> torch.Tensor:
+    """``x (..., K) @ Wᵀ (+ bias)`` with ``W`` in the bit-plane kernel layout of :mod:`lowbit.ops.repack`."""
+    return reference.packed_linear(x, q4, q2, q1, scale, zero_point, codebook, perm, bias, bits, group_size,
+                                   in_features, mode)
+
+
+@packed_linear.register_fake
+def _(x, q4, q2, q1, scale, zero_point, codebook, perm, bias, bits, group_size, in_features, mode):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], (q4 if q4.numel() else q2).shape[1]))
+
+
+@torch.library.custom_op("lowbit::w8a8_linear", mutates_args=())
+def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                threshold: float) -> torch.Tensor:
+    """W8A8 with per-token dynamic input scales: int8 ``qdata`` (LLM.int8() if ``threshold > 0``) or FP8."""
+    return reference.w8a8_linear(x, qdata, scale, bias, threshold)
+
+
+@w8a8_linear.register_fake
+def _(x, qdata, scale, bias, threshold):  # type: ignore[no-untyped-def]
+    return x.new_empty((*x.shape[:-1], qdata.shape[0]))
+
+
+@torch.library.custom_op("lowbit::adamw8bit_step_", mutates_args=("p", "m_q", "m_absmax", "v_q", "v_absmax"))
+def adamw8bit_step_(p: torch.Tensor, g: torch.Tensor, m_q: torch.Tensor, m_absmax: torch.Tensor, v_q: torch.Tensor,
+                    v_absmax: torch.Tensor, code_m: torch.Tensor, code_v: torch.Tensor, step: int, lr: float,
+                    beta1: float, beta2: float, eps: float, weight_decay: float, block_size: int) -> None:
+    """One AdamW step on fp32 ``p`` with 8-bit block-wise ``m``/``v`` (codes + per-block absmax), in place."""
+    reference.adamw8bit_step_(p, g, m_q, m_absmax, v_q, v_absmax, code_m, code_v, step, lr, beta1, beta2, eps,
+                              weight_decay, block_size)
+
+
+@adamw8bit_step_.register_fake
+def _(p, g, m_q, m_absmax, v_q, v_absmax, code_m, code_v, step, lr, beta1, beta2, eps, weight_decay, block_size):  # type: ignore[no-untyped-def]
+    return None
+
+
+def _register_cuda_kernels() -> None:
+    # Triton kernels only where CUDA and triton exist; importing them compiles nothing.
+    from lowbit.ops.triton import register_if_available
+
+    register_if_available()
+
+
+_register_cuda_kernels()

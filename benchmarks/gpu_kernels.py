@@ -1,0 +1,404 @@
+"""Check and time every lowbit Triton kernel against bf16 torch and bitsandbytes, in one process.
+
+Run on a CUDA machine:  python benchmarks/gpu_kernels.py [--quick] [--out DIR]
+
+For each (K × N, M) row of issue 7 it checks each kernel against the reference (float64 / fp32 dequantize
+then matmul, relative Frobenius error) on fresh random inputs, then times it with
+``triton.testing.do_bench`` (median), rotating over enough weight copies that the weights do not sit in L2.
+The physical floor of a row is (bytes of the weight + activations + output) / measured copy bandwidth.
+Prints a markdown table and writes it (plus JSON) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from lowbit.ops import repack as R  # noqa: E402
+from lowbit.ops.triton import adam8, w8a8, wq  # noqa: E402
+
+NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                    0.7229568362236023, 1.0])
+L2_BYTES = 50 * 2**20
+ISSUE = {  # issue 7's table (same card kind, bnb 0.50.2, torch 2.11): bf16, bnb NF4, bnb LLM.int8, µs
+    (4096, 4096, 1): (33.2, 64.6, 236.1), (4096, 11008, 1): (53.3, 68.0, 230.8),
+    (8192, 28672, 1): (192.1, 155.1, 263.5), (8192, 28672, 16): (191.7, 418.2, 325.6),
+    (8192, 28672, 2048): (1244.8, 1722.4, 1523.4)}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return float((a - b).norm() / b.norm())
+
+
+def bench(fn, rep: int = 100) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1000.0  # µs
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a)) / 1e6
+    return 2 * a.numel() * 2 / t  # bytes/s, read + write
+
+
+def cycler(items):
+    it = itertools.cycle(items)
+    return lambda: next(it)
+
+
+def make_affine(N: int, K: int, bits: int, group: int, act_order: bool = False, float_zero: bool = False):
+    G = -(-K // group)
+    codes = torch.randint(0, 1 << bits, (N, K), device="cuda", dtype=torch.uint8)
+    scale = (torch.rand(N, G, device="cuda") * 0.01 + 0.001).half()
+    if float_zero:
+        zero = (torch.rand(N, G, device="cuda") * (2**bits - 1)).half()
+    else:
+        zero = torch.randint(0, 1 << bits, (N, G), device="cuda").half()
+    g_idx = (torch.randperm(K, device="cuda") // group).to(torch.int32) if act_order else None
+    return R.repack_affine(codes, scale, zero, bits, group, g_idx)
+
+
+def make_nf4_dq(N: int, K: int):
+    """NF4 with double quantization (QLoRA): absmax per 64 stored as 8-bit codes per 256 blocks + offset.
+
+    The kernel reads the absmax after the (cheap, once) second-level dequantization, as fp16.
+    """
+    G = K // 64
+    codes = torch.randint(0, 16, (N, K), device="cuda", dtype=torch.uint8)
+    absmax = torch.rand(N * G, device="cuda") * 0.05 + 0.01
+    off = absmax.mean()
+    a = (absmax - off).view(-1, 256)
+    s2 = a.abs().amax(1, keepdim=True) / 127
+    q2 = torch.round(a / s2).clamp(-127, 127)
+    absmax_dq = (q2 * s2).view(-1) + off
+    return R.repack_lut(codes, NF4.cuda(), 4, absmax_dq.view(N, G).half(), 64)
+
+
+def make_lut_row(N: int, K: int, bits: int):
+    codes = torch.randint(0, 1 << bits, (N, K), device="cuda", dtype=torch.uint8)
+    lut = (torch.randn(N, 1 << bits, device="cuda") * 0.02).half()
+    return R.repack_lut(codes, lut, bits)
+
+
+VARIANTS = {
+    "int4 g128 asym": lambda N, K: make_affine(N, K, 4, 128),
+    "int4 g128 sym": lambda N, K: R.repack_affine(torch.randint(0, 16, (N, K), device="cuda", dtype=torch.uint8),
+                                                  (torch.rand(N, -(-K // 128), device="cuda") * .01 + 1e-3).half(),
+                                                  torch.full((N, -(-K // 128)), 8.0, device="cuda").half(), 4, 128),
+    "int4 g128 act-order": lambda N, K: make_affine(N, K, 4, 128, act_order=True),
+    "hqq int4 g64 float-zero": lambda N, K: make_affine(N, K, 4, 64, float_zero=True),
+    "nf4 g64 dq": make_nf4_dq,
+    "int3 g128": lambda N, K: make_affine(N, K, 3, 128),
+    "int2 g128": lambda N, K: make_affine(N, K, 2, 128),
+    "lut4 per-row (SqueezeLLM)": lambda N, K: make_lut_row(N, K, 4),
+    "lut3 per-row (SqueezeLLM)": lambda N, K: make_lut_row(N, K, 3),
+}
+
+
+def lowbit_fn(pw_list, x, path):
+    nxt = cycler(pw_list)
+    return lambda: wq.packed_linear(x, nxt(), None, path=path)
+
+
+def run_matmuls(rows, out_rows, bw, bnb, quick):
+    for (K, N, M) in rows:
+        torch.manual_seed(K + N + M)
+        W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        ncopy = max(1, math.ceil(3 * L2_BYTES / (N * K * 0.375)))
+        Ws = [W] + [W.clone() for _ in range(ncopy - 1)]
+        row = {"K": K, "N": N, "M": M, "copies": ncopy}
+        nW = cycler(Ws)
+        row["bf16"] = bench(lambda: torch.nn.functional.linear(x, nW()))
+        if bnb is not None:
+            try:
+                import bitsandbytes.functional as F
+
+                qs = [F.quantize_4bit(w, quant_type="nf4", compress_statistics=True) for w in Ws]
+                ref = x.float() @ F.dequantize_4bit(qs[0][0], qs[0][1]).float().t()
+                got = bnb.matmul_4bit(x, qs[0][0].t(), quant_state=qs[0][1])
+                row["bnb nf4 err"] = rel(got, ref)
+                nq = cycler(qs)
+
+                def f_bnb4():
+                    q, s = nq()
+                    return bnb.matmul_4bit(x, q.t(), quant_state=s)
+                row["bnb nf4"] = bench(f_bnb4)
+                del qs
+            except Exception as e:  # record, never hide
+                row["bnb nf4 error"] = repr(e)[:200]
+            try:
+                mods = []
+                for w in Ws[: max(1, ncopy // 2)]:
+                    lin = bnb.nn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False, threshold=6.0)
+                    lin.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
+                    mods.append(lin.cuda())
+                nm = cycler(mods)
+                row["bnb int8"] = bench(lambda: nm()(x))
+                del mods
+            except Exception as e:
+                row["bnb int8 error"] = repr(e)[:200]
+        # floor of the 4-bit rows: int4 + fp16 scale/zero per 128 + x + y
+        row["floor int4"] = (N * K * 0.5 + 2 * 2 * N * K / 128 + 2 * M * (K + N)) / bw * 1e6
+        row["floor bf16"] = (N * K * 2 + 2 * M * (K + N)) / bw * 1e6
+        names = list(VARIANTS) if not quick or M == 1 else ["int4 g128 asym", "nf4 g64 dq"]
+        if M >= 16 and quick:
+            names = ["int4 g128 asym"]
+        for name in names:
+            try:
+                pws = [VARIANTS[name](N, K) for _ in range(ncopy)]
+            except Exception as e:
+                row[name + " error"] = repr(e)[:300]
+                continue
+            Wd = R.dequantize_packed(pws[0], torch.float32)
+            ref = x.float() @ Wd.t()
+            paths = ["gemv"] if M <= wq.GEMV_MAX_M else (["mm"] if M < wq.BIG_M else ["mm", "dequant"])
+            for path in paths:
+                key = f"{name} [{path}]"
+                try:
+                    xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)  # fresh input per check
+                    y = wq.packed_linear(xx, pws[0], None, path=path)
+                    row[key + " err"] = rel(y, xx.float() @ Wd.t())
+                    row[key] = bench(lowbit_fn(pws, x, path))
+                except Exception as e:
+                    row[key + " error"] = repr(e)[:300]
+                    traceback.print_exc()
+            del pws, Wd, ref
+        if M >= 16:
+            w8 = []
+            for kind in ("int8", "fp8"):
+                try:
+                    sw = (W.float().abs().amax(1) / (127 if kind == "int8" else 448)).clamp(min=1e-12)
+                    qd = torch.round(W.float() / sw[:, None]).clamp(-127, 127).to(torch.int8) if kind == "int8" \
+                        else (W.float() / sw[:, None]).to(torch.float8_e4m3fn)
+                    from lowbit.ops import reference as ref_ops
+                    xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                    if kind == "int8":
+                        xo = xx.clone()
+                        xo[:, torch.randperm(K, device="cuda")[:8]] *= 8.0  # 8 outlier columns, |x| >= 6
+                        for thr, lab in ((0.0, "int8 w8a8 [_int_mm]"), (6.0, "llm.int8 [_int_mm]")):
+                            xi = xx if thr == 0 else xo
+                            xs = xi[:256]  # reference on a row slice (fp64 on the GPU), kernel on the same rows
+                            y = w8a8.int8_linear(xs, qd, sw, None, thr)
+                            row[lab + " err"] = rel(y, ref_ops.w8a8_linear(xs, qd, sw, None, thr))
+                            xq, _, _ = w8a8.quantize_rows(xi, torch.int8, thr)
+                            xin = xi.float().masked_fill(xi.float().abs() >= thr, 0) if thr else xi.float()
+                            sx = (xin.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
+                            xq_ref = torch.round(xin / sx).clamp(-127, 127).to(torch.int8)
+                            if thr:
+                                xq_ref[:, (xi.float().abs() >= thr).any(0)] = 0
+                            row[lab + " codes exact"] = bool(torch.equal(xq, xq_ref))
+                            row[lab] = bench(lambda: w8a8.int8_linear(xi, qd, sw, None, thr))
+                        xs = xx[:256]
+                        y = w8a8.int8_linear(xs, qd, sw, None, 0.0, fused=True)
+                        row["int8 w8a8 [triton fused] err"] = rel(y, ref_ops.w8a8_linear(xs, qd, sw, None, 0.0))
+                        row["int8 w8a8 [triton fused]"] = bench(lambda: w8a8.int8_linear(xx, qd, sw, None, 0.0,
+                                                                                         fused=True))
+                    else:
+                        xs = xx[:256]
+                        y = w8a8.fp8_linear(xs, qd, sw)
+                        row["fp8 w8a8 [_scaled_mm] err"] = rel(y, ref_ops.w8a8_linear(xs, qd, sw, None, 0.0))
+                        row["fp8 w8a8 [_scaled_mm]"] = bench(lambda: w8a8.fp8_linear(xx, qd, sw))
+                    w8.append(qd)
+                except Exception as e:
+                    row[kind + " error"] = repr(e)[:300]
+                    traceback.print_exc()
+        out_rows.append(row)
+        print(json.dumps(row), flush=True)
+        del Ws, W
+
+
+def run_adam(n: int, bnb) -> dict:
+    from lowbit.ops import reference as ref_ops
+    from lowbit.optim.blockwise import quantize_blockwise, state_codebook
+
+    res: dict = {"numel": n}
+    cm, cv = state_codebook(8, True, "cuda"), state_codebook(8, False, "cuda")
+    hp = dict(step=7, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, block_size=256)
+    # correctness on 4M fresh random elements: GPU torch reference op chain vs the fused kernel
+    m = 4 * 2**20 + 77
+    p = torch.randn(m, device="cuda")
+    g = torch.randn(m, device="cuda") * 0.01
+    mq, ma = quantize_blockwise(torch.randn(m, device="cuda") * 1e-3, cm, 256)
+    vq, va = quantize_blockwise(torch.rand(m, device="cuda") * 1e-5, cv, 256)
+    A = [p.clone(), mq.clone(), ma.clone(), vq.clone(), va.clone()]
+    B = [p.clone(), mq.clone(), ma.clone(), vq.clone(), va.clone()]
+    ref_ops.adamw8bit_step_(A[0], g, A[1], A[2], A[3], A[4], cm, cv, **hp)
+    adam8.adamw8bit_step_(B[0], g, B[1], B[2], B[3], B[4], cm, cv, **hp)
+    res["p max abs diff"] = float((A[0] - B[0]).abs().max())
+    res["p rel diff"] = rel(B[0], A[0])
+    res["m codes differing"] = int((A[1] != B[1]).sum())
+    res["v codes differing"] = int((A[3] != B[3]).sum())
+    res["m codes max |diff|"] = int((A[1].int() - B[1].int()).abs().max())
+    res["v codes max |diff|"] = int((A[3].int() - B[3].int()).abs().max())
+    res["absmax max rel diff"] = float(max(((A[2] - B[2]).abs() / A[2].clamp_min(1e-30)).max(),
+                                           ((A[4] - B[4]).abs() / A[4].clamp_min(1e-30)).max()))
+    del A, B, p, g, mq, vq
+    # timing on n parameters
+    p = torch.randn(n, device="cuda")
+    g = torch.randn(n, device="cuda") * 0.01
+    mq, ma = quantize_blockwise(torch.randn(n, device="cuda") * 1e-3, cm, 256)
+    vq, va = quantize_blockwise(torch.rand(n, device="cuda") * 1e-5, cv, 256)
+    res["lowbit fused 8-bit"] = bench(lambda: adam8.adamw8bit_step_(p, g, mq, ma, vq, va, cm, cv, **hp), rep=200)
+    res["bytes"] = n * 16 + 2 * 8 * math.ceil(n / 256)
+    del mq, vq
+    prm = torch.nn.Parameter(p)
+    prm.grad = g
+    opt = torch.optim.AdamW([prm], lr=1e-3, fused=True)
+    opt.step()
+    res["torch fused fp32"] = bench(opt.step, rep=200)
+    del opt
+    if bnb is not None:
+        try:
+            opt8 = bnb.optim.AdamW8bit([prm], lr=1e-3)
+            opt8.step()
+            res["bnb AdamW8bit"] = bench(opt8.step, rep=200)
+            del opt8
+        except Exception as e:
+            res["bnb error"] = repr(e)[:200]
+    return res
+
+
+def opchecks() -> dict:
+    """``torch.library.opcheck`` of each op with CUDA inputs (exercises the registered Triton kernels)."""
+    import lowbit.ops.schema as S
+    from lowbit.optim.blockwise import quantize_blockwise, state_codebook
+
+    out = {}
+    torch.manual_seed(1)
+    N, K = 64, 256
+    cases = {
+        "packed_linear affine": (S.packed_linear, make_affine(N, K, 4, 128, act_order=True)),
+        "packed_linear lut": (S.packed_linear, make_nf4_dq(N, K)),
+        "packed_linear lut_row": (S.packed_linear, make_lut_row(N, K, 3)),
+    }
+    for name, (op, pw) in cases.items():
+        for M in (1, 33):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            args = (x, *pw.tensors()[:7], None, pw.bits, pw.group_size, pw.in_features, pw.mode)
+            args = tuple(a for a in args)
+            try:
+                torch.library.opcheck(op, args)
+                out[f"{name} M={M}"] = "ok"
+            except Exception as e:
+                out[f"{name} M={M}"] = repr(e)[:300]
+    x = torch.randn(32, K, device="cuda", dtype=torch.bfloat16)
+    q = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+    s = torch.rand(N, device="cuda") * 1e-2 + 1e-3
+    for name, args in {"w8a8 int8": (x, q, s, None, 0.0), "w8a8 llm.int8": (x * 4, q, s, None, 6.0),
+                       "w8a8 fp8": (x, (torch.randn(N, K, device="cuda") * 100).to(torch.float8_e4m3fn), s, None,
+                                    0.0)}.items():
+        try:
+            torch.library.opcheck(S.w8a8_linear, args)
+            out[name] = "ok"
+        except Exception as e:
+            out[name] = repr(e)[:300]
+    cm, cv = state_codebook(8, True, "cuda"), state_codebook(8, False, "cuda")
+    n = 3000
+    mq, ma = quantize_blockwise(torch.randn(n, device="cuda") * 1e-3, cm, 256)
+    vq, va = quantize_blockwise(torch.rand(n, device="cuda") * 1e-5, cv, 256)
+    try:
+        torch.library.opcheck(S.adamw8bit_step_, (torch.randn(n, device="cuda"), torch.randn(n, device="cuda"), mq,
+                                                  ma, vq, va, cm, cv, 3, 1e-3, 0.9, 0.999, 1e-8, 0.01, 256),
+                              test_utils=("test_schema", "test_faketensor"))
+        out["adamw8bit_step_"] = "ok"
+    except Exception as e:
+        out["adamw8bit_step_"] = repr(e)[:300]
+    return out
+
+
+def fmt_table(rows, bw, adam, dev) -> str:
+    lines = [f"# lowbit GPU kernels — {dev}", "",
+             f"torch {torch.__version__}, triton {triton.__version__}; measured copy bandwidth {bw / 1e12:.2f} TB/s; "
+             "median µs (`triton.testing.do_bench`), weights rotated over enough copies to exceed L2; "
+             "ratio = bf16 time / kernel time (>1 = faster than bf16); err = ‖y − ref‖/‖ref‖ vs fp32 dequantize+matmul.",
+             ""]
+    for r in rows:
+        K, N, M = r["K"], r["N"], r["M"]
+        iss = ISSUE.get((K, N, M))
+        lines.append(f"## K×N = {K}×{N}, M = {M}  (floor int4 {r['floor int4']:.1f} µs, floor bf16 "
+                     f"{r['floor bf16']:.1f} µs; issue's bf16/bnb-nf4/bnb-int8: {iss})")
+        lines.append("")
+        lines.append("| kernel | µs | × bf16 | × bnb nf4 | err |")
+        lines.append("|---|---|---|---|---|")
+        bf = r["bf16"]
+        bn = r.get("bnb nf4")
+        for k, v in r.items():
+            if k in ("K", "N", "M", "copies") or k.startswith("floor") or k.endswith(" err") \
+                    or k.endswith("exact") or not isinstance(v, (int, float)):
+                continue
+            err = r.get(k + " err", "")
+            err = f"{err:.2e}" if isinstance(err, float) else err
+            ex = r.get(k + " codes exact")
+            if ex is not None:
+                err = f"{err} (int8 codes bit-exact: {ex})"
+            lines.append(f"| {k} | {v:.1f} | {bf / v:.2f} | {'' if not bn else f'{bn / v:.2f}'} | {err} |")
+        errs = [f"{k}: {v}" for k, v in r.items() if k.endswith("error")]
+        for e in errs:
+            lines.append(f"| ERROR {e} | | | | |")
+        lines.append("")
+    if adam:
+        lines += ["## 8-bit block-wise AdamW step", "", "```", json.dumps(adam, indent=1), "```", ""]
+        if "lowbit fused 8-bit" in adam:
+            lines.append(f"lowbit fused: {adam['lowbit fused 8-bit'] / 1000:.3f} ms for {adam['numel'] / 1e6:.0f}M "
+                         f"params = {adam['bytes'] / (adam['lowbit fused 8-bit'] * 1e-6) / 1e12:.2f} TB/s "
+                         f"({adam['bytes'] / (adam['lowbit fused 8-bit'] * 1e-6) / bw:.0%} of copy bandwidth)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small smoke run: fewer variants and rows")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--skip-adam", action="store_true")
+    args = ap.parse_args()
+    dev = torch.cuda.get_device_name()
+    print("device", dev, "sms", torch.cuda.get_device_properties(0).multi_processor_count, flush=True)
+    try:
+        import bitsandbytes as bnb
+        print("bitsandbytes", bnb.__version__, flush=True)
+    except Exception as e:
+        print("no bitsandbytes:", e, flush=True)
+        bnb = None
+    t0 = time.time()
+    oc = opchecks()
+    print("opcheck", json.dumps(oc, indent=1), flush=True)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
+    rows = [(4096, 4096, 1), (4096, 11008, 1), (8192, 28672, 1), (8192, 28672, 16), (8192, 28672, 2048)]
+    if args.quick:
+        rows = [(4096, 11008, 1), (8192, 28672, 1), (8192, 28672, 16), (8192, 28672, 2048)]
+    out_rows: list = []
+    run_matmuls(rows, out_rows, bw, bnb, args.quick)
+    adam = None if args.skip_adam else run_adam(268 * 2**20 if not args.quick else 64 * 2**20, bnb)
+    print("adam", json.dumps(adam), flush=True)
+    table = fmt_table(out_rows, bw, adam, dev)
+    table += "\n\n## opcheck (CUDA)\n\n" + "\n".join(f"- {k}: {v}" for k, v in oc.items()) + "\n"
+    table += f"\n(total {time.time() - t0:.0f} s)\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_kernels.md"), "w") as f:
+        f.write(table)
+    with open(os.path.join(args.out, "gpu_kernels.json"), "w") as f:
+        json.dump({"rows": out_rows, "adam": adam, "opcheck": oc, "bw": bw, "device": dev}, f, indent=1)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Triton kernels for ``lowbit::packed_linear``: W4A16 / W3A16 / W2A16 and look-up-table matmuls.
+
+Layout: :mod:`lowbit.ops.repack` (bit planes packed along K, N contiguous; scales ``(G, N)``).
+
+Three paths, chosen by the number of activation rows ``M``:
+
+- ``M <= GEMV_MAX_M``: GEMV with split-K. Each program reduces a ``BK``-slice of K for ``BN`` outputs and
+  ``tl.atomic_add``-s its partial sums into an fp32 output (many CTAs even for small N: the M = 1 case is
+  memory-bound, so the grid must cover every SM several times). For the affine mode the group scale
+  and zero point are applied once per (group, column) after the inner product:
+  ``Σ_k x_k (c_k − z) s = s (Σ_k x_k c_k − z Σ_k x_k)``; codes become floats through the exponent trick
+  (``float_bits(c | 0x4B000000) − 2^23``), which avoids the slow integer-to-float conversion.
+- ``GEMV_MAX_M < M < BIG_M``: tiled ``tl.dot`` kernel that dequantizes a ``(BK, BN)`` tile in registers.
+- ``M >= BIG_M``: dequantize to a bf16 ``(K, N)`` buffer with a Triton kernel, then cuBLAS.
+
+Nothing here is compiled at import; Triton compiles on first call.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.ops.repack import PackedWeight
+
+MODE_ID = {"affine": 0, "lut": 1, "lut_row": 2}
+GEMV_MAX_M = 4
+BIG_M = 1024
+
+
+@triton.jit
+def _plane3d(q_ptr, w0, offs_n, mask_n, N, KW, BK: tl.constexpr, B: tl.constexpr):
+    """Codes of one bit plane for K-tile words ``[w0, w0 + BK·B/32)``: int32 ``(BK·B/32, 32/B, BN)``."""
+    PER: tl.constexpr = 32 // B
+    rows = w0 + tl.arange(0, BK // PER)
+    m = (rows[:, None] < KW) & mask_n[None, :]
+    w = tl.load(q_ptr + rows[:, None] * N + offs_n[None, :], mask=m, other=0)
+    shifts = tl.arange(0, PER) * B
+    return (w[:, None, :] >> shifts[None, :, None]) & ((1 << B) - 1)
+
+
+@triton.jit
+def _x3d(x_ptr, perm_ptr, k0, K, BK: tl.constexpr, PER: tl.constexpr, HAS_PERM: tl.constexpr):
+    """Activations for K-tile ``[k0, k0 + BK)`` as fp32 ``(BK/PER, PER, 1)``."""
+    kk = k0 + tl.arange(0, BK // PER)[:, None] * PER + tl.arange(0, PER)[None, :]
+    mk = kk < K
+    if HAS_PERM:
+        src = tl.load(perm_ptr + kk, mask=mk, other=0)
+    else:
+        src = kk
+    x = tl.load(x_ptr + src, mask=mk, other=0.0).to(tl.float32)
+    return x[:, :, None]
+
+
+@triton.jit
+def _as_float(c):
+    # float_bits(2^23 + c) - 2^23 == c exactly for 0 <= c < 2^23, without I2F.
+    return (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _codes2d(q4, q2, q1, k0, offs_n, mask_n, N, K, BK: tl.constexpr, BITS: tl.constexpr):
+    """Full codes of a ``(BK, BN)`` tile, int32 (each word is re-read by the K rows that share it)."""
+    offs_k = k0 + tl.arange(0, BK)
+    mk = (offs_k[:, None] < K) & mask_n[None, :]
+    if BITS == 4:
+        w = tl.load(q4 + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=mk, other=0)
+        c = (w >> ((offs_k[:, None] % 8) * 4)) & 15
+    elif BITS == 2:
+        w = tl.load(q2 + (offs_k[:, None] // 16) * N + offs_n[None, :], mask=mk, other=0)
+        c = (w >> ((offs_k[:, None] % 16) * 2)) & 3
+    else:
+        lo = tl.load(q2 + (offs_k[:, None] // 16) * N + offs_n[None, :], mask=mk, other=0)
+        hi = tl.load(q1 + (offs_k[:, None] // 32) * N + offs_n[None, :], mask=mk, other=0)
+        c = ((lo >> ((offs_k[:, None] % 16) * 2)) & 3) | (((hi >> (offs_k[:, None] % 32)) & 1) << 2)
+    return c
+
+
+@triton.jit
+def _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K,
+                  BK: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr):
+    """fp32 ``(BK, BN)`` tile of W^T (requires GROUP % BK == 0, so the tile lies in one group)."""
+    c = _codes2d(q4, q2, q1, k0, offs_n, mask_n, N, K, BK, BITS)
+    g = k0 // GROUP
+    ms = mask_n & (k0 < K)  # a split may end past K: never read a group that does not exist
+    if MODE == 0:
+        s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+        z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+        w = (_as_float(c) - z[None, :]) * s[None, :]
+    elif MODE == 1:
+        s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+        w = tl.load(cb + c).to(tl.float32) * s[None, :]
+    else:
+        w = tl.load(cb + offs_n[None, :] * (1 << BITS) + c, mask=mask_n[None, :], other=0.0).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, KW2, KW1, stride_xm,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_PERM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    xr = x_ptr + m * stride_xm
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    kstart = pid_k * K_PER_PROG
+    for kt in range(0, K_PER_PROG, BK):
+        k0 = kstart + kt
+        if MODE == 0:
+            g = k0 // GROUP
+            ms = mask_n & (k0 < K)  # a split may end past K: never read a group that does not exist
+            s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+            z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+            dot = tl.zeros((BN,), dtype=tl.float32)
+            xsum = tl.zeros((1,), dtype=tl.float32)
+            if BITS == 4:
+                c = _as_float(_plane3d(q4, k0 // 8, offs_n, mask_n, N, KW4, BK, 4))
+                xv = _x3d(xr, perm, k0, K, BK, 8, HAS_PERM)
+                dot += tl.sum(tl.sum(c * xv, axis=1), axis=0)
+                xsum += tl.sum(tl.sum(xv, axis=1), axis=0)
+            else:
+                c = _as_float(_plane3d(q2, k0 // 16, offs_n, mask_n, N, KW2, BK, 2))
+                xv = _x3d(xr, perm, k0, K, BK, 16, HAS_PERM)
+                dot += tl.sum(tl.sum(c * xv, axis=1), axis=0)
+                xsum += tl.sum(tl.sum(xv, axis=1), axis=0)
+                if BITS == 3:
+                    c1 = _as_float(_plane3d(q1, k0 // 32, offs_n, mask_n, N, KW1, BK, 1))
+                    x1 = _x3d(xr, perm, k0, K, BK, 32, HAS_PERM)
+                    dot += 4.0 * tl.sum(tl.sum(c1 * x1, axis=1), axis=0)
+            acc += s * (dot - z * xsum)
+        elif BITS == 3:
+            w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE)
+            kk = k0 + tl.arange(0, BK)
+            mk = kk < K
+            if HAS_PERM:
+                src = tl.load(perm + kk, mask=mk, other=0)
+            else:
+                src = kk
+            xv2 = tl.load(xr + src, mask=mk, other=0.0).to(tl.float32)
+            acc += tl.sum(w * xv2[:, None], axis=0)
+        else:
+            if BITS == 4:
+                c = _plane3d(q4, k0 // 8, offs_n, mask_n, N, KW4, BK, 4)
+                xv = _x3d(xr, perm, k0, K, BK, 8, HAS_PERM)
+            else:
+                c = _plane3d(q2, k0 // 16, offs_n, mask_n, N, KW2, BK, 2)
+                xv = _x3d(xr, perm, k0, K, BK, 16, HAS_PERM)
+            if MODE == 1:
+                g = k0 // GROUP
+                s = tl.load(scale + g * N + offs_n, mask=mask_n & (k0 < K), other=0.0).to(tl.float32)
+                v = tl.load(cb + c).to(tl.float32)
+                acc += s * tl.sum(tl.sum(v * xv, axis=1), axis=0)
+            else:
+                v = tl.load(cb + offs_n[None, None, :] * (1 << BITS) + c, mask=mask_n[None, None, :],
+                            other=0.0).to(tl.float32)
+                acc += tl.sum(tl.sum(v * xv, axis=1), axis=0)
+    tl.atomic_add(out_ptr + m * N + offs_n, acc, mask=mask_n, sem="relaxed")
+
+
+@triton.jit
+def _mm_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, stride_om,
+               BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+               K_PER_PROG: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    kstart = pid_k * K_PER_PROG
+    for kt in range(0, K_PER_PROG, BK):
+        k0 = kstart + kt
+        offs_k = k0 + tl.arange(0, BK)
+        a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE)
+        acc = tl.dot(a, w.to(a.dtype), acc)
+    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mo = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mo)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mo, sem="relaxed")
+
+
+@triton.jit
+def _dequant_kernel(out_ptr, q4, q2, q1, scale, zero, cb, N, K,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, BN: tl.constexpr,
+                    BK: tl.constexpr):
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    k0 = pid_k * BK
+    w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE)
+    offs_k = k0 + tl.arange(0, BK)
+    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(offs_k[:, None] < K) & mask_n[None, :])
+
+
+# -- launch helpers --------------------------------------------------------------------------------
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sms(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _bk_for(group: int, want: int) -> int:
+    bk = want
+    while group % bk:
+        bk //= 2
+    return max(bk, 32)
+
+
+def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
+                BN: int | None = None, BK: int | None = None, split: int | None = None,
+                num_warps: int | None = None) -> dict:
+    """Tile sizes for the GEMV path: enough programs to cover the SMs ~4 times (split-K when N is small)."""
+    BN = BN or (64 if mode != "affine" else 128)
+    BK = _bk_for(group, BK or (128 if bits != 3 or mode == "affine" else 64))
+    n_tiles = -(-N // BN)
+    k_tiles = -(-K // BK)
+    if split is None:
+        split = 1
+        while n_tiles * split < 4 * sms and split * 2 <= k_tiles:
+            split *= 2
+    k_per = -(-k_tiles // split) * BK
+    split = -(-K // k_per)
+    return dict(BN=BN, BK=BK, split=split, k_per=k_per, num_warps=num_warps or 4)
+
+
+def _args(pw: PackedWeight, dummy: torch.Tensor):
+    z = lambda t: dummy if t is None else t  # noqa: E731
+    return (pw.q4 if pw.q4.numel() else dummy, pw.q2 if pw.q2.numel() else dummy,
+            pw.q1 if pw.q1.numel() else dummy, z(pw.scale), z(pw.zero_point), z(pw.codebook))
+
+
+def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Tensor:
+    """``x2: (M, K)`` contiguous, M small -> ``(M, N)`` fp32."""
+    M, K = x2.shape
+    N = pw.out_features
+    cfg = cfg or gemv_config(N, K, pw.group_size, _sms(x2.device), pw.bits, pw.mode)
+    out = torch.zeros((M, N), device=x2.device, dtype=torch.float32)
+    q4, q2, q1, sc, zp, cb = _args(pw, out)
+    grid = (triton.cdiv(N, cfg["BN"]), cfg["split"], M)
+    _gemv_kernel[grid](x2, out, q4, q2, q1, sc, zp, cb, pw.perm if pw.perm is not None else out,
+                       N, K, pw.q4.shape[0], pw.q2.shape[0], pw.q1.shape[0], x2.stride(0),
+                       BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode], HAS_PERM=pw.perm is not None,
+                       BN=cfg["BN"], BK=cfg["BK"], K_PER_PROG=cfg["k_per"], num_warps=cfg["num_warps"])
+    return out
+
+
+def mm_config(M: int, N: int, K: int, group: int, sms: int) -> dict:
+    if M <= 64:
+        BM, BN, BK, warps, stages = 16, 64, 128, 4, 4
+    elif M <= 256:
+        BM, BN, BK, warps, stages = 64, 128, 64, 4, 4
+    else:
+        BM, BN, BK, warps, stages = 128, 128, 64, 8, 3
+    BK = _bk_for(group, BK)
+    tiles = -(-M // BM) * -(-N // BN)
+    k_tiles = -(-K // BK)
+    split = 1
+    while tiles * split < 2 * sms and split * 2 <= k_tiles and split < 16:
+        split *= 2
+    k_per = -(-k_tiles // split) * BK
+    split = -(-K // k_per)
+    return dict(BM=BM, BN=BN, BK=BK, split=split, k_per=k_per, num_warps=warps, num_stages=stages)
+
+
+def mm(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Tensor:
+    """Tiled fused dequant-matmul: ``x2: (M, K)`` (already permuted) -> ``(M, N)`` in x's dtype."""
+    M, K = x2.shape
+    N = pw.out_features
+    cfg = cfg or mm_config(M, N, K, pw.group_size, _sms(x2.device))
+    if cfg["split"] > 1:
+        out = torch.zeros((M, N), device=x2.device, dtype=torch.float32)
+    else:
+        out = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    q4, q2, q1, sc, zp, cb = _args(pw, out)
+    grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]), cfg["split"])
+    _mm_kernel[grid](x2, out, q4, q2, q1, sc, zp, cb, M, N, K, x2.stride(0), out.stride(0),
+                     BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode],
+                     BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=cfg["split"], K_PER_PROG=cfg["k_per"],
+                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out.to(x2.dtype)
+
+
+def dequantize_t(pw: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``W^T (K, N)`` in ``dtype`` in the kernel's (permuted) column order."""
+    K, N = pw.in_features, pw.out_features
+    out = torch.empty((K, N), device=pw.q4.device if pw.q4.numel() else pw.q2.device, dtype=dtype)
+    q4, q2, q1, sc, zp, cb = _args(pw, out)
+    BK = _bk_for(pw.group_size, 64)
+    BN = 128
+    _dequant_kernel[(triton.cdiv(K, BK), triton.cdiv(N, BN))](
+        out, q4, q2, q1, sc, zp, cb, N, K, BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode],
+        BN=BN, BK=BK, num_warps=4)
+    return out
+
+
+def packed_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
+                  path: str | None = None) -> torch.Tensor:
+    """``x (..., K) -> (..., N)``; ``path`` forces ``gemv``, ``mm`` or ``dequant`` (default: by M)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    path = path or ("gemv" if M <= GEMV_MAX_M else "mm" if M < BIG_M else "dequant")
+    if path == "gemv":
+        y = gemv(x2, pw).to(x.dtype)
+    else:
+        if pw.perm is not None:
+            x2 = x2.index_select(1, pw.perm.long())
+        if path == "mm":
+            y = mm(x2, pw)
+        else:
+            y = x2 @ dequantize_t(pw, x.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, pw.out_features)
