@@ -190,7 +190,7 @@ def load_gguf_model(path: str | os.PathLike[str], dtype: torch.dtype = torch.flo
     finally:
         g.close()
     model = LlamaForCausalLM(config).to(dtype)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if config.tie_word_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:

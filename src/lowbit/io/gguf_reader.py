@@ -213,26 +213,10 @@ def dequantize_raw(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> t
 
 
 def _dequantize_blocks(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """THE ONE SWITCH POINT for ggml block types.
+    """THE ONE SWITCH POINT for ggml block types: our byte-exact GGML formats (:mod:`lowbit.formats.ggml`)."""
+    from lowbit.formats.ggml import dequantize_raw as ggml_dequantize_raw
 
-    Uses ``lowbit.formats.ggml.dequantize_raw`` (our byte-exact GGML formats) when that module provides it;
-    otherwise falls back to the ``gguf`` package's reference dequantizers (``gguf.quants.dequantize``).
-    """
-    try:
-        from lowbit.formats.ggml import dequantize_raw as ggml_dequantize_raw  # type: ignore[attr-defined]
-    except ImportError:
-        ggml_dequantize_raw = None
-    if ggml_dequantize_raw is not None:
-        return ggml_dequantize_raw(np.ascontiguousarray(raw), type_name, tuple(shape)).to(torch.float32)
-    import gguf.quants
-    from gguf.constants import GGMLQuantizationType
-
-    try:
-        qtype = GGMLQuantizationType[type_name]
-        out = gguf.quants.dequantize(np.ascontiguousarray(raw).reshape(1, -1), qtype)
-    except (KeyError, NotImplementedError) as exc:
-        raise ValueError(f"cannot dequantize ggml type {type_name!r}: {exc}") from None
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(shape))
+    return ggml_dequantize_raw(raw, type_name, tuple(shape))
 
 
 class _Cursor:
