@@ -11,3 +11,5 @@ import lowbit.formats.fp8  # noqa: E402,F401
 import lowbit.formats.int8_rowwise  # noqa: E402,F401
 import lowbit.formats.minifloat  # noqa: E402,F401
 import lowbit.formats.ggml.format  # noqa: E402,F401
+import lowbit.formats.bilevel  # noqa: E402,F401
+import lowbit.formats.outliers  # noqa: E402,F401
