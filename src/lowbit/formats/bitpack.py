@@ -62,14 +62,14 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         for k in range(per):
             out |= c[..., k] << (8 - bits * (k + 1))
         return out
-    # Generic width: expand to an MSB-first bit stream, then regroup by 8.
-    shifts = torch.arange(bits - 1, -1, -1, device=c.device, dtype=torch.uint8)
-    stream = ((c.unsqueeze(-1) >> shifts) & 1).reshape(*lead, n * bits)
-    pad = nbytes * 8 - n * bits
-    if pad:
-        stream = torch.nn.functional.pad(stream, (0, pad))
-    weights = (1 << torch.arange(7, -1, -1, device=c.device, dtype=torch.int32)).to(torch.uint8)
-    return (stream.reshape(*lead, nbytes, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
+    # Generic width: 8 codes of b bits are exactly b bytes; assemble them in an int64 (b <= 7: 56 bits).
+    n8 = -(-n // 8)
+    c = torch.nn.functional.pad(c, (0, n8 * 8 - n)).reshape(*lead, n8, 8).to(torch.int64)
+    v = torch.zeros((*lead, n8), dtype=torch.int64, device=c.device)
+    for k in range(8):
+        v |= c[..., k] << (bits * (7 - k))
+    out = torch.stack([(v >> (8 * (bits - 1 - j))) & 0xFF for j in range(bits)], dim=-1)
+    return out.reshape(*lead, n8 * bits)[..., :nbytes].to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -88,7 +88,10 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         per = 8 // bits
         parts = [(packed >> (8 - bits * (k + 1))) & mask for k in range(per)]
         return torch.stack(parts, dim=-1).reshape(*lead, nbytes * per)[..., :n]
-    shifts = torch.arange(7, -1, -1, device=packed.device, dtype=torch.uint8)
-    stream = ((packed.unsqueeze(-1) >> shifts) & 1).reshape(*lead, nbytes * 8)[..., : n * bits]
-    weights = (1 << torch.arange(bits - 1, -1, -1, device=packed.device, dtype=torch.int32))
-    return (stream.reshape(*lead, n, bits).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    n8 = -(-n // 8)
+    b = torch.nn.functional.pad(packed, (0, n8 * bits - nbytes)).reshape(*lead, n8, bits).to(torch.int64)
+    v = torch.zeros((*lead, n8), dtype=torch.int64, device=packed.device)
+    for j in range(bits):
+        v |= b[..., j] << (8 * (bits - 1 - j))
+    codes = torch.stack([(v >> (bits * (7 - k))) & mask for k in range(8)], dim=-1)
+    return codes.reshape(*lead, n8 * 8)[..., :n].to(torch.uint8)
