@@ -1,10 +1,13 @@
 """Text for calibration and evaluation.
 
 Default corpus (needs no download): the CPython documentation topics shipped with every Python
-(``pydoc_data.topics.topics``), keys sorted, each topic's text separated by a blank line. It is split
-**by topic**: topic ``i`` (in sorted-key order) goes to the evaluation part when ``i % 5 == 4`` (every 5th
-topic, 20 % of topics), to the calibration part otherwise; the two parts share no topic. The text follows the
-running Python's version (3.11: 79 topics, about 465k characters), so compare numbers across one Python version.
+(``pydoc_data.topics.topics``), keys sorted, each topic's text stripped and separated by a blank line. It is
+split **by topic into a contiguous 80 % / 20 %**: the calibration part is the first topics (sorted order) up to
+the first topic boundary at or past 80 % of the characters, the evaluation part is the remaining topics. The
+two parts share no topic; each part is coherent running text. (Topic sizes vary 100-fold, so "every 5th topic"
+would give an evaluation part of only 7 % of the text.) The text follows the running Python's version (3.11:
+79 topics, about 465k characters; the evaluation part is about 22k SmolLM2 tokens), so compare numbers within
+one Python version.
 
 Other sources: :func:`load_text` (a file, or a folder of ``.txt``/``.md``/``.rst`` files), :func:`wikitext2` and
 :func:`c4` through the ``datasets`` package (``pip install datasets``), joined as in the GPTQ evaluation code
@@ -25,12 +28,12 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["EVAL_EVERY", "TEXT_SUFFIXES", "default_corpus", "load_text", "wikitext2", "c4", "tokenize",
+__all__ = ["CALIBRATION_FRACTION", "TEXT_SUFFIXES", "default_corpus", "load_text", "wikitext2", "c4", "tokenize",
            "calibration_tokens", "evaluation_tokens"]
 
 logger = logging.getLogger(__name__)
 
-EVAL_EVERY = 5
+CALIBRATION_FRACTION = 0.8
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 _PARTS = ("calibration", "evaluation", "all")
 DATASETS_HINT = "pip install datasets"
@@ -40,17 +43,22 @@ def default_corpus(part: Literal["calibration", "evaluation", "all"] = "calibrat
     """The embedded CPython-docs corpus, or its calibration or evaluation part (split by topic, see module doc).
 
     Args:
-        part: ``"calibration"`` (topics with ``i % 5 != 4``), ``"evaluation"`` (``i % 5 == 4``) or ``"all"``.
+        part: ``"calibration"`` (first 80 % of the text, whole topics), ``"evaluation"`` (the rest) or ``"all"``.
     """
     if part not in _PARTS:
         raise ValueError(f"unknown corpus part {part!r}; valid: {_PARTS}")
     from pydoc_data.topics import topics
 
-    keys = sorted(topics)
+    texts = [topics[k].strip() for k in sorted(topics)]
     if part != "all":
-        want_eval = part == "evaluation"
-        keys = [k for i, k in enumerate(keys) if (i % EVAL_EVERY == EVAL_EVERY - 1) == want_eval]
-    return "\n\n".join(topics[k].strip() for k in keys)
+        total, acc, cut = sum(len(t) for t in texts), 0, len(texts)
+        for i, t in enumerate(texts):
+            acc += len(t)
+            if acc >= CALIBRATION_FRACTION * total:
+                cut = i + 1
+                break
+        texts = texts[:cut] if part == "calibration" else texts[cut:]
+    return "\n\n".join(texts)
 
 
 def load_text(path: str | os.PathLike[str]) -> str:
