@@ -112,9 +112,72 @@ VARIANTS = {
 }
 
 
-def lowbit_fn(pw_list, x, path):
+def lowbit_fn(pw_list, x, path, cfg=None):
     nxt = cycler(pw_list)
-    return lambda: wq.packed_linear(x, nxt(), None, path=path)
+    if cfg is None:
+        return lambda: wq.packed_linear(x, nxt(), None, path=path)
+    if path == "gemv":
+        return lambda: wq.gemv(x, nxt(), cfg).to(x.dtype)
+    return lambda: wq.mm(x, nxt(), cfg)
+
+
+def sweep(pws, x, path, M, N, K, quick_names):
+    """Time a few tile configurations; returns {label: µs} (errors recorded, never hidden)."""
+    pw = pws[0]
+    res = {}
+    Wd = R.dequantize_packed(pw, torch.float32)
+    if path == "gemv":
+        cands = [dict(BN=bn, BK=bk, num_warps=w) for bn in (64, 128, 256) for bk in (64, 128) for w in (4, 8)]
+        for c in cands:
+            cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, **c)
+            lab = f"BN{cfg['BN']} BK{cfg['BK']} w{cfg['num_warps']} split{cfg['split']}"
+            try:
+                y = wq.gemv(x, pw, cfg).to(x.dtype)
+                e = rel(y, x.float() @ Wd.t())
+                if not e < 2e-2:
+                    res[lab] = f"wrong: err {e}"
+                    continue
+                res[lab] = bench(lowbit_fn(pws, x, path, cfg))
+            except Exception as ex:
+                res[lab] = repr(ex)[:120]
+    else:
+        xp = x if pw.perm is None else x.index_select(1, pw.perm.long())
+        Wp = Wd if pw.perm is None else Wd[:, pw.perm.long()]
+        if M <= 64:
+            cands = [(16, bn, bk, sp, w, st, rs) for bn in (64, 128) for bk in (64, 128) for sp in (1, 2, 4)
+                     for w, st in ((4, 4),) for rs in (True, False)]
+        else:
+            cands = [(128, 128, 64, 1, 8, 3, True), (128, 256, 64, 1, 8, 3, True), (128, 128, 64, 1, 4, 4, True),
+                     (64, 256, 64, 1, 8, 3, True), (128, 128, 64, 1, 8, 3, False)]
+        for (bm, bn, bk, sp, w, st, rs) in cands:
+            bk = wq._bk_for(pw.group_size, bk)
+            k_tiles = -(-K // bk)
+            k_per = -(-k_tiles // sp) * bk
+            cfg = dict(BM=bm, BN=bn, BK=bk, split=-(-K // k_per), k_per=k_per, num_warps=w, num_stages=st, RS=rs)
+            lab = f"BM{bm} BN{bn} BK{bk} split{sp} w{w} s{st} {'reshape' if rs else 'dup-load'}"
+            try:
+                y = wq.mm(xp, pw, cfg)
+                e = rel(y, xp.float() @ Wp.t())
+                if not e < 2e-2:
+                    res[lab] = f"wrong: err {e}"
+                    continue
+                res[lab] = bench(lowbit_fn(pws, xp, path, cfg))
+            except Exception as ex:
+                res[lab] = repr(ex)[:120]
+        if M >= wq.BIG_M:
+            for ch in (0, 2048, 4096):
+                lab = f"dequant+cuBLAS chunk {ch}"
+                try:
+                    y = wq.dequant_matmul(xp, pw, ch)
+                    e = rel(y, xp.float() @ Wp.t())
+                    res[lab] = bench(lambda: wq.dequant_matmul(xp, pw, ch)) if e < 2e-2 else f"wrong: err {e}"
+                except Exception as ex:
+                    res[lab] = repr(ex)[:120]
+    return res
+
+
+SWEEP_NAMES = ("int4 g128 asym", "nf4 g64 dq", "lut4 per-row (SqueezeLLM)", "int3 g128")
+args_sweep = False
 
 
 def run_matmuls(rows, out_rows, bw, bnb, quick):
@@ -180,6 +243,10 @@ def run_matmuls(rows, out_rows, bw, bnb, quick):
                 except Exception as e:
                     row[key + " error"] = repr(e)[:300]
                     traceback.print_exc()
+            if args_sweep and name in SWEEP_NAMES:
+                for path in paths[:1]:
+                    row[f"sweep {name} [{path}]"] = sweep(pws, x, path, M, N, K, None)
+                    print(name, path, json.dumps(row[f"sweep {name} [{path}]"]), flush=True)
             del pws, Wd, ref
         if M >= 16:
             w8 = []
@@ -199,12 +266,16 @@ def run_matmuls(rows, out_rows, bw, bnb, quick):
                             y = w8a8.int8_linear(xs, qd, sw, None, thr)
                             row[lab + " err"] = rel(y, ref_ops.w8a8_linear(xs, qd, sw, None, thr))
                             xq, _, _ = w8a8.quantize_rows(xi, torch.int8, thr)
+                            xq = xq.cpu()
+                            xi = xi.cpu()  # reference codes on the CPU (CUDA divides by a scalar via its reciprocal)
                             xin = xi.float().masked_fill(xi.float().abs() >= thr, 0) if thr else xi.float()
                             sx = (xin.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
                             xq_ref = torch.round(xin / sx).clamp(-127, 127).to(torch.int8)
                             if thr:
                                 xq_ref[:, (xi.float().abs() >= thr).any(0)] = 0
                             row[lab + " codes exact"] = bool(torch.equal(xq, xq_ref))
+                            row[lab + " codes differing"] = int((xq != xq_ref).sum())
+                            xi = xi.cuda()
                             row[lab] = bench(lambda: w8a8.int8_linear(xi, qd, sw, None, thr))
                         xs = xx[:256]
                         y = w8a8.int8_linear(xs, qd, sw, None, 0.0, fused=True)
@@ -257,6 +328,10 @@ def run_adam(n: int, bnb) -> dict:
     mq, ma = quantize_blockwise(torch.randn(n, device="cuda") * 1e-3, cm, 256)
     vq, va = quantize_blockwise(torch.rand(n, device="cuda") * 1e-5, cv, 256)
     res["lowbit fused 8-bit"] = bench(lambda: adam8.adamw8bit_step_(p, g, mq, ma, vq, va, cm, cv, **hp), rep=200)
+    if args_sweep:
+        for rows_, w in ((1, 4), (2, 4), (4, 8), (8, 8), (16, 8)):
+            res[f"lowbit fused rows{rows_} w{w}"] = bench(
+                lambda: adam8.adamw8bit_step_(p, g, mq, ma, vq, va, cm, cv, **hp, rows=rows_, num_warps=w), rep=100)
     res["bytes"] = n * 16 + 2 * 8 * math.ceil(n / 256)
     del mq, vq
     prm = torch.nn.Parameter(p)
@@ -342,7 +417,7 @@ def fmt_table(rows, bw, adam, dev) -> str:
         bn = r.get("bnb nf4")
         for k, v in r.items():
             if k in ("K", "N", "M", "copies") or k.startswith("floor") or k.endswith(" err") \
-                    or k.endswith("exact") or not isinstance(v, (int, float)):
+                    or k.endswith("exact") or k.endswith("differing") or not isinstance(v, (int, float)):
                 continue
             err = r.get(k + " err", "")
             err = f"{err:.2e}" if isinstance(err, float) else err
@@ -368,7 +443,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small smoke run: fewer variants and rows")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-adam", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time a grid of tile configurations")
     args = ap.parse_args()
+    global args_sweep
+    args_sweep = args.sweep
     dev = torch.cuda.get_device_name()
     print("device", dev, "sms", torch.cuda.get_device_properties(0).multi_processor_count, flush=True)
     try:

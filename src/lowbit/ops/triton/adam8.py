@@ -98,13 +98,13 @@ def _adamw8_kernel(p_ptr, g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, cbm_ptr, cbv_pt
 def adamw8bit_step_(p: torch.Tensor, g: torch.Tensor, m_q: torch.Tensor, m_absmax: torch.Tensor,
                     v_q: torch.Tensor, v_absmax: torch.Tensor, code_m: torch.Tensor, code_v: torch.Tensor,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                    block_size: int = 256) -> None:
+                    block_size: int = 256, rows: int | None = None, num_warps: int = 4) -> None:
     """In place: one AdamW step on fp32 ``p`` with 8-bit block-wise states (see module docstring)."""
     n = p.numel()
     mid_m = ((code_m[1:] + code_m[:-1]) * 0.5).contiguous()
     mid_v = ((code_v[1:] + code_v[:-1]) * 0.5).contiguous()
-    R = max(1, 1024 // block_size)
+    R = rows or max(1, 1024 // block_size)
     grid = (triton.cdiv(triton.cdiv(n, block_size), R),)
     _adamw8_kernel[grid](p, g, m_q, m_absmax, v_q, v_absmax, code_m, code_v, mid_m, mid_v, n,
                          lr, beta1, beta2, eps, 1.0 - lr * weight_decay, -lr / (1.0 - beta1**step),
-                         math.sqrt(1.0 - beta2**step), BS=block_size, R=R, num_warps=4)
+                         math.sqrt(1.0 - beta2**step), BS=block_size, R=R, num_warps=num_warps)

@@ -113,7 +113,7 @@ def _i8_mm_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, out_ptr, M, N, K,
         mk = offs_k < K - k * BK
         a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & mk[None, :], other=0)
         b = tl.load(b_ptrs, mask=(offs_n[None, :] < N) & mk[:, None], other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BK
         b_ptrs += BK
     sx = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)

@@ -27,6 +27,7 @@ from lowbit.ops.repack import PackedWeight
 MODE_ID = {"affine": 0, "lut": 1, "lut_row": 2}
 GEMV_MAX_M = 4
 BIG_M = 1024
+DEQUANT_CHUNK = 0
 
 
 @triton.jit
@@ -78,10 +79,24 @@ def _codes2d(q4, q2, q1, k0, offs_n, mask_n, N, K, BK: tl.constexpr, BITS: tl.co
 
 
 @triton.jit
+def _codes2d_rs(q_ptr, k0, offs_n, mask_n, N, KW, BK: tl.constexpr, B: tl.constexpr):
+    """Codes of a single-plane ``(BK, BN)`` tile: each word loaded once, unpacked, reshaped."""
+    BN: tl.constexpr = offs_n.shape[0]
+    c = _plane3d(q_ptr, k0 // (32 // B), offs_n, mask_n, N, KW, BK, B)
+    return tl.reshape(c, (BK, BN))
+
+
+@triton.jit
 def _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K,
-                  BK: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr):
+                  BK: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
+                  RS: tl.constexpr = False):
     """fp32 ``(BK, BN)`` tile of W^T (requires GROUP % BK == 0, so the tile lies in one group)."""
-    c = _codes2d(q4, q2, q1, k0, offs_n, mask_n, N, K, BK, BITS)
+    if RS and BITS == 4:
+        c = _codes2d_rs(q4, k0, offs_n, mask_n, N, (K + 7) // 8, BK, 4)
+    elif RS and BITS == 2:
+        c = _codes2d_rs(q2, k0, offs_n, mask_n, N, (K + 15) // 16, BK, 2)
+    else:
+        c = _codes2d(q4, q2, q1, k0, offs_n, mask_n, N, K, BK, BITS)
     g = k0 // GROUP
     ms = mask_n & (k0 < K)  # a split may end past K: never read a group that does not exist
     if MODE == 0:
@@ -99,39 +114,38 @@ def _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K,
 @triton.jit
 def _gemv_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, KW2, KW1, stride_xm,
                  BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_PERM: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr):
+                 BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr):
+    # Partial sums stay 2-D (word, column) across the K loop: the sum over the codes of one word is
+    # in-thread, and the only cross-thread reduction happens once, after the loop.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     offs_n = pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < N
     xr = x_ptr + m * stride_xm
-    acc = tl.zeros((BN,), dtype=tl.float32)
+    P0: tl.constexpr = 8 if BITS == 4 else 16
+    acc = tl.zeros((BK // P0, BN), dtype=tl.float32)
+    acc1 = tl.zeros((BK // 32, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BK, BN), dtype=tl.float32)
     kstart = pid_k * K_PER_PROG
     for kt in range(0, K_PER_PROG, BK):
         k0 = kstart + kt
+        g = k0 // GROUP
+        ms = mask_n & (k0 < K)  # a split may end past K: never read a group that does not exist
         if MODE == 0:
-            g = k0 // GROUP
-            ms = mask_n & (k0 < K)  # a split may end past K: never read a group that does not exist
             s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
             z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
-            dot = tl.zeros((BN,), dtype=tl.float32)
-            xsum = tl.zeros((1,), dtype=tl.float32)
             if BITS == 4:
                 c = _as_float(_plane3d(q4, k0 // 8, offs_n, mask_n, N, KW4, BK, 4))
                 xv = _x3d(xr, perm, k0, K, BK, 8, HAS_PERM)
-                dot += tl.sum(tl.sum(c * xv, axis=1), axis=0)
-                xsum += tl.sum(tl.sum(xv, axis=1), axis=0)
             else:
                 c = _as_float(_plane3d(q2, k0 // 16, offs_n, mask_n, N, KW2, BK, 2))
                 xv = _x3d(xr, perm, k0, K, BK, 16, HAS_PERM)
-                dot += tl.sum(tl.sum(c * xv, axis=1), axis=0)
-                xsum += tl.sum(tl.sum(xv, axis=1), axis=0)
-                if BITS == 3:
-                    c1 = _as_float(_plane3d(q1, k0 // 32, offs_n, mask_n, N, KW1, BK, 1))
-                    x1 = _x3d(xr, perm, k0, K, BK, 32, HAS_PERM)
-                    dot += 4.0 * tl.sum(tl.sum(c1 * x1, axis=1), axis=0)
-            acc += s * (dot - z * xsum)
+            acc += s[None, :] * (tl.sum(c * xv, axis=1) - z[None, :] * tl.sum(xv, axis=1))
+            if BITS == 3:
+                c1 = _as_float(_plane3d(q1, k0 // 32, offs_n, mask_n, N, KW1, BK, 1))
+                x1 = _x3d(xr, perm, k0, K, BK, 32, HAS_PERM)
+                acc1 += (4.0 * s[None, :]) * tl.sum(c1 * x1, axis=1)
         elif BITS == 3:
             w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE)
             kk = k0 + tl.arange(0, BK)
@@ -141,7 +155,7 @@ def _gemv_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, K
             else:
                 src = kk
             xv2 = tl.load(xr + src, mask=mk, other=0.0).to(tl.float32)
-            acc += tl.sum(w * xv2[:, None], axis=0)
+            acc2 += w * xv2[:, None]
         else:
             if BITS == 4:
                 c = _plane3d(q4, k0 // 8, offs_n, mask_n, N, KW4, BK, 4)
@@ -150,22 +164,29 @@ def _gemv_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, K
                 c = _plane3d(q2, k0 // 16, offs_n, mask_n, N, KW2, BK, 2)
                 xv = _x3d(xr, perm, k0, K, BK, 16, HAS_PERM)
             if MODE == 1:
-                g = k0 // GROUP
-                s = tl.load(scale + g * N + offs_n, mask=mask_n & (k0 < K), other=0.0).to(tl.float32)
+                s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
                 v = tl.load(cb + c).to(tl.float32)
-                acc += s * tl.sum(tl.sum(v * xv, axis=1), axis=0)
+                acc += s[None, :] * tl.sum(v * xv, axis=1)
             else:
                 v = tl.load(cb + offs_n[None, None, :] * (1 << BITS) + c, mask=mask_n[None, None, :],
                             other=0.0).to(tl.float32)
-                acc += tl.sum(tl.sum(v * xv, axis=1), axis=0)
-    tl.atomic_add(out_ptr + m * N + offs_n, acc, mask=mask_n, sem="relaxed")
+                acc += tl.sum(v * xv, axis=1)
+    total = tl.sum(acc, axis=0)
+    if MODE == 0 and BITS == 3:
+        total += tl.sum(acc1, axis=0)
+    if MODE != 0 and BITS == 3:
+        total = tl.sum(acc2, axis=0)
+    if SPLIT_ATOMIC:
+        tl.atomic_add(out_ptr + m * N + offs_n, total, mask=mask_n, sem="relaxed")
+    else:
+        tl.store(out_ptr + m * N + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
 def _mm_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, stride_om,
                BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-               K_PER_PROG: tl.constexpr):
+               K_PER_PROG: tl.constexpr, RS: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -180,7 +201,7 @@ def _mm_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, 
         offs_k = k0 + tl.arange(0, BK)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE)
+        w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE, RS)
         acc = tl.dot(a, w.to(a.dtype), acc)
     ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mo = mask_m[:, None] & mask_n[None, :]
@@ -191,17 +212,18 @@ def _mm_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, 
 
 
 @triton.jit
-def _dequant_kernel(out_ptr, q4, q2, q1, scale, zero, cb, N, K,
+def _dequant_kernel(out_ptr, q4, q2, q1, scale, zero, cb, N, K, n_off, n_end, stride_out,
                     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr):
+                    BK: tl.constexpr, RS: tl.constexpr):
+    """Columns ``[n_off, n_end)`` of W^T into ``out[:, n - n_off]``."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_n = offs_n < N
+    offs_n = n_off + pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < n_end
     k0 = pid_k * BK
-    w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE)
+    w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE, RS)
     offs_k = k0 + tl.arange(0, BK)
-    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + offs_k[:, None] * stride_out + (offs_n - n_off)[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(offs_k[:, None] < K) & mask_n[None, :])
 
 
@@ -248,17 +270,20 @@ def _args(pw: PackedWeight, dummy: torch.Tensor):
 
 
 def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Tensor:
-    """``x2: (M, K)`` contiguous, M small -> ``(M, N)`` fp32."""
+    """``x2: (M, K)`` contiguous, M small -> ``(M, N)`` (fp32 when split-K accumulates atomically)."""
     M, K = x2.shape
     N = pw.out_features
     cfg = cfg or gemv_config(N, K, pw.group_size, _sms(x2.device), pw.bits, pw.mode)
-    out = torch.zeros((M, N), device=x2.device, dtype=torch.float32)
+    atomic = cfg["split"] > 1
+    out = torch.zeros((M, N), device=x2.device, dtype=torch.float32) if atomic else \
+        torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     q4, q2, q1, sc, zp, cb = _args(pw, out)
     grid = (triton.cdiv(N, cfg["BN"]), cfg["split"], M)
     _gemv_kernel[grid](x2, out, q4, q2, q1, sc, zp, cb, pw.perm if pw.perm is not None else out,
                        N, K, pw.q4.shape[0], pw.q2.shape[0], pw.q1.shape[0], x2.stride(0),
                        BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode], HAS_PERM=pw.perm is not None,
-                       BN=cfg["BN"], BK=cfg["BK"], K_PER_PROG=cfg["k_per"], num_warps=cfg["num_warps"])
+                       BN=cfg["BN"], BK=cfg["BK"], K_PER_PROG=cfg["k_per"], SPLIT_ATOMIC=atomic,
+                       num_warps=cfg["num_warps"])
     return out
 
 
@@ -294,21 +319,39 @@ def mm(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Ten
     _mm_kernel[grid](x2, out, q4, q2, q1, sc, zp, cb, M, N, K, x2.stride(0), out.stride(0),
                      BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode],
                      BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=cfg["split"], K_PER_PROG=cfg["k_per"],
-                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                     RS=cfg.get("RS", True), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out.to(x2.dtype)
 
 
-def dequantize_t(pw: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """``W^T (K, N)`` in ``dtype`` in the kernel's (permuted) column order."""
+def dequantize_t(pw: PackedWeight, dtype: torch.dtype, n_off: int = 0, n_end: int | None = None,
+                 out: torch.Tensor | None = None, RS: bool = True) -> torch.Tensor:
+    """Columns ``[n_off, n_end)`` of ``W^T`` as ``(K, n_end - n_off)`` in ``dtype`` (kernel column order)."""
     K, N = pw.in_features, pw.out_features
-    out = torch.empty((K, N), device=pw.q4.device if pw.q4.numel() else pw.q2.device, dtype=dtype)
+    n_end = N if n_end is None else n_end
+    dev = pw.q4.device if pw.q4.numel() else pw.q2.device
+    out = torch.empty((K, n_end - n_off), device=dev, dtype=dtype) if out is None else out
     q4, q2, q1, sc, zp, cb = _args(pw, out)
     BK = _bk_for(pw.group_size, 64)
     BN = 128
-    _dequant_kernel[(triton.cdiv(K, BK), triton.cdiv(N, BN))](
-        out, q4, q2, q1, sc, zp, cb, N, K, BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode],
-        BN=BN, BK=BK, num_warps=4)
+    _dequant_kernel[(triton.cdiv(K, BK), triton.cdiv(n_end - n_off, BN))](
+        out, q4, q2, q1, sc, zp, cb, N, K, n_off, n_end, out.stride(0), BITS=pw.bits, GROUP=pw.group_size,
+        MODE=MODE_ID[pw.mode], BN=BN, BK=BK, RS=RS, num_warps=4)
     return out
+
+
+def dequant_matmul(x2: torch.Tensor, pw: PackedWeight, chunk: int = 0) -> torch.Tensor:
+    """Large M: dequantize to bf16 and let cuBLAS multiply. With ``chunk``, ``chunk`` columns at a time into
+    one reused buffer, so the dequantized tile is still in L2 when cuBLAS reads it."""
+    K, N = pw.in_features, pw.out_features
+    if chunk <= 0 or chunk >= N:
+        return x2 @ dequantize_t(pw, x2.dtype)
+    y = torch.empty((x2.shape[0], N), device=x2.device, dtype=x2.dtype)
+    buf = torch.empty((K, chunk), device=x2.device, dtype=x2.dtype)
+    for n0 in range(0, N, chunk):
+        n1 = min(N, n0 + chunk)
+        b = dequantize_t(pw, x2.dtype, n0, n1, buf[:, : n1 - n0])
+        torch.mm(x2, b, out=y[:, n0:n1])
+    return y
 
 
 def packed_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
@@ -327,8 +370,10 @@ def packed_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None =
             x2 = x2.index_select(1, pw.perm.long())
         if path == "mm":
             y = mm(x2, pw)
+        elif path.startswith("dequant"):  # "dequant" or "dequant:<chunk>"
+            y = dequant_matmul(x2, pw, int(path.split(":")[1]) if ":" in path else DEQUANT_CHUNK)
         else:
-            y = x2 @ dequantize_t(pw, x.dtype)
+            raise ValueError(f"path={path!r}; valid: gemv, mm, dequant, dequant:<chunk>")
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, pw.out_features)
