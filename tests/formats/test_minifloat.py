@@ -64,8 +64,7 @@ def test_saturates_instead_of_overflowing() -> None:
     grid = MinifloatGrid(4, 3, "fn")
     x = torch.tensor([1e6, -1e6, 449.0, 470.0, float("inf")])
     assert round_to_grid(x, grid).tolist() == [448.0, -448.0, 448.0, 448.0, 448.0]
-    with pytest.raises(ValueError, match="NaN"):
-        round_to_grid(torch.tensor([float("nan")]), grid)
+    assert torch.isnan(round_to_grid(torch.tensor([float("nan")]), grid)).all()
 
 
 def test_fp4_grid_and_max_values() -> None:
@@ -140,9 +139,10 @@ def test_search_maxval_minimises_mse_over_its_candidates() -> None:
 
 def test_heavier_tails_pick_more_exponent_bits() -> None:
     torch.manual_seed(0)
-    n = 30_000
-    picks = [best_exponent_bits(torch.rand(n) * 2 - 1)[0], best_exponent_bits(torch.randn(n))[0]]
-    picks += [best_exponent_bits(torch.distributions.StudentT(df).sample((n,)))[0] for df in (4.0, 2.0, 1.0)]
+    n = 8000
+    pick = lambda x: best_exponent_bits(x, n_grid=40)[0]  # noqa: E731
+    picks = [pick(torch.rand(n) * 2 - 1), pick(torch.randn(n))]
+    picks += [pick(torch.distributions.StudentT(df).sample((n,))) for df in (4.0, 2.0, 1.0)]
     assert picks == sorted(picks), picks  # monotone in tail weight
     assert picks[1] <= 2 and picks[-1] >= 3, picks
 

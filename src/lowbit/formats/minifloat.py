@@ -33,7 +33,7 @@ from typing import ClassVar
 
 import torch
 
-from lowbit.formats.act_quant import ActQuant, act_linear
+from lowbit.formats.act_quant import ActQuant, act_linear, quantize_activation
 from lowbit.formats.base import Format, QuantizedTensor, check_weight
 
 __all__ = ["Minifloat", "MinifloatGrid", "round_to_grid", "search_maxval", "best_exponent_bits", "PRESETS"]
@@ -136,19 +136,24 @@ def round_to_grid(x: torch.Tensor, grid: MinifloatGrid) -> torch.Tensor:
     """Nearest ExMy value of each element of ``x`` (round half to even, saturating at ±max), in ``x``'s dtype.
 
     Args:
-        x: any shape, float; NaN is rejected.
+        x: any shape, float; NaN stays NaN (formats reject NaN weights before rounding).
         grid: the ExMy grid.
     """
-    if bool(torch.isnan(x).any()):
-        raise ValueError("cannot round NaN to a minifloat grid")
-    xf = x.to(torch.float64)
     mx = grid.max_value
-    xc = xf.clamp(-mx, mx)
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32  # every ExMy value (M ≤ 10) is exact in fp32
+    xc = x.to(wide).clamp(-mx, mx)
+    native = _TORCH_NATIVE.get((grid.exponent_bits, grid.mantissa_bits, grid.special, grid.bias))
+    if native is not None:  # same grid, same round-half-even: torch's cast is the fast path (tested equal)
+        return xc.to(native).to(x.dtype)
     _, ex = torch.frexp(xc)  # |xc| = m·2^ex with m in [0.5, 1): floor(log2|xc|) = ex - 1, exact
-    e = (ex - 1).clamp(min=1 - grid.b).to(torch.float64)
-    step = torch.pow(2.0, e - grid.mantissa_bits)
-    q = torch.round(xc / step) * step  # torch.round rounds half to even
-    return q.clamp(-mx, mx).to(x.dtype)
+    step = torch.ldexp(torch.ones_like(xc), (ex - 1).clamp_(min=1 - grid.b) - grid.mantissa_bits)
+    q = torch.round(xc / step) * step  # division by a power of two is exact; torch.round is half-to-even
+    return q.clamp_(-mx, mx).to(x.dtype)
+
+
+_TORCH_NATIVE: dict[tuple[int, int, str, int | None], torch.dtype] = {
+    (4, 3, "fn", None): torch.float8_e4m3fn, (5, 2, "ieee", None): torch.float8_e5m2,
+}
 
 
 def _expand_rows(scale: torch.Tensor, n_in: int, granularity: str, group_size: int) -> torch.Tensor:
@@ -231,7 +236,8 @@ class Minifloat(Format):
         special: which codes are finite (``"ieee"``, ``"fn"``, ``"none"``; see the module docstring).
         bias: exponent bias; None for the IEEE bias ``2^(E-1) - 1``.
         granularity: ``"tensor"``, ``"channel"`` (one scale per output row) or ``"group"``.
-        group_size: inputs per group for ``"group"`` (a row that it does not divide gets a shorter last group).
+        group_size: inputs per group, set exactly for ``"group"`` (a row that it does not divide gets a shorter
+            last group); a slice narrower than a group (GPTQ fitting one group) gets one group.
         scale_search: pick each scale by the MSE max-value search (:func:`search_maxval`) instead of absmax.
         pow2_scale: ZeroQuant-FP's power-of-two constraint (arXiv 2307.09782, Sec. 4) so that FP4 → FP8 is an
             exponent shift: ``"ceil"`` rounds every scale up to a power of two (M1); ``"row"`` keeps a real
@@ -248,7 +254,7 @@ class Minifloat(Format):
     special: str = "fn"
     bias: int | None = None
     granularity: str = "channel"
-    group_size: int = 128
+    group_size: int | None = None
     scale_search: bool = False
     pow2_scale: str = "none"
     lorc_rank: int = 0
@@ -258,7 +264,10 @@ class Minifloat(Format):
         self.grid  # validates E, M, special
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity={self.granularity!r} unknown; valid choices: {list(GRANULARITIES)}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+        if (self.granularity == "group") != (self.group_size is not None):
+            raise ValueError(f"group_size={self.group_size!r} is set exactly when granularity='group' "
+                             f"(got granularity={self.granularity!r})")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise ValueError(f"group_size={self.group_size!r} must be a positive int")
         if self.pow2_scale not in POW2_MODES:
             raise ValueError(f"pow2_scale={self.pow2_scale!r} unknown; valid choices: {list(POW2_MODES)}")
@@ -302,7 +311,7 @@ class Minifloat(Format):
             raise ValueError(f"lorc_rank={self.lorc_rank} exceeds min(shape)={min(shape)} of weight {shape}")
 
     def _gs(self, n_in: int) -> int:
-        return self.group_size if self.granularity == "group" else n_in
+        return self.group_size if self.group_size is not None else n_in
 
     def params(self, W: torch.Tensor) -> dict[str, torch.Tensor]:
         """RTN (or MSE-searched) scales: ``(1,)``, ``(out,)`` or ``(out, n_groups)`` float32."""
@@ -313,7 +322,7 @@ class Minifloat(Format):
             elif self.granularity == "channel":
                 amax = search_maxval(W, grid, dim=1)
             else:
-                gs = self.group_size
+                gs = self._gs(n_in)
                 ng = -(-n_in // gs)
                 amax = torch.stack([search_maxval(W[:, g * gs:(g + 1) * gs], grid, dim=1) for g in range(ng)], 1)
         else:
@@ -366,8 +375,19 @@ class Minifloat(Format):
             W = W + q["lora_b"].to(torch.float32) @ q["lora_a"].to(torch.float32)
         return W.to(q.dtype)
 
+    def torch_float8(self) -> torch.dtype | None:
+        """The torch float8 dtype whose codes this grid shares (E4M3 "fn", E5M2 "ieee", IEEE bias), else None."""
+        key = (self.exponent_bits, self.mantissa_bits, self.special, self.bias)
+        return {(4, 3, "fn", None): torch.float8_e4m3fn, (5, 2, "ieee", None): torch.float8_e5m2}.get(key)
+
     def linear(self, x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``x @ Wᵀ + b`` with the activations quantized as ``act`` says (weight-only when ``act`` is None)."""
+        """``x @ Wᵀ + b`` with the activations quantized as ``act`` says (weight-only when ``act`` is None).
+
+        FP8 × FP8 (torch-native E4M3/E5M2 weights and activations, per-tensor/channel scales, no LoRC) runs
+        ``torch._scaled_mm`` where this build has it; everything else, and the oracle, is :func:`act_linear`.
+        """
+        if self.act is not None and _scaled_mm_ok(self, q, x):
+            return fp8_scaled_linear(x, q, bias)
         return act_linear(x, self.dequantize(q).to(x.dtype), bias, self.act, q.get("act_scale"))
 
     @classmethod
@@ -376,6 +396,41 @@ class Minifloat(Format):
                 cls.preset("e2m1", granularity="group", group_size=32),
                 cls.preset("e2m1", granularity="group", group_size=64, pow2_scale="row"),
                 cls.preset("e4m3", granularity="tensor", scale_search=True)]
+
+
+def _scaled_mm_ok(fmt: Minifloat, q: QuantizedTensor, x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_scaled_mm") or fmt.lorc_rank or fmt.granularity == "group" or fmt.act is None:
+        return False
+    if fmt.torch_float8() is None or fmt.act.dtype not in ("e4m3", "e5m2"):
+        return False
+    m = x.numel() // x.shape[-1]
+    return m % 16 == 0 and q.shape[0] % 16 == 0 and q.shape[1] % 16 == 0  # the layouts CUDA's kernel accepts
+
+
+def fp8_scaled_linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """FP8 W8A8 with ``torch._scaled_mm``: ``(s_x ⊗ s_w) · (X_fp8 W_fp8ᵀ)``, fp32 accumulation.
+
+    Args:
+        x: ``(..., in)``; q: a :class:`Minifloat` weight with a torch float8 grid and ``act`` set.
+    """
+    fmt: Minifloat = q.format  # type: ignore[assignment]
+    assert fmt.act is not None
+    x2 = x.reshape(-1, x.shape[-1])
+    xv, sx = quantize_activation(x2, fmt.act, q.get("act_scale"))
+    adt = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[fmt.act.dtype]
+    xf8 = xv.to(adt)  # exact: xv lies on the grid
+    wdt = fmt.torch_float8()
+    wf8 = q["qdata"].view(wdt)  # type: ignore[arg-type]
+    n_out = q.shape[0]
+    sw = q["scale"].reshape(1, -1).expand(1, n_out).contiguous().to(torch.float32)
+    sa = sx.reshape(-1, 1).expand(x2.shape[0], 1).contiguous().to(torch.float32)
+    try:
+        y = torch._scaled_mm(xf8, wf8.t(), scale_a=sa, scale_b=sw, out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError):
+        y = (xv * sa) @ (fmt.grid.decode(q["qdata"]) * sw.reshape(-1, 1)).t()
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n_out)
 
 
 def _pack4(codes: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,13 @@ from lowbit.methods.base import MethodConfig, get_method, method_registry
 __all__ = ["MethodConfig", "get_method", "method_registry"]
 
 # -- built-in methods register here (keep one line each, alphabetical) --
+from lowbit.methods import awq as _awq  # noqa: E402,F401
+from lowbit.methods import fp8 as _fp8  # noqa: E402,F401
 from lowbit.methods import gptq as _gptq  # noqa: E402,F401
 from lowbit.methods import hqq as _hqq  # noqa: E402,F401
+from lowbit.methods import llm_int8 as _llm_int8  # noqa: E402,F401
 from lowbit.methods import nf4 as _nf4  # noqa: E402,F401
 from lowbit.methods import rtn as _rtn  # noqa: E402,F401
+from lowbit.methods import smoothquant as _smoothquant  # noqa: E402,F401
+from lowbit.methods import zeroquant_fp as _zeroquant_fp  # noqa: E402,F401
+from lowbit.methods import spqr as _spqr  # noqa: E402,F401

@@ -1,0 +1,221 @@
+"""``AWQConfig``: AWQ (arXiv 2306.00978) scaling and clipping, then rounding by the format or another method.
+
+Per decoder block (through :mod:`lowbit.calibration.sequential`'s ``prepare_block`` hook, block inputs from
+the float path as llm-awq does): for each smooth → balance pair of :mod:`lowbit.model.mappings`
+
+1. capture the inputs of the inspected sub-module (``self_attn`` for q/k/v, ``mlp`` for gate/up, the layer
+   itself for o_proj/down_proj) and its float output;
+2. grid-search ``α`` (20 points) minimising the sub-module's output error with the balance layers replaced
+   by ``Q(W·s)/s`` (:func:`lowbit.methods.awq.core.search_scale`); optional duo scaling;
+3. fold ``s`` into the smooth layer and the balance layers (:func:`lowbit.model.mappings.fold_scale`);
+
+then clip every target Linear except q/k (:func:`lowbit.methods.awq.core.search_clip`). The runner then rounds
+each layer with ``format`` (round to nearest) or with ``then`` (``GPTQConfig``, ``HQQConfig``, ... over the same
+format).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from lowbit.config import ConfigError
+from lowbit.formats.base import Format, QuantizedTensor
+from lowbit.methods.awq.core import search_clip, search_scale, weight_group_mean
+from lowbit.methods.base import MethodConfig
+from lowbit.model.mappings import ResolvedMapping, fold_scale, resolve
+
+__all__ = ["AWQConfig", "awq_block"]
+
+log = logging.getLogger(__name__)
+
+NO_CLIP = r"(^|\.)(q_|k_|query|key|Wqkv)"
+"""Layers left unclipped (llm-awq: clipping q/k hurts attention scores)."""
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _Capture:
+    """Forward pre-hooks recording the call arguments of inspected modules and the inputs of Linears."""
+
+    def __init__(self, inspect: dict[str, nn.Module], linears: dict[str, nn.Module]) -> None:
+        self.calls: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {n: [] for n in inspect}
+        self.inputs: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+        self._handles = [m.register_forward_pre_hook(self._call_hook(n), with_kwargs=True) for n, m in inspect.items()]
+        self._handles += [m.register_forward_pre_hook(self._input_hook(n)) for n, m in linears.items()]
+
+    def _call_hook(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.calls[name].append((args, dict(kwargs)))
+        return hook
+
+    def _input_hook(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            self.inputs[name].append(x.detach().reshape(-1, x.shape[-1]))
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _inspect_loss(m: ResolvedMapping, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], ref: list[torch.Tensor],
+                  fake_quant: Any, s: torch.Tensor) -> float:
+    saved = [fc.weight.detach().clone() for fc in m.balance]
+    try:
+        with torch.no_grad():
+            for fc, W in zip(m.balance, saved):
+                sW = s.to(W.dtype).view(1, -1)
+                fc.weight.copy_(fake_quant(W * sW) / sW)
+            err, n = 0.0, 0
+            for (args, kwargs), y in zip(calls, ref):
+                d = _first(m.inspect(*args, **kwargs)).to(torch.float32) - y
+                err += float(d.pow(2).sum())
+                n += d.numel()
+    finally:
+        with torch.no_grad():
+            for fc, W in zip(m.balance, saved):
+                fc.weight.copy_(W)
+    return err / max(n, 1)
+
+
+def awq_block(block: nn.Module, calls: list[Any], x_mean: Mapping[str, torch.Tensor], fmt: Format, *,
+              n_grid: int = 20, duo_scaling: bool = False, clip: bool = True, max_clip_tokens: int = 512,
+              only: set[str] | None = None) -> dict[str, float]:
+    """Apply AWQ's scale search and clipping to one block in place; returns ``{smooth layer: α*}``.
+
+    Args:
+        block: a decoder block with a row in :data:`lowbit.model.mappings.MAPPINGS`.
+        calls: the block's calibration calls (``.args``, ``.kwargs``), as the runner captures them.
+        x_mean: ``mean|X|`` per input channel, keyed by Linear names relative to the block.
+        fmt: the weight format whose fake-quantize the searches use.
+        only: the Linear layers being quantized (mappings and clipping touch only those).
+    """
+    maps = [m for m in resolve(block, only=only) if m.balance_names[0] in x_mean]
+    linears = {n: mod for n, mod in block.named_modules() if isinstance(mod, nn.Linear)
+               and (only is None or n in only)}
+    cap = _Capture({m.inspect_name: m.inspect for m in maps}, linears if clip else {})
+    try:
+        with torch.no_grad():
+            for c in calls:
+                block(*c.args, **c.kwargs)
+    finally:
+        cap.remove()
+    group_size = getattr(fmt, "group_size", None)
+    alphas: dict[str, float] = {}
+    inputs = {n: torch.cat(v) for n, v in cap.inputs.items() if v}
+    for m in maps:
+        insp_calls = cap.calls[m.inspect_name]
+        with torch.no_grad():
+            ref = [_first(m.inspect(*a, **k)).to(torch.float32) for a, k in insp_calls]
+        w_mean = weight_group_mean([fc.weight for fc in m.balance], group_size) if duo_scaling else None
+        s, alpha, _ = search_scale(lambda s: _inspect_loss(m, insp_calls, ref, fmt.fake_quantize, s),
+                                   x_mean[m.balance_names[0]], n_grid=n_grid, w_mean=w_mean)
+        fold_scale(m.smooth, m.balance, s)
+        for n in m.balance_names:
+            if n in inputs:
+                inputs[n] = inputs[n] / s.to(inputs[n].dtype)
+        alphas[m.smooth_name] = alpha
+    if clip:
+        for n, fc in linears.items():
+            if re.search(NO_CLIP, n) or n not in inputs:
+                continue
+            X = inputs[n]
+            X = X[:: max(1, X.shape[0] // max_clip_tokens)][:max_clip_tokens]
+            with torch.no_grad():
+                W = fc.weight.detach()
+                mv = search_clip(W, X, fmt.fake_quantize, group_size, n_grid=20, max_shrink=0.5)
+                g = group_size or W.shape[1]
+                lim = mv.repeat_interleave(g, dim=1)[:, :W.shape[1]].to(W.dtype)
+                fc.weight.copy_(torch.maximum(torch.minimum(W, lim), -lim))
+    return alphas
+
+
+@dataclass(frozen=True)
+class AWQConfig(MethodConfig):
+    """AWQ over any weight format.
+
+    Attributes:
+        format: the storage format (``IntAffine(bits=4, group_size=128)`` for the paper's setting).
+        then: a method that rounds the scaled weights instead of round-to-nearest (e.g. ``GPTQConfig`` or
+            ``HQQConfig`` with the same format); None for RTN through ``format``.
+        duo_scaling: ``s = s_X^α / s_W^(1-α)`` (AutoAWQ / llm-compressor default) instead of ``s_X^α`` (llm-awq).
+        n_grid: α grid points (20).
+        clip: run the clipping search.
+        max_clip_tokens: input tokens the clipping search uses per layer (llm-awq: 512).
+    """
+
+    kind: ClassVar[str] = "awq"
+    stats: ClassVar[tuple[str, ...]] = ("act_mean_abs",)
+    sequential_inputs: ClassVar[str] = "fp"
+    summary: ClassVar[str] = "AWQ: activation-aware channel scaling (20-point alpha search) + clipping, then any rounding"
+    paper: ClassVar[str] = "arXiv:2306.00978"
+
+    format: Format
+    then: MethodConfig | None = None
+    duo_scaling: bool = False
+    n_grid: int = 20
+    clip: bool = True
+    max_clip_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.format, Format):
+            raise TypeError(f"AWQConfig.format must be a lowbit Format (e.g. IntAffine), got {type(self.format).__name__}")
+        if self.then is not None:
+            if not isinstance(self.then, MethodConfig) or isinstance(self.then, AWQConfig):
+                raise ConfigError(f"AWQConfig.then must be another method config (e.g. GPTQConfig), got {self.then!r}")
+            if self.then.format != self.format:
+                raise ConfigError(f"AWQConfig.then stores with {self.then.format!r} but format={self.format!r}; "
+                                  "give both the same format")
+            object.__setattr__(self, "stats", tuple(dict.fromkeys(("act_mean_abs", *self.then.stats))))
+        if not isinstance(self.n_grid, int) or self.n_grid < 1:
+            raise ConfigError(f"n_grid={self.n_grid!r} must be a positive int (reference: 20)")
+
+    def prepare_block(self, block: nn.Module, calls: list[Any],
+                      stats_by_layer: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Runner hook: scale search, fold and clip on this block (see :func:`awq_block`)."""
+        x_mean = {n: st["act_mean_abs"] for n, st in stats_by_layer.items() if "act_mean_abs" in st}
+        alphas = awq_block(block, calls, x_mean, self.format, n_grid=self.n_grid, duo_scaling=self.duo_scaling,
+                           clip=self.clip, max_clip_tokens=self.max_clip_tokens, only=set(stats_by_layer))
+        log.debug("awq: alphas %s", alphas)
+
+    def quantize_weight(self, W: torch.Tensor, stats: Mapping[str, torch.Tensor] | None = None) -> QuantizedTensor:
+        if self.then is not None:
+            return self.then.quantize_weight(W, stats)
+        return self.format.quantize(W)
+
+    @classmethod
+    def for_bits(cls, bits: int, group_size: int | None = 128, **options: Any) -> "AWQConfig":
+        """AWQ into asymmetric ``IntAffine(bits, group_size)`` (group 128 by default). Options: ``duo_scaling``,
+        ``clip``, ``n_grid``, ``then`` (``"gptq"`` or a method kind whose ``for_bits`` gives the same format)."""
+        from lowbit.formats.affine import IntAffine
+        from lowbit.methods.base import get_method
+
+        cls.check_bits(bits)
+        group_size = 128 if group_size is None else group_size
+        then = options.pop("then", None)
+        fmt = IntAffine(bits=bits, group_size=group_size)
+        then_cfg = None
+        if isinstance(then, str):
+            then_cfg = get_method(then).for_bits(bits, group_size)
+            if then_cfg.format != fmt:
+                fmt = then_cfg.format
+        elif then is not None:
+            then_cfg = then
+            fmt = then.format
+        known = {"duo_scaling", "clip", "n_grid", "max_clip_tokens"}
+        if set(options) - known:
+            raise ConfigError(f"unknown awq option(s) {sorted(set(options) - known)}; valid: {sorted(known | {'then'})}")
+        return cls(format=fmt, then=then_cfg, **options)
+
+    def describe(self) -> str:
+        rounder = self.then.kind if self.then is not None else "rtn"
+        return f"awq({self.format.kind}, {rounder}{', duo' if self.duo_scaling else ''})"
