@@ -176,6 +176,12 @@ def quantize_sequential(model: nn.Module, config: MethodConfig, calibration: tor
         if "fisher" in config.stats:
             fisher = fisher_diagonal(model, calibration, list(selected), batch_size=1)
         with torch.no_grad():
+            if not input_stats and getattr(config, "prepare_block", None) is None:
+                # gradient statistics only (SqueezeLLM): quantizing needs no block inputs at all
+                for name, lin in progress(list(selected.items()), total=len(selected), desc=f"{config.kind}"):
+                    st = {"fisher": fisher.pop(name)} if name in fisher else {}
+                    replace_linear(model, name, lin, config, st)
+                return model
             path, blocks = find_blocks(model)
             calls = capture_block_inputs(model, blocks[0], calibration, batch_size)
             prepare = getattr(config, "prepare_block", None)
