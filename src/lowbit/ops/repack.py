@@ -122,12 +122,12 @@ def _perm_from_g_idx(g_idx: torch.Tensor, group_size: int, K: int) -> torch.Tens
     if g.shape != (K,):
         raise ValueError(f"g_idx must have shape ({K},), got {tuple(g.shape)}")
     perm = torch.argsort(g, stable=True)
-    if torch.equal(perm, torch.arange(K, device=g.device)):
-        return None
     expected = torch.arange(K, device=g.device) // group_size
     if not torch.equal(g[perm], expected):
         raise ValueError("g_idx does not sort into contiguous groups of group_size columns "
                          "(the act-order layout of GPTQ); use the reference path for this weight")
+    if torch.equal(perm, torch.arange(K, device=g.device)):
+        return None
     return perm.to(torch.int32)
 
 
@@ -218,14 +218,24 @@ def dequantize_packed(pw: PackedWeight, dtype: torch.dtype = torch.float32) -> t
 def repack_quantized(q) -> PackedWeight:  # type: ignore[no-untyped-def]
     """Repack a :class:`~lowbit.formats.base.QuantizedTensor` of a supported format.
 
-    Supported: ``int_affine`` with bits 2-4 (symmetric, asymmetric, float zero point, act-order).
-    Raises ``ValueError`` naming the format otherwise.
+    Supported: ``int_affine`` with bits 2-4 (symmetric, asymmetric, float zero point, act-order);
+    ``codebook`` (NF4/FP4, double quantization dequantized once to a float32 absmax) when blocks do not
+    straddle rows; ``row_codebook`` (SqueezeLLM) with bits 2-4. Raises ``ValueError`` naming the format otherwise.
     """
+    from lowbit.formats.bitpack import unpack
+
     fmt = q.format
     N, K = q.shape
+    if fmt.kind == "codebook":
+        if K % fmt.block_size or fmt.block_size % 32:
+            raise ValueError(f"codebook blocks of {fmt.block_size} straddle rows of {K} (or are not a multiple of 32); "
+                             "no packed kernel layout")
+        codes = unpack(q["qdata"].unsqueeze(0), 4, N * K).reshape(N, K)
+        absmax = fmt.absmax(q).to(torch.float32).reshape(N, K // fmt.block_size)
+        return repack_lut(codes, fmt.code.to(codes.device), 4, absmax, fmt.block_size)
+    if fmt.kind == "row_codebook" and fmt.bits in _PLANES:
+        return repack_lut(unpack(q["qdata"], fmt.bits, K), q["codebook"], fmt.bits)
     if fmt.kind == "int_affine" and fmt.bits in _PLANES and not fmt.per_tensor:
-        from lowbit.formats.bitpack import unpack
-
         codes = unpack(q["qdata"], fmt.bits, K)
         scale = q["scale"]
         zero = q.get("zero_point")

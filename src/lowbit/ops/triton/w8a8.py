@@ -153,31 +153,36 @@ def scale_epilogue(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: 
 
 
 def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                threshold: float = 0.0, fused: bool = False) -> torch.Tensor:
+                threshold: float = 0.0, fused: bool = True) -> torch.Tensor:
     """W8A8 int8: ``x (..., K)``, ``qdata (N, K) int8``, ``scale (N,) fp32`` -> ``(..., N)`` in x's dtype.
 
-    ``fused=True`` uses the Triton int8 GEMM with the scales in its epilogue (no int32 round trip);
-    otherwise ``torch._int_mm`` (cuBLAS int8) followed by the scale epilogue kernel.
+    ``fused=True`` (default, M >= 16) uses the Triton int8 GEMM with the scales in its epilogue (no int32 round
+    trip; outlier columns then added in the input's precision); otherwise ``torch._int_mm`` (cuBLAS int8)
+    followed by the scale epilogue kernel (outliers in fp32).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     M, K = x2.shape
     N = qdata.shape[0]
     xq, sx, col = quantize_rows(x2, torch.int8, threshold)
-    extra = None
-    if col is not None:
-        cols = torch.nonzero(col).flatten()
-        if cols.numel():
-            W_o = qdata[:, cols].to(torch.float32) * scale.reshape(-1, 1)
-            extra = x2[:, cols].to(torch.float32) @ W_o.t()
+    cols = torch.nonzero(col).flatten() if col is not None else None
     sw = scale.reshape(-1).to(torch.float32)
-    if fused and extra is None and bias is None:
+    if fused and M >= 16:
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
         BM, BN, BK = 128, 128, 128
         grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
         _i8_mm_kernel[grid](xq, qdata, sx, sw, out, M, N, K, BM=BM, BN=BN, BK=BK, GROUP_M=8,
                             num_warps=8, num_stages=4)
+        if cols is not None and cols.numel():  # LLM.int8() outlier columns, in the input's precision
+            W_o = (qdata[:, cols].to(torch.float32) * scale.reshape(-1, 1)).to(x.dtype)
+            out.addmm_(x2[:, cols], W_o.t())
+        if bias is not None:
+            out += bias.to(out.dtype)
         return out.reshape(*lead, N)
+    extra = None
+    if cols is not None and cols.numel():
+        W_o = qdata[:, cols].to(torch.float32) * scale.reshape(-1, 1)
+        extra = x2[:, cols].to(torch.float32) @ W_o.t()
     if M > 16 and K % 8 == 0 and N % 8 == 0:
         acc = torch._int_mm(xq, qdata.t())
     else:  # cuBLAS int8 needs M > 16; exact in fp64 for tiny M (|acc| < 2^53)

@@ -27,7 +27,7 @@ from lowbit.ops.repack import PackedWeight
 MODE_ID = {"affine": 0, "lut": 1, "lut_row": 2}
 GEMV_MAX_M = 4
 BIG_M = 1024
-DEQUANT_CHUNK = 0
+DEQUANT_CHUNK = 2048  # H100 sweep: 1563 µs vs 1591 µs unchunked at 2048×8192×28672
 
 
 @triton.jit
@@ -288,8 +288,8 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
 
 
 def mm_config(M: int, N: int, K: int, group: int, sms: int) -> dict:
-    if M <= 64:
-        BM, BN, BK, warps, stages = 16, 64, 128, 4, 4
+    if M <= 64:  # H100 sweep at M = 16, 8192×28672: BN128 BK64 split-K 4 best (129 µs)
+        BM, BN, BK, warps, stages = 16, 128, 64, 4, 4
     elif M <= 256:
         BM, BN, BK, warps, stages = 64, 128, 64, 4, 4
     else:
@@ -298,7 +298,7 @@ def mm_config(M: int, N: int, K: int, group: int, sms: int) -> dict:
     tiles = -(-M // BM) * -(-N // BN)
     k_tiles = -(-K // BK)
     split = 1
-    while tiles * split < 2 * sms and split * 2 <= k_tiles and split < 16:
+    while tiles * split < 4 * sms and split * 2 <= k_tiles and split < 16:
         split *= 2
     k_per = -(-k_tiles // split) * BK
     split = -(-K // k_per)
