@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -24,7 +26,8 @@ __all__ = ["dequantize_raw", "quantize_raw", "GGML_TYPES", "GGML_TYPES_BY_ID", "
 
 logger = logging.getLogger(__name__)
 
-_CHUNK_ELEMENTS = 1 << 20
+_CHUNK_ELEMENTS = 1 << 17  # per quantizer call: keeps the search's arrays in cache
+_THREADS = min(8, os.cpu_count() or 1)
 
 
 def _gguf_fallback(name: str):
@@ -138,6 +141,15 @@ def quantize_raw(x: torch.Tensor | np.ndarray, type_name: str | int, imatrix: np
     out = np.empty((rows, t.row_bytes(cols)), dtype=np.uint8)
     step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
     xn = np.ascontiguousarray(xn)
-    for i in range(0, rows, step):
+
+    def work(i: int) -> None:
         out[i:i + step] = t.quantize(xn[i:i + step], qw).reshape(-1, t.row_bytes(cols))
+
+    starts = range(0, rows, step)
+    if _THREADS > 1 and len(starts) > 1:  # numpy releases the GIL inside ufuncs; row chunks are independent
+        with ThreadPoolExecutor(_THREADS) as ex:
+            list(ex.map(work, starts))
+    else:
+        for i in starts:
+            work(i)
     return out

@@ -21,13 +21,17 @@ NTRY = 7
 
 
 def best_index(v: np.ndarray) -> np.ndarray:
-    """``best_index_int8``: nearest entry of ``KVALUES`` to float32 ``v``; ties go to the upper entry."""
+    """``best_index_int8``: nearest entry of ``KVALUES`` to float32 ``v``; ties go to the upper entry.
+
+    The C binary search returns ``k+1`` between neighbours ``k, k+1`` exactly when
+    ``(v - K[k]) >= (K[k+1] - v)`` in float32, and that test is monotone in ``k``; counting the true tests
+    gives the same index (and the clamps at both ends) without a search.
+    """
     v = np.asarray(v, dtype=F32)
-    mu = np.clip(np.searchsorted(_KV, v, side="right"), 1, 15)
-    lo, hi = _KV[mu - 1], _KV[mu]
-    idx = np.where((v - lo) < (hi - v), mu - 1, mu)
-    idx = np.where(v <= _KV[0], 0, idx)
-    return np.where(v >= _KV[15], 15, idx).astype(np.int32)
+    idx = np.zeros(v.shape, dtype=np.int32)
+    for k in range(15):
+        idx += (v - _KV[k]) >= (_KV[k + 1] - v)
+    return idx
 
 
 def _search(x: np.ndarray, w: np.ndarray) -> np.ndarray:
