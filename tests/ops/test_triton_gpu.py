@@ -33,7 +33,7 @@ def rel(a, b):
 @pytest.mark.parametrize("K", [576, 1536])
 def test_packed_linear_matches_reference(fmt, path, M, K):
     torch.manual_seed(K + M)
-    q = fmt.quantize(torch.randn(320, K, device="cuda"))
+    q = fmt.quantize(torch.randn(320, K)).to("cuda")  # quantize on the CPU (the formats' reference device)
     pw = R.repack_quantized(q)
     W = q.dequantize().float()
     for _ in range(2):  # fresh inputs each time
@@ -47,9 +47,9 @@ def test_act_order_gemv_and_mm():
     torch.manual_seed(0)
     K, gs = 1536, 128
     fmt = IntAffine(bits=4, group_size=gs)
-    Wf = torch.randn(256, K, device="cuda")
-    g_idx = (torch.randperm(K, device="cuda") // gs).to(torch.int32)
-    q = fmt.quantize(Wf, g_idx=g_idx, **fmt.params(Wf))
+    Wf = torch.randn(256, K)
+    g_idx = (torch.randperm(K) // gs).to(torch.int32)
+    q = fmt.quantize(Wf, g_idx=g_idx, **fmt.params(Wf)).to("cuda")
     pw = R.repack_quantized(q)
     W = q.dequantize().float()
     for M, path in ((1, "gemv"), (32, "mm"), (64, "dequant")):
@@ -61,7 +61,7 @@ def test_qlinear_cuda_uses_packed_kernel_and_matches_reference():
     from lowbit.ops.schema import qlinear
 
     fmt = IntAffine(bits=4, group_size=128)
-    q = fmt.quantize(torch.randn(256, 1024, device="cuda"))
+    q = fmt.quantize(torch.randn(256, 1024)).to("cuda")
     data = [q[n] for n in fmt.tensor_names()]
     x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
     y = qlinear(x, data, fmt.spec(), [256, 1024], None)
