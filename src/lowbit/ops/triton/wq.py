@@ -310,6 +310,8 @@ def mm(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Ten
     M, K = x2.shape
     N = pw.out_features
     cfg = cfg or mm_config(M, N, K, pw.group_size, _sms(x2.device))
+    if pw.bits == 3 and cfg["num_stages"] > 2:  # the two-plane re-read tiles need more shared memory per stage
+        cfg = dict(cfg, num_stages=2)
     if cfg["split"] > 1:
         out = torch.zeros((M, N), device=x2.device, dtype=torch.float32)
     else:
