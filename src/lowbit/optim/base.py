@@ -131,7 +131,7 @@ class QuantStateOptimizer(torch.optim.Optimizer):
     def _options(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[int, int]:
         opts = {k: group[k] for k in _OPTION_KEYS}
         opts.update(state.get("options", {}))
-        bits = 32 if param.numel() < opts["min_8bit_size"] else opts["optim_bits"]
+        bits = 32 if param.numel() < max(1, opts["min_8bit_size"]) else opts["optim_bits"]
         return bits, opts["block_size"]
 
     # -- state layout ----------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ with 4-bit States" (Li et al., arXiv 2309.01507) as torchao implements it: a 4-b
 moment, and for the second moment a linear map without zero, because a second moment rounded to zero turns
 the Adam denominator into ``eps`` and the update explodes (the "zero-point problem" of that paper).
 
+The block-wise absmax math itself is the project's one primitive, :mod:`lowbit.formats.blockwise`; this
+module adds the optimizer's codes, the uint8 / packed 4-bit storage and the checks.
+
 Rounding is to the nearest code value. Every code above that holds negative values also holds 0, so nearest
 rounding never flips the sign of a state entry; bitsandbytes' CUDA kernel needs an explicit sign fix only
 because its binary search can land on the neighbour across zero.
@@ -29,10 +32,8 @@ from functools import lru_cache
 
 import torch
 
-try:  # one builder for the whole project; this fallback goes away once the shared one lands
-    from lowbit.formats.dynamic_map import create_dynamic_map
-except ImportError:  # pragma: no cover - depends on which helper's work has landed
-    from lowbit.optim._dynamic_map import create_dynamic_map
+from lowbit.formats import blockwise as absmax_blockwise
+from lowbit.formats.dynamic_map import create_dynamic_map
 
 __all__ = ["BLOCK_SIZES", "STATE_BITS", "dequantize_blockwise", "quantize_blockwise", "state_codebook",
            "quantized_nbytes"]
@@ -73,15 +74,6 @@ def state_codebook(bits: int, signed: bool, device: torch.device | str | None = 
     return code if device is None else code.to(device)
 
 
-def _pad_blocks(flat: torch.Tensor, block_size: int) -> torch.Tensor:
-    n = flat.numel()
-    n_blocks = max(1, math.ceil(n / block_size))
-    pad = n_blocks * block_size - n
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    return flat.view(n_blocks, block_size)
-
-
 def quantized_nbytes(numel: int, bits: int, block_size: int) -> int:
     """Bytes of ``qdata`` plus ``absmax`` for a state of ``numel`` elements."""
     _check(bits, block_size)
@@ -107,12 +99,8 @@ def quantize_blockwise(x: torch.Tensor, codebook: torch.Tensor, block_size: int 
     if codebook.numel() != 2**bits:
         raise ValueError(f"codebook has {codebook.numel()} entries; bits={bits} needs {2**bits}")
     n = x.numel()
-    blocks = _pad_blocks(x.detach().reshape(-1).float(), block_size)
-    absmax = blocks.abs().amax(dim=1)
-    # An all-zero block keeps absmax 0; dividing by a tiny floor maps it to the code's value nearest 0.
-    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    midpoints = (codebook[1:] + codebook[:-1]) * 0.5
-    idx = torch.bucketize(scaled, midpoints, out_int32=True).view(-1)[:n].to(torch.uint8)
+    index, absmax = absmax_blockwise.quantize_blockwise(x.detach(), codebook, block_size)
+    idx = index.to(torch.uint8)
     if bits == 4:
         if n % 2:
             idx = torch.nn.functional.pad(idx, (0, 1))
@@ -148,5 +136,4 @@ def dequantize_blockwise(qdata: torch.Tensor, absmax: torch.Tensor, codebook: to
     n_blocks = max(1, math.ceil(n / block_size))
     if absmax.numel() != n_blocks:
         raise ValueError(f"absmax has {absmax.numel()} blocks; {n} elements at block_size={block_size} need {n_blocks}")
-    values = _pad_blocks(codebook.take(idx.long()), block_size) * absmax.view(-1, 1)
-    return values.view(-1)[:n].view(shape)
+    return absmax_blockwise.dequantize_blockwise(idx, absmax, codebook, block_size, n).view(shape)
