@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lowbit.formats.affine import IntAffine
-from lowbit.methods.loftq.api import LoftQConfig, apply_loftq, loftq_layer
+from lowbit.formats.codebook import Codebook
+from lowbit.methods.loftq.api import LoftQConfig, apply_loftq, default_format, loftq_layer
 from lowbit.methods.loftq.core import loftq, low_rank
 from lowbit.nn.lora import LoRALinear, lora_layers
 from lowbit.train.toy import tiny_llama
@@ -35,10 +36,10 @@ def _err(W, res, s):
     return float(torch.linalg.norm(W - res.qweight.dequantize().float() - s * res.B @ res.A))
 
 
-@pytest.mark.parametrize("name,bits", [(REAL[0], 4), (REAL[1], 2)])
-def test_layer_error_below_plain_quantization_and_falls_with_T_and_r(name, bits):
+@pytest.mark.parametrize("name,fmt", [(REAL[0], default_format(4)), (REAL[1], IntAffine(bits=2, group_size=64)),
+                                      (REAL[0], IntAffine(bits=3, group_size=64))], ids=["nf4", "int2", "int3"])
+def test_layer_error_below_plain_quantization_and_falls_with_T_and_r(name, fmt):
     W = _minilm_weight(name)
-    fmt = IntAffine(bits=bits, group_size=64)
     plain = float(torch.linalg.norm(W - fmt.fake_quantize(W)))
     errs = {}
     for r in (8, 32):
@@ -92,6 +93,8 @@ def test_bad_options_are_named():
         loftq(torch.randn(4, 4), fmt.fake_quantize, r=9, T=1)
     with pytest.raises(ValueError, match="bits=5"):
         LoftQConfig.for_bits(5)
+    nf4 = LoftQConfig.for_bits(4, rank=8).format
+    assert isinstance(nf4, Codebook) and nf4.name == "nf4" and not nf4.double_quant
 
 
 def _logit_mse(a, b, ids):

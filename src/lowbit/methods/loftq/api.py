@@ -32,22 +32,17 @@ log = logging.getLogger(__name__)
 
 
 def default_format(bits: int, group_size: int | None = None) -> Format:
-    """LoftQ's default quantizer at ``bits``: NF-k block-wise (block 64, no double quantization, as LoftQ
-    backbones are loaded) when the codebook format provides it, else IntAffine (group 64) — logged."""
-    block = group_size or 64
-    try:
-        from lowbit.formats.codebook import Codebook  # noqa: PLC0415
-
-        nf = getattr(Codebook, "nf", None)
-        if nf is not None and bits in (2, 3, 4):
-            return nf(bits, block_size=block, double_quant=False)
-    except ImportError:
-        pass
+    """LoftQ's default quantizer at ``bits``: NF4 block-wise (block 64, no double quantization, as LoftQ
+    backbones are loaded) at 4 bits; IntAffine (asymmetric, group 64) at 2/3 bits (lowbit has no NF2/NF3
+    storage format); symmetric per-channel int8 at 8 bits."""
     from lowbit.formats.affine import IntAffine
+    from lowbit.formats.codebook import Codebook
 
-    if bits != 8:
-        log.info("LoftQ: NF%d codebook unavailable, using IntAffine(bits=%d, group_size=%d)", bits, bits, block)
-    return IntAffine(bits=bits, group_size=block, symmetric=bits == 8)
+    if bits == 4:
+        return Codebook("nf4", block_size=group_size or 64, double_quant=False)
+    if bits == 8:
+        return IntAffine(bits=8, group_size=group_size, symmetric=True)
+    return IntAffine(bits=bits, group_size=group_size or 64)
 
 
 @dataclass(frozen=True)
