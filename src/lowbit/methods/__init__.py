@@ -13,7 +13,10 @@ from lowbit.methods import fp8 as _fp8  # noqa: E402,F401
 from lowbit.methods import gptq as _gptq  # noqa: E402,F401
 from lowbit.methods import hqq as _hqq  # noqa: E402,F401
 from lowbit.methods import llm_int8 as _llm_int8  # noqa: E402,F401
+from lowbit.methods import loftq as _loftq  # noqa: E402,F401
 from lowbit.methods import nf4 as _nf4  # noqa: E402,F401
+from lowbit.methods import peqa as _peqa  # noqa: E402,F401
+from lowbit.methods import qa_lora as _qa_lora  # noqa: E402,F401
 from lowbit.methods import rtn as _rtn  # noqa: E402,F401
 from lowbit.methods import smoothquant as _smoothquant  # noqa: E402,F401
 from lowbit.methods import zeroquant_fp as _zeroquant_fp  # noqa: E402,F401
