@@ -95,7 +95,7 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, fake_quant: Callable[[torch.Te
     Wf, Xf = W.to(torch.float32), X.to(torch.float32)
     Xg = torch.nn.functional.pad(Xf, (0, pad)).view(-1, ng, g)
     amax = torch.nn.functional.pad(Wf.abs(), (0, pad)).view(C_o, ng, g).amax(dim=2)
-    best_err = torch.full((C_o, ng), float("inf"))
+    best_err = torch.full((C_o, ng), float("inf"), device=W.device)
     best = amax.clone()
     for i in range(max(1, int(max_shrink * n_grid))):
         mv = amax * (1 - i / n_grid)
