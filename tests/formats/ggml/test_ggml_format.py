@@ -81,3 +81,42 @@ def test_rtn_and_quantlinear_run_a_ggml_format():
     Wq = dequantize_raw(quantize_raw(W, "Q4_K"), "Q4_K", tuple(W.shape))
     torch.testing.assert_close(m(x), torch.nn.functional.linear(x, Wq, m[0].bias), rtol=1e-5, atol=1e-5)
     assert isinstance(Q4_K(), Format)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
+def test_given_parameters_round_to_nearest_and_fit_gptq(name):
+    """Block types with one scale (and min) per 32 weights accept method-chosen parameters (GPTQ's fit/round);
+    with the reference's own parameters the result is within one level of the reference's bytes."""
+    from lowbit.methods.gptq.api import GPTQConfig
+
+    fmt = ggml_format(name)
+    torch.manual_seed(0)
+    W = torch.randn(32, 128)
+    assert fmt.params(W) == {}  # RTN's choice for a whole matrix: the reference quantizer itself
+    slices = [fmt.params(W[:, j:j + 32]) for j in range(0, 128, 32)]
+    p = {k: torch.cat([s[k] for s in slices], dim=1) for k in slices[0]}
+    assert p["scale"].shape == (32, 4) and fmt.group_size == 32
+    q = fmt.quantize(W, **p)
+    ref = dequantize_raw(quantize_raw(W, name), name, (32, 128))
+    step = p["scale"].repeat_interleave(32, dim=1).abs()
+    assert bool(((q.dequantize() - ref).abs() <= step * 1.0001).all())
+    # rounding to nearest under given parameters: error at most half a step (inside the grid)
+    assert bool(((q.dequantize() - W).abs() <= step * 0.5 + 1e-6)[:, :].float().mean() > 0.99)
+    col = fmt.fake_quantize(W[:, 5:6], **{k: v[:, :1] for k, v in p.items()})
+    torch.testing.assert_close(col, q.dequantize()[:, 5:6], rtol=0, atol=0)
+    X = torch.randn(512, 128) * torch.linspace(0.1, 3, 128)
+    H = 2 * X.T @ X / 512
+    g = GPTQConfig(format=fmt).quantize_weight(W, {"hessian": H})
+    err = lambda Q: float(((X @ (Q - W).T) ** 2).sum())  # noqa: E731
+    assert err(g.dequantize()) <= err(fmt.quantize(W).dequantize())
+    assert g["qdata"].dtype == torch.uint8 and g["qdata"].shape == quantize_raw(W, name).shape
+
+
+def test_types_without_block_parameters_refuse_gptq():
+    from lowbit.methods.gptq.api import GPTQConfig
+
+    assert Q4_K().params(torch.randn(4, 32)) == {} and Q4_K().group_size is None
+    with pytest.raises(ValueError):
+        GPTQConfig(format=Q4_K()).quantize_weight(torch.randn(4, 256), {"hessian": torch.eye(256)})
+    with pytest.raises(ValueError, match="unknown Q4_K parameter"):
+        Q4_K().quantize(torch.randn(4, 256), scale=torch.ones(4, 1))

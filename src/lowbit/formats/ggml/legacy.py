@@ -157,3 +157,61 @@ def dequantize_q5_1(b: np.ndarray) -> np.ndarray:
 def dequantize_q8_0(b: np.ndarray) -> np.ndarray:
     d = f16_from_bytes(b[:, 0:2])
     return np.ascontiguousarray(b[:, 2:34]).view(np.int8).astype(F32) * d[:, None]
+
+
+# ---------------------------------------------------------------------------------------------- given parameters
+#: types whose blocks are one f16 scale (and an f16 min) per 32 weights: (first level, last level, offset, asym)
+PARAM_TYPES = {"Q4_0": (0, 15, 8, False), "Q5_0": (0, 31, 16, False), "Q8_0": (-128, 127, 0, False),
+               "Q4_1": (0, 15, 0, True), "Q5_1": (0, 31, 0, True)}
+
+
+def reference_params(name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The (f16-exact) scale and min the reference quantizer picks per 32-block of ``x (R, n)``: ``(R, n/32)``."""
+    blocks = {"Q4_0": quantize_q4_0, "Q5_0": quantize_q5_0, "Q8_0": quantize_q8_0, "Q4_1": quantize_q4_1,
+              "Q5_1": quantize_q5_1}[name](x, None)
+    d = f16_from_bytes(blocks[..., 0:2])
+    m = f16_from_bytes(blocks[..., 2:4]) if PARAM_TYPES[name][3] else None
+    return d, m
+
+
+def levels_with_params(name: str, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+    """Nearest stored level of each ``x (R, n)`` under given per-block ``d``/``m`` ``(R, n/32)`` (or ``(R, 1)``
+    broadcast over all columns)."""
+    lo, hi, off, asym = PARAM_TYPES[name]
+    R, n = x.shape
+    rep = 1 if d.shape[1] == 1 else QK
+    dd = np.repeat(d, rep, axis=1)[:, :n] if rep > 1 else np.broadcast_to(d, x.shape)
+    v = x - (np.repeat(m, rep, axis=1)[:, :n] if rep > 1 else m) if asym else x
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(dd != 0, np.rint(v / np.where(dd != 0, dd, F32(1))), F32(0))
+    return np.clip(q + off, lo, hi).astype(np.int32)
+
+
+def value_of_levels(name: str, L: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+    """Dequantized value of levels ``L`` under ``d``/``m`` (same broadcasting as :func:`levels_with_params`)."""
+    lo, hi, off, asym = PARAM_TYPES[name]
+    n = L.shape[1]
+    rep = 1 if d.shape[1] == 1 else QK
+    dd = np.repeat(d, rep, axis=1)[:, :n] if rep > 1 else d
+    val = dd * (L - off).astype(F32)
+    if asym:
+        val = val + (np.repeat(m, rep, axis=1)[:, :n] if rep > 1 else m)
+    return val.astype(F32)
+
+
+def pack_with_params(name: str, x: np.ndarray, d: np.ndarray, m: np.ndarray | None) -> np.ndarray:
+    """Blocks ``(R, n/32, type_size)`` that store ``x`` rounded to nearest under the given scales/mins."""
+    R = x.shape[0]
+    L = levels_with_params(name, x, d, m)
+    Lb = L.reshape(-1, QK)
+    db = to_f16_bytes(d.reshape(-1))
+    if name == "Q8_0":
+        return _out(R, db, Lb.astype(np.int8).view(np.uint8))
+    if name == "Q4_0":
+        return _out(R, db, pack_nibbles(Lb))
+    if name == "Q5_0":
+        return _out(R, db, _pack_qh(Lb), pack_nibbles(Lb))
+    mb = to_f16_bytes(m.reshape(-1))  # type: ignore[union-attr]
+    if name == "Q4_1":
+        return _out(R, db, mb, pack_nibbles(Lb))
+    return _out(R, db, mb, _pack_qh(Lb), pack_nibbles(Lb))
