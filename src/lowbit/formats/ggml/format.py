@@ -135,6 +135,9 @@ class GGMLFormat(Format):
                 raise ValueError(f"a {W.shape[-1]}-column slice needs one scale per row, got {d.shape[1]}")
             v = value_of_levels(self.type_name, levels_with_params(self.type_name, x, d, m), d, m)
             return torch.from_numpy(v).to(device=W.device, dtype=W.dtype)
+        if W.dim() == 2 and W.shape[-1] % self.block_size and "scale" not in params:
+            raise ValueError(f"{self.type_name} cannot round a {W.shape[-1]}-column slice on its own (blocks of "
+                             f"{self.block_size}); fit-then-round methods (GPTQ) work with {sorted(PARAM_TYPES)}")
         return self.quantize(W, **params).dequantize()
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
