@@ -48,10 +48,11 @@ def _qlinear_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
 
 def _qlinear_backward(ctx, grad):  # type: ignore[no-untyped-def]
     # The quantized weight is frozen: only the input (and a bias) get gradients, as in QLoRA.
-    W = dequantize(list(ctx.saved_tensors), ctx.spec, ctx.shape, grad.dtype)
+    saved = list(ctx.saved_tensors)  # read once: activation checkpointing allows a single unpack
+    W = dequantize(saved, ctx.spec, ctx.shape, grad.dtype)
     grad_x = grad @ W
     grad_b = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, [None] * len(ctx.saved_tensors), None, None, grad_b  # one None per stored tensor (data is a list)
+    return grad_x, [None] * len(saved), None, None, grad_b  # one None per stored tensor (data is a list)
 
 
 qlinear.register_autograd(_qlinear_backward, setup_context=_qlinear_setup)
