@@ -24,7 +24,7 @@ def test_nf4_and_fp4_tables():
     assert fp4[:8].tolist() == [0, 0.0625, 8, 12, 4, 6, 2, 3]
     assert torch.equal(fp4[8:], -fp4[:8])
     with pytest.raises(ValueError, match="nf4"):
-        code_table("nf3")
+        code_table("nf5")
 
 
 def test_nearest_code_matches_float64_argmin():
@@ -37,7 +37,7 @@ def test_nearest_code_matches_float64_argmin():
         assert torch.allclose(d[torch.arange(x.numel()), idx], best, rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["nf4", "fp4"])
+@pytest.mark.parametrize("name", ["nf4", "fp4", "nf3", "nf2"])
 @pytest.mark.parametrize("shape,block", [((64, 200), 64), ((33, 77), 64), ((7, 576), 128), ((3, 5), 64)])
 def test_blockwise_absmax_against_float64_reference(name, shape, block):
     W = _w(shape, seed=shape[1])
@@ -54,10 +54,27 @@ def test_blockwise_absmax_against_float64_reference(name, shape, block):
         idx = (blk[:, None] / a - code[None, :]).abs().argmin(1)
         ref[b:b + block] = code[idx] * a
     torch.testing.assert_close(q.dequantize().reshape(-1).double(), ref, rtol=1e-6, atol=1e-7)
+    assert q["qdata"].shape == ((n * fmt.bits + 7) // 8,)
+    if fmt.bits != 4:
+        return
     # bnb packing: two codes per byte, first in the high nibble; odd counts get one pad nibble
-    assert q["qdata"].shape == ((n + 1) // 2,)
     assert bool((q["qdata"] >> 4 == nearest_code(flat[0::2].float() / q["absmax"][torch.arange(0, n, 2) // block],
                                                   code_table(name))).all())
+
+
+def test_nf_k_codebooks():
+    for bits in (2, 3, 4):
+        fmt = Codebook.nf(bits, block_size=64)
+        assert fmt == Codebook(f"nf{bits}", 64, False) and fmt.bits == bits
+        v = code_table(fmt.name)
+        assert v.shape == (2 ** bits,) and v[0] == -1 and v[-1] == 1 and (v == 0).sum() == 1
+    assert torch.equal(code_table("nf4"), torch.tensor(NF4_CODE))
+    with pytest.raises(ValueError, match="2, 3, 4"):
+        Codebook.nf(5)
+    # more bits, smaller error on normal weights
+    W = _w((64, 256), seed=12)
+    errs = [(Codebook.nf(b).fake_quantize(W) - W).abs().mean().item() for b in (2, 3, 4)]
+    assert errs[0] > errs[1] > errs[2]
 
 
 def test_double_quant_reconstructs_absmax_within_one_percent():
@@ -95,7 +112,7 @@ def test_given_absmax_is_used():
         fmt.quantize(W, scale=a)
 
 
-@pytest.mark.parametrize("kwargs,match", [({"name": "nf3"}, "nf4"), ({"block_size": 0}, "block_size"),
+@pytest.mark.parametrize("kwargs,match", [({"name": "nf5"}, "nf4"), ({"block_size": 0}, "block_size"),
                                           ({"double_block_size": -1}, "double_block_size")])
 def test_codebook_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -3,8 +3,9 @@
 :class:`Codebook` — QLoRA's 4-bit storage (Dettmers et al., arXiv 2305.14314), byte-compatible with
 ``bitsandbytes.functional.quantize_4bit``:
 
-- ``qdata``: ``uint8 (ceil(numel/2),)``, the 4-bit indices of the row-major flattened weight, two per byte,
-  first element in the high nibble (an odd count is padded with the code of 0.0, as bitsandbytes does).
+- ``qdata``: ``uint8 (ceil(numel·bits/8),)``, the indices of the row-major flattened weight; for 4 bits two
+  per byte, first element in the high nibble (an odd count is padded with the code of 0.0, as bitsandbytes
+  does); NF2/NF3 codes are packed densely (MSB first).
 - without double quantization: ``absmax`` float32 ``(n_blocks,)``, one per ``block_size`` consecutive elements.
 - with double quantization: ``absmax`` uint8 ``(n_blocks,)``, indices into the signed 8-bit dynamic map
   (:func:`lowbit.formats.dynamic_map.create_dynamic_map`) of ``absmax - absmax_offset`` in blocks of
@@ -28,7 +29,7 @@ from lowbit.formats.bitpack import pack, packed_len, unpack
 from lowbit.formats.blockwise import dequantize_blockwise, nearest_code, quantize_blockwise
 from lowbit.formats.dynamic_map import create_dynamic_map
 
-__all__ = ["Codebook", "RowCodebook", "NF4_CODE", "FP4_CODE", "code_table"]
+__all__ = ["Codebook", "RowCodebook", "NF4_CODE", "FP4_CODE", "code_table", "normal_float_values"]
 
 # The 16 NF4 values of bitsandbytes (create_normal_map(offset=0.9677083, use_extra_value=True)): quantiles of
 # N(0, 1), 7 negative, an exact zero and 8 positive, normalized to [-1, 1]. Index = position (sorted).
@@ -43,13 +44,37 @@ NF4_CODE = (
 _FP4_MAGNITUDES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
 FP4_CODE = tuple(m / 12.0 for m in _FP4_MAGNITUDES) + tuple(-m / 12.0 for m in _FP4_MAGNITUDES)
 _CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+_NAMES = ("nf2", "nf3", "nf4", "fp4")
+QLORA_OFFSET = 0.9677083
+
+
+def normal_float_values(bits: int = 4, offset: float = QLORA_OFFSET) -> torch.Tensor:
+    """NF-k values: quantiles of N(0, 1) normalized to [-1, 1] (QLoRA eq. 4, arXiv 2305.14314).
+
+    bitsandbytes' asymmetric split: ``2^(k-1)`` positive quantiles ``Φ⁻¹(linspace(δ, 1/2, 2^(k-1)+1)[:-1])``,
+    ``2^(k-1) - 1`` negative ones and an exact zero, ``δ = 0.9677083``. Probabilities on a float32 grid (as
+    bitsandbytes and LoftQ build them), quantiles in float64 (``torch.special.ndtri``), table in float32. At
+    ``bits=4`` this reproduces the 16 values bitsandbytes hard-codes.
+
+    Returns:
+        float32 ``(2^bits,)``, sorted ascending.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
+    half = 2 ** (bits - 1)
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, half + 1)[:-1].double())
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, half)[:-1].double())
+    v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).float().sort().values
+    return v / v.max()
 
 
 def code_table(name: str) -> torch.Tensor:
-    """The 16-entry float32 code of ``"nf4"`` or ``"fp4"`` (indexed by the stored 4-bit value)."""
-    if name not in _CODES:
-        raise ValueError(f"unknown 4-bit code {name!r}; valid choices: {sorted(_CODES)}")
-    return torch.tensor(_CODES[name], dtype=torch.float32)
+    """The float32 code of ``"nf2"``, ``"nf3"``, ``"nf4"`` or ``"fp4"`` (indexed by the stored value)."""
+    if name in _CODES:
+        return torch.tensor(_CODES[name], dtype=torch.float32)
+    if name in _NAMES:
+        return normal_float_values(int(name[2:]))
+    raise ValueError(f"unknown code {name!r}; valid choices: {list(_NAMES)}")
 
 
 def _check_positive_int(name: str, v: object) -> None:
@@ -59,10 +84,13 @@ def _check_positive_int(name: str, v: object) -> None:
 
 @dataclass(frozen=True)
 class Codebook(Format):
-    """NF4 / FP4 with block-wise absmax scaling and optional double quantization (QLoRA).
+    """NF4 / FP4 (and NF2 / NF3) with block-wise absmax scaling and optional double quantization (QLoRA).
+
+    ``nf2``/``nf3`` (LoftQ's NF-k quantizer) pack their codes densely with :mod:`lowbit.formats.bitpack`
+    (MSB first), which for 4 bits is bitsandbytes' nibble order.
 
     Args:
-        name: ``"nf4"`` or ``"fp4"`` (bitsandbytes' tables).
+        name: ``"nf4"`` or ``"fp4"`` (bitsandbytes' tables), ``"nf2"`` or ``"nf3"``.
         block_size: weights per absmax block, over the row-major flattened weight (bnb: 64).
         double_quant: quantize the absmax to 8 bits (bnb's ``compress_statistics``).
         double_block_size: absmax values per second-level block (bnb: 256).
@@ -76,14 +104,22 @@ class Codebook(Format):
     double_block_size: int = 256
 
     def __post_init__(self) -> None:
-        if self.name not in _CODES:
-            raise ValueError(f"unknown Codebook name {self.name!r}; valid choices: {sorted(_CODES)}")
+        if self.name not in _NAMES:
+            raise ValueError(f"unknown Codebook name {self.name!r}; valid choices: {list(_NAMES)}")
         _check_positive_int("block_size", self.block_size)
         _check_positive_int("double_block_size", self.double_block_size)
 
+    @classmethod
+    def nf(cls, bits: int, block_size: int = 64, double_quant: bool = False,
+           double_block_size: int = 256) -> "Codebook":
+        """NF-``bits`` codebook format (2, 3 or 4 bits)."""
+        if bits not in (2, 3, 4):
+            raise ValueError(f"NF codebooks exist for bits 2, 3, 4; got {bits!r}")
+        return cls(f"nf{bits}", block_size, double_quant, double_block_size)
+
     @property
     def bits(self) -> int:
-        return 4
+        return 3 if self.name == "nf3" else 2 if self.name == "nf2" else 4
 
     @property
     def code(self) -> torch.Tensor:
@@ -140,22 +176,23 @@ class Codebook(Format):
         if absmax.shape != (nb,) or not bool(torch.isfinite(absmax).all()) or bool((absmax < 0).any()):
             raise ValueError(f"absmax must be finite, non-negative, shape ({nb},); got shape {tuple(absmax.shape)}")
         idx = self._codes(W, absmax).to(torch.uint8)
-        if idx.numel() % 2:
+        if self.bits == 4 and idx.numel() % 2:
             # bitsandbytes pads the scaled values with 0.0 before rounding: the pad nibble is the code of 0.
             idx = torch.cat([idx, nearest_code(torch.zeros(1), self.code).to(torch.uint8)])
-        qdata = pack(idx.unsqueeze(0), 4).reshape(-1)
+        qdata = pack(idx.unsqueeze(0), self.bits).reshape(-1)
         return QuantizedTensor(self, tuple(W.shape), W.dtype, {"qdata": qdata, **self._store_absmax(absmax)})
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         numel = q.numel
-        idx = unpack(q["qdata"].unsqueeze(0), 4, numel).reshape(-1)
+        n_codes = numel + (numel % 2 if self.bits == 4 else 0)
+        idx = unpack(q["qdata"].unsqueeze(0), self.bits, n_codes).reshape(-1)[:numel]
         W = dequantize_blockwise(idx, self.absmax(q), self.code, self.block_size, numel)
         return W.reshape(q.shape).to(q.dtype)
 
     def bits_per_weight_formula(self, shape: tuple[int, int]) -> float:
         numel = shape[0] * shape[1]
         nb = self.n_blocks(numel)
-        bits = 8 * ((numel + 1) // 2)
+        bits = 8 * packed_len(numel, self.bits)
         if self.double_quant:
             bits += 8 * nb + 32 * (-(-nb // self.double_block_size)) + 32
         else:
@@ -165,7 +202,7 @@ class Codebook(Format):
     @classmethod
     def examples(cls) -> list["Format"]:
         return [cls("nf4", 64, True), cls("nf4", 64, False), cls("fp4", 64, True), cls("fp4", 128, False),
-                cls("nf4", 32, True, 16)]
+                cls("nf4", 32, True, 16), cls("nf2", 64, False), cls("nf3", 64, True)]
 
 
 @dataclass(frozen=True)

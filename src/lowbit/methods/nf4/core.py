@@ -8,32 +8,15 @@ Symbols:
     B, B₂:   block sizes of the weights (64) and of the absmax constants under double quantization (256).
     c₂:      first-level absmax constants; with double quantization stored as 8-bit codes of c₂ - mean(c₂).
 
-The stored format itself (packing, absmax, double quantization) is :class:`lowbit.formats.codebook.Codebook`.
+The stored format itself (packing, absmax, double quantization) is :class:`lowbit.formats.codebook.Codebook`;
+the NF-k table builder :func:`normal_float_values` lives beside it (formats may not import methods).
 """
 
 from __future__ import annotations
 
-import torch
+from lowbit.formats.codebook import QLORA_OFFSET, normal_float_values
 
-__all__ = ["normal_float_values", "constants_bits_per_weight"]
-
-QLORA_OFFSET = 0.9677083
-
-
-def normal_float_values(bits: int = 4, offset: float = QLORA_OFFSET) -> torch.Tensor:
-    """NF-k values (eq. 4, with bitsandbytes' asymmetric split: one more positive value and an exact zero).
-
-    Computed in float64 with ``torch.special.ndtri`` (Φ⁻¹); returns float32 ``(2^bits,)`` sorted. At
-    ``bits=4`` this reproduces the 16 values bitsandbytes hard-codes to float32 rounding.
-    """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an int in 2..8, got {bits!r}")
-    half = 2 ** (bits - 1)
-    # Probabilities on a float32 grid (as bitsandbytes builds them), quantiles in float64, table in float32.
-    pos = torch.special.ndtri(torch.linspace(offset, 0.5, half + 1)[:-1].double())
-    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, half)[:-1].double())
-    v = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).float().sort().values
-    return v / v.max()
+__all__ = ["normal_float_values", "constants_bits_per_weight", "QLORA_OFFSET"]
 
 
 def constants_bits_per_weight(block_size: int = 64, double_quant: bool = True, double_block_size: int = 256) -> float:
