@@ -9,40 +9,11 @@ columns), so the int8 codes and the int32 product are bit-exact against the refe
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
-# The interpreter (TRITON_INTERPRET=1, used to check kernels on a CPU) lacks libdevice; it computes in
-# IEEE numpy, where plain operators are already correctly rounded.
-_INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
-@triton.jit
-def _div_rn(a, b):
-    if _INTERP:
-        return a / b
-    else:
-        return libdevice.div_rn(a, b)
-
-
-@triton.jit
-def _sqrt_rn(a):
-    if _INTERP:
-        return tl.sqrt(a)
-    else:
-        return libdevice.sqrt_rn(a)
-
-
-@triton.jit
-def _rint(a):
-    if _INTERP:
-        return tl.floor(a + 0.5)  # ties are measure-zero on random data; the GPU path rounds half to even
-    else:
-        return libdevice.rint(a)
+from lowbit.ops.triton._libm import _div_rn, _rint
 
 
 @triton.jit
