@@ -115,6 +115,11 @@ def main() -> None:
         calib = calibration_tokens(tok, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0)
     tokens, calib = tokens.to(dev), calib.to(dev)
     ev = Evaluator(base, tokens, ctx_len=args.ctx_len)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"note": DEFAULT_MODEL_NOTE, "eval_tokens": int(tokens.numel()), "ctx_len": args.ctx_len,
+            "calibration": list(calib.shape), "torch": torch.__version__, "smoothquant_alpha": args.sq_alpha,
+            "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
     rows = [{"run": "unquantized", "method": "-", **ev.evaluate(base), "seconds": 0.0}]
     print(rows[0], flush=True)
     keys = [k for k in args.only.split(",") if k] or list(RUNS)
@@ -125,19 +130,16 @@ def main() -> None:
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         quantize_(model, cfg, calibration=calib if cfg.stats else None)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         row = {"run": key, "method": cfg.describe(), **ev.evaluate(model), "seconds": round(dt, 1)}
         rows.append(row)
         print(row, flush=True)
         del model
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"note": DEFAULT_MODEL_NOTE, "eval_tokens": int(tokens.numel()), "ctx_len": args.ctx_len,
-            "calibration": list(calib.shape), "torch": torch.__version__,
-            "smoothquant_alpha": args.sq_alpha,
-            "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(render(rows, meta))
+        # written after every run, so a run cut short keeps what it measured
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        out.with_suffix(".md").write_text(render(rows, meta))
     print(render(rows, meta))
 
 
