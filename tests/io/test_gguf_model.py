@@ -177,6 +177,11 @@ def test_tiny_untied_llama_roundtrip(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
     assert tok("abc").input_ids == [31, 2] and tok("cba").input_ids == [2, 1, 0]
+    model16, _ = load_gguf_model(path, dtype=torch.bfloat16)
+    assert {p.dtype for p in model16.parameters()} == {torch.bfloat16}
+    assert model16.model.rotary_emb.inv_freq.dtype == torch.float32  # RoPE frequencies stay fp32
+    with torch.no_grad():
+        torch.testing.assert_close(model16(ids).logits.float(), ref(ids).logits, rtol=0, atol=0.05)
 
 
 def test_unsupported_architecture_names_supported(tmp_path: Path) -> None:

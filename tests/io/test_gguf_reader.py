@@ -156,7 +156,8 @@ def _kv_u32(key: str, value: int) -> bytes:
 
 
 def _tensor_info(name: str, ne: list[int], type_id: int, offset: int) -> bytes:
-    return _s(name) + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}q", *ne) + struct.pack("<iQ", type_id, offset)
+    dims = struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}q", *ne)
+    return _s(name) + dims + struct.pack("<iQ", type_id, offset)
 
 
 def _build(kvs: list[bytes], infos: list[bytes], data: bytes = b"", version: int = 3,

@@ -121,7 +121,7 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     if not isinstance(text, str) or not text:
         raise ValueError(f"text must be a non-empty str, got {type(text).__name__} of length "
                          f"{len(text) if hasattr(text, '__len__') else '?'}")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # no "longer than max" warning
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -16,7 +16,7 @@ least 2 tokens). A text shorter than one window is evaluated as a single window 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -82,13 +82,6 @@ def window_nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """Summed NLL (nats, float64 scalar) of tokens ``1..L-1`` given ``logits`` ``(L, V)`` of window ``(1, L)``."""
     target = window[0, 1:].to(logits.device)
     return F.cross_entropy(logits[:-1].float(), target, reduction="sum").double()
-
-
-def iter_windows(tokens: torch.Tensor, ctx_len: int, max_windows: int | None,
-                 drop_last: bool) -> Iterator[torch.Tensor]:
-    tokens = _check_tokens(tokens)
-    for s, e in windows(tokens, ctx_len, max_windows, drop_last):
-        yield tokens[:, s:e]
 
 
 @torch.no_grad()

@@ -189,7 +189,9 @@ def load_gguf_model(path: str | os.PathLike[str], dtype: torch.dtype = torch.flo
         tokenizer = gguf_tokenizer(g)
     finally:
         g.close()
-    model = LlamaForCausalLM(config).to(dtype)
+    model = LlamaForCausalLM(config)
+    # assign=True puts the dequantized tensors (already in ``dtype``) in place without a copy; buffers such as
+    # the rotary inv_freq keep their float32
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if config.tie_word_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
@@ -206,6 +208,9 @@ def load_gguf_model(path: str | os.PathLike[str], dtype: torch.dtype = torch.flo
                              f"{tuple(rot.inv_freq.shape)}")
         rot.inv_freq = rot.inv_freq / rope_freqs.to(rot.inv_freq.dtype)
         rot.original_inv_freq = rot.inv_freq.clone()
+    bad = sorted({str(p.dtype) for p in model.parameters() if p.dtype != dtype})
+    if bad:
+        raise ValueError(f"parameters left in {bad} after loading, expected {dtype}")
     model.eval()
     if tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -296,8 +301,8 @@ def _byte_level_bpe(g: GGUFFile, tokens: list[str]) -> Any:
 def spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
     """BPE merges implied by a SentencePiece-BPE vocabulary: a piece ``l + r`` ranks by its score.
 
-    Tokens scored ``-inf`` are excluded. Every token that splits into two in-vocabulary pieces yields those merges, ordered by the merged
-    token's score (higher first), ties by the ids of the pieces.
+    Tokens scored ``-inf`` are excluded. Every token that splits into two in-vocabulary pieces yields those
+    merges, ordered by the merged token's score (higher first), ties by the ids of the pieces.
     """
     ids = {t: i for i, t in enumerate(tokens)}
     found: list[tuple[float, int, int, str, str]] = []
