@@ -287,7 +287,8 @@ def test_4bit_and_8bit_adam_stay_near_fp32_adam():
 #   Lion lr 1e-3: 0.03748 / 8-bit 0.03602;  SGD lr 0.1 momentum 0.9: 0.02371 / 8-bit 0.02358;  initial loss 0.4626.
 @pytest.mark.parametrize("make,slack", [
     (lambda ps: lo.AdamW8bit(ps, lr=3e-3), 1.1), (lambda ps: lo.AdamW4bit(ps, lr=3e-3), 2.0),
-    (lambda ps: lo.Lion8bit(ps, lr=1e-3), 1.1), (lambda ps: lo.SGD8bit(ps, lr=0.1, momentum=0.9), 1.1),
+    pytest.param(lambda ps: lo.Lion8bit(ps, lr=1e-3), 1.1, marks=pytest.mark.slow),
+    pytest.param(lambda ps: lo.SGD8bit(ps, lr=0.1, momentum=0.9), 1.1, marks=pytest.mark.slow),
 ], ids=["adamw8", "adamw4", "lion8", "sgd8"])
 def test_quantized_state_trains_like_fp32_state(make, slack):
     def run(factory):

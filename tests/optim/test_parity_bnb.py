@@ -124,17 +124,17 @@ def test_bitsandbytes_protocol_against_fp32_torch_adam(dim2):
 def test_free_running_50_step_trajectory_against_bitsandbytes():
     """No re-sync: 50 steps from the same start.
 
-    Measured (seed 0, 1024x256): mean |p - p_bnb| 8.1e-6 at step 50 (its largest), within the 6e-5 threshold;
-    the mean relative error, 9.0e-4, exceeds bitsandbytes' 6e-4, which its test applies only to re-synced steps
-    (bitsandbytes itself, free-running against fp32 Adam, is at 1.4e-2). Both deviate from fp32 Adam equally:
-    1.2315e-4 (ours) vs 1.2319e-4 (bitsandbytes).
+    Measured (seed 0, 1024x64): mean |p - p_bnb| 9.1e-6 at step 50 (its largest), within the 6e-5 threshold;
+    the mean relative error, 6.5e-4, is just above bitsandbytes' 6e-4, which its test applies only to re-synced
+    steps (bitsandbytes itself, free-running against fp32 Adam here, is at 1.3e-2). Both deviate from fp32 Adam
+    equally: 1.2392e-4 (ours) vs 1.2409e-4 (bitsandbytes).
     """
     torch.manual_seed(0)
-    p0 = torch.randn(1024, 256) * 0.1
+    p0 = torch.randn(1024, 64) * 0.1
     p_bnb, p, p32 = (torch.nn.Parameter(p0.clone()) for _ in range(3))
     o_bnb, ours, o32 = bnb.optim.Adam8bit([p_bnb]), lo.Adam8bit([p]), torch.optim.Adam([p32], foreach=False)
     for _ in range(50):
-        g = torch.randn(1024, 256) * 0.01
+        g = torch.randn(1024, 64) * 0.01
         for q, o in ((p_bnb, o_bnb), (p, ours), (p32, o32)):
             q.grad = g.clone()
             o.step()
