@@ -9,6 +9,7 @@ import torch
 from lowbit.config import ConfigError
 from lowbit.formats.act_quant import ActQuant, fake_quantize_activation, int8_matmul, int8_matmul_reference
 from lowbit.formats.base import Format, format_from_spec
+from lowbit.formats.int8_rowwise import Int8Rowwise
 from lowbit.formats.minifloat import Minifloat, MinifloatGrid, best_exponent_bits, round_to_grid, search_maxval
 
 GRIDS = [MinifloatGrid(5, 2, "ieee"), MinifloatGrid(4, 3, "fn"), MinifloatGrid(3, 4), MinifloatGrid(2, 5),
@@ -190,3 +191,19 @@ def test_int8_matmul_equals_exact_reference() -> None:
     assert torch.equal(int8_matmul(a, b.t().contiguous().t()), exact)  # transposed weight view
     with pytest.raises(TypeError):
         int8_matmul(a.float(), b)
+
+
+@pytest.mark.parametrize("fmt", [Minifloat.preset("e4m3", act=ActQuant("e4m3", "token")),
+                                 Minifloat.preset("fp4", granularity="group", group_size=16),
+                                 Int8Rowwise(act=ActQuant("int8", "token"), threshold=6.0),
+                                 Int8Rowwise(granularity="tensor", act=ActQuant("int8", "tensor", static=True))],
+                         ids=lambda f: f.kind)
+def test_qlinear_opcheck_with_activation_quantizing_formats(fmt: Format) -> None:
+    from lowbit.ops import qlinear
+
+    g = torch.Generator().manual_seed(5)
+    params = {"act_scale": torch.tensor(0.1)} if "act_scale" in fmt.tensor_names() else {}
+    q = fmt.quantize(torch.randn(32, 48, generator=g), **params)
+    x = (torch.randn(16, 48, generator=g) * 4).requires_grad_(True)
+    data = [q[n] for n in fmt.tensor_names()]
+    torch.library.opcheck(qlinear, (x, data, fmt.spec(), [32, 48], torch.randn(32, generator=g)))
