@@ -1,6 +1,6 @@
 """The ``lowbit`` command line.
 
-Subcommands: quantize, eval, methods, inspect, demo, export-gguf, finetune. Every command that takes a model
+Subcommands: quantize, eval, methods, inspect, demo, export-gguf, export, finetune. Every command that takes a model
 accepts a transformers directory, a GGUF file or a lowbit checkpoint; omitted, the embedded default model
 (SmolLM2-135M-Instruct, whose weights its publisher already quantized to Q4_1 / Q8_0).
 """
@@ -153,6 +153,20 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowbit.loading import load_with_tokenizer
+
+    if args.format != "compressed-tensors":
+        raise ValueError(f"--format {args.format!r} is not supported; valid choices: ['compressed-tensors'] "
+                         "(GGUF: lowbit export-gguf)")
+    from lowbit.io.compressed_tensors import export_compressed_tensors
+
+    model, tok = load_with_tokenizer(args.model)
+    export_compressed_tensors(model, args.out, tokenizer=tok, overwrite=args.overwrite)
+    print(f"wrote {args.out} (compressed-tensors; loads in vLLM and transformers)")
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from lowbit.train import finetune
     from lowbit.loading import load_with_tokenizer
@@ -225,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--imatrix", default=None)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_export_gguf)
+
+    s = sub.add_parser("export", help="write a quantized checkpoint in a serving format (compressed-tensors)")
+    s.add_argument("model", help="a lowbit checkpoint (lowbit quantize --out ...)")
+    s.add_argument("--format", required=True, help="compressed-tensors")
+    s.add_argument("--out", required=True)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("finetune", help="QLoRA (and friends) fine-tuning with a loss plot")
     s.add_argument("model", nargs="?", default=None)
