@@ -117,7 +117,7 @@ def test_unpermute_inverts_convert_permute() -> None:
         unpermute_qk(torch.zeros(24, 2), 5)
 
 
-def _write_tiny_llama(path: Path, model: torch.nn.Module, arch: str = "llama") -> None:
+def _write_tiny_llama(path: Path, model: torch.nn.Module, arch: str = "llama", extra=None) -> None:
     cfg = model.config
     vocab = [chr(ord("a") + i) for i in range(cfg.vocab_size - 1)] + ["ab"]
     w = gguf.GGUFWriter(str(path), arch)
@@ -134,6 +134,8 @@ def _write_tiny_llama(path: Path, model: torch.nn.Module, arch: str = "llama") -
     w.add_array("tokenizer.ggml.merges", ["a b"])
     w.add_uint32("tokenizer.ggml.bos_token_id", 29)
     w.add_uint32("tokenizer.ggml.eos_token_id", 30)
+    for fn in extra or ():
+        fn(w)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -182,6 +184,31 @@ def test_tiny_untied_llama_roundtrip(tmp_path: Path) -> None:
     assert model16.model.rotary_emb.inv_freq.dtype == torch.float32  # RoPE frequencies stay fp32
     with torch.no_grad():
         torch.testing.assert_close(model16(ids).logits.float(), ref(ids).logits, rtol=0, atol=0.05)
+
+
+def test_rope_freqs_and_linear_rope_scaling(tmp_path: Path) -> None:
+    """Llama-3.1 files carry rope_freqs.weight (llama.cpp divides each frequency by its factor)."""
+    ref = _tiny_model()
+    half = ref.config.hidden_size // ref.config.num_attention_heads // 2
+    factors = torch.linspace(1.0, 8.0, half)
+    path = tmp_path / "freqs.gguf"
+    _write_tiny_llama(path, ref, extra=[lambda w: w.add_tensor("rope_freqs.weight", factors.numpy())])
+    model, _ = load_gguf_model(path)
+    ids = torch.randint(0, 32, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = ref(ids).logits
+        ref.model.rotary_emb.inv_freq = ref.model.rotary_emb.inv_freq / factors
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(plain, ref(ids).logits, atol=1e-3)  # the factors did change the model
+    path = tmp_path / "linear.gguf"
+    _write_tiny_llama(path, _tiny_model(), extra=[lambda w: w.add_string("llama.rope.scaling.type", "linear"),
+                                                  lambda w: w.add_float32("llama.rope.scaling.factor", 4.0)])
+    model, _ = load_gguf_model(path)
+    assert model.config.rope_parameters["rope_type"] == "linear" and model.config.rope_parameters["factor"] == 4.0
+    path = tmp_path / "yarn.gguf"
+    _write_tiny_llama(path, _tiny_model(), extra=[lambda w: w.add_string("llama.rope.scaling.type", "yarn")])
+    with pytest.raises(ValueError, match="rope scaling type 'yarn' is not supported"):
+        load_gguf_model(path)
 
 
 def test_unsupported_architecture_names_supported(tmp_path: Path) -> None:
