@@ -21,3 +21,4 @@ from lowbit.methods import rtn as _rtn  # noqa: E402,F401
 from lowbit.methods import smoothquant as _smoothquant  # noqa: E402,F401
 from lowbit.methods import zeroquant_fp as _zeroquant_fp  # noqa: E402,F401
 from lowbit.methods import spqr as _spqr  # noqa: E402,F401
+from lowbit.methods import squeezellm as _squeezellm  # noqa: E402,F401
