@@ -123,6 +123,13 @@ def test_registered_and_for_bits() -> None:
     c = GPTQConfig.for_bits(3, 128, act_order=True)
     assert c.format == IntAffine(bits=3, group_size=128) and c.act_order
     assert GPTQConfig.from_dict(c.to_dict()) == c
+    assert GPTQConfig.for_bits(4, None).format.group_size == 128  # None means the default, as the CLI passes it
+    import argparse
+
+    from lowbit.cli.options import build_method_config
+
+    cli = build_method_config("gptq", 3, 64, argparse.Namespace(opt_act_order="true", opt_static_groups="true"))
+    assert cli == GPTQConfig(format=IntAffine(bits=3, group_size=64), act_order=True, static_groups=True)
     with pytest.raises(ConfigError, match="valid choices"):
         GPTQConfig.for_bits(1)
 

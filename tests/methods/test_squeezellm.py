@@ -121,8 +121,15 @@ def test_config_registry_and_validation() -> None:
     c = SqueezeLLMConfig.for_bits(4, sparse=True)
     assert c.format == Outliers(base=RowCodebook(4)) and c.sensitive_fraction == 0.0005
     assert SqueezeLLMConfig.from_dict(c.to_dict()) == c
-    with pytest.raises(ConfigError, match="Outliers"):
-        SqueezeLLMConfig(format=RowCodebook(3), outlier_fraction=0.01)
+    assert SqueezeLLMConfig.for_bits(3).replace(outlier_fraction=0.01).format == Outliers(base=RowCodebook(3))
+    import argparse
+
+    from lowbit.cli.options import build_method_config
+
+    cli = build_method_config("squeezellm", 3, None, argparse.Namespace(opt_outlier_fraction=0.004,
+                                                                        opt_sensitive_fraction=0.0005))
+    assert cli == SqueezeLLMConfig(format=Outliers(base=RowCodebook(3)), sensitive_fraction=0.0005,
+                                   outlier_fraction=0.004)
     with pytest.raises(ConfigError, match="fraction"):
         SqueezeLLMConfig(format=Outliers(base=RowCodebook(3)), outlier_fraction=0.7)
     with pytest.raises(ConfigError, match="group"):

@@ -94,9 +94,13 @@ class GPTQConfig(MethodConfig):
 
     @classmethod
     def for_bits(cls, bits: int, group_size: int | None = 128, **options: Any) -> "GPTQConfig":
-        """GPTQ into ``IntAffine(bits, group_size)`` (asymmetric unless ``symmetric=True``)."""
+        """GPTQ into ``IntAffine(bits, group_size or 128)`` (asymmetric unless ``symmetric=True``).
+
+        For per-channel GPTQ build the config directly: ``GPTQConfig(format=IntAffine(bits, group_size=None))``.
+        """
         from lowbit.formats.affine import IntAffine
 
         cls.check_bits(bits)
+        group_size = group_size or 128
         symmetric = bool(options.pop("symmetric", False))
         return cls(format=IntAffine(bits=bits, group_size=group_size, symmetric=symmetric), **options)

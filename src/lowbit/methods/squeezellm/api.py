@@ -23,7 +23,8 @@ class SqueezeLLMConfig(MethodConfig):
     """SqueezeLLM.
 
     Attributes:
-        format: ``RowCodebook(bits)`` (dense-only) or ``Outliers(base=RowCodebook(bits))`` (dense-and-sparse).
+        format: ``RowCodebook(bits)`` (dense-only) or ``Outliers(base=RowCodebook(bits))`` (dense-and-sparse);
+            a ``RowCodebook`` given with non-zero fractions becomes ``Outliers(base=that RowCodebook)``.
         sensitive_fraction: share of weights with the largest Fisher values kept in 16 bits (paper: 0.05 %).
         outlier_fraction: share of range outliers kept in 16 bits (paper: 0.40 %; 0.45 % in total).
         max_iter: Lloyd iterations of the weighted k-means (reference: sklearn ``max_iter=50``).
@@ -51,9 +52,8 @@ class SqueezeLLMConfig(MethodConfig):
             if not isinstance(v, (int, float)) or not 0 <= v < 0.5:
                 raise ConfigError(f"{name} must be a fraction in [0, 0.5), got {v!r} (paper: 0.0005 and 0.004)")
         if dense and (self.sensitive_fraction or self.outlier_fraction):
-            raise ConfigError("sparse fractions need format=Outliers(base=RowCodebook(bits)); "
-                              f"got {fmt.kind} with sensitive_fraction={self.sensitive_fraction}, "
-                              f"outlier_fraction={self.outlier_fraction}")
+            # sparse shares asked for on a dense LUT (e.g. ``--outlier-fraction`` on the CLI): store them beside it
+            object.__setattr__(self, "format", Outliers(base=fmt))
         if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
             raise ConfigError(f"max_iter must be a positive int, got {self.max_iter!r}")
 
