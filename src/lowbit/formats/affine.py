@@ -27,7 +27,6 @@ round-to-nearest error stays within half a step of the stored scale.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +44,10 @@ def round_up_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     y = x.to(dtype)
     low = y.float() < x
     if bool(low.any()):
-        y = torch.where(low, torch.nextafter(y, torch.full_like(y, math.inf)), y)
+        # next representable value up: for non-negative floats, the bit pattern plus one (works for every
+        # float dtype on every device, unlike nextafter for half types)
+        ibits = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
+        y = torch.where(low, (y.view(ibits) + 1).view(dtype), y)
     smallest_subnormal = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
     y = torch.where(y > 0, y, torch.full_like(y, smallest_subnormal))
     if not bool(torch.isfinite(y).all()):

@@ -18,6 +18,7 @@ __all__ = ["quantize_blockwise", "dequantize_blockwise", "nearest_code"]
 
 def nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index (int64) into ``code`` of the entry nearest to each ``x`` (ties: the smaller value)."""
+    code = code.to(x.device)
     order = torch.argsort(code, stable=True)
     sorted_code = code[order]
     bounds = (sorted_code[:-1] + sorted_code[1:]) / 2
@@ -50,7 +51,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, block_size: int) -> 
 def dequantize_blockwise(index: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block_size: int,
                          numel: int) -> torch.Tensor:
     """Inverse of :func:`quantize_blockwise`: float32 ``(numel,)`` = ``code[index] · absmax[block]``."""
-    vals = code.float()[index.reshape(-1)[:numel].long()]
+    vals = code.to(index.device, torch.float32)[index.reshape(-1)[:numel].long()]
     n_blocks = absmax.numel()
     pad = n_blocks * block_size - numel
     vals = torch.nn.functional.pad(vals, (0, pad)).reshape(n_blocks, block_size) * absmax.float().unsqueeze(-1)

@@ -178,7 +178,7 @@ class Codebook(Format):
         idx = self._codes(W, absmax).to(torch.uint8)
         if self.bits == 4 and idx.numel() % 2:
             # bitsandbytes pads the scaled values with 0.0 before rounding: the pad nibble is the code of 0.
-            idx = torch.cat([idx, nearest_code(torch.zeros(1), self.code).to(torch.uint8)])
+            idx = torch.cat([idx, nearest_code(torch.zeros(1, device=idx.device), self.code).to(torch.uint8)])
         qdata = pack(idx.unsqueeze(0), self.bits).reshape(-1)
         return QuantizedTensor(self, tuple(W.shape), W.dtype, {"qdata": qdata, **self._store_absmax(absmax)})
 
