@@ -139,3 +139,16 @@ def test_dequantize_rejects_wrong_sizes():
         dequantize_blockwise(q, a, code, (301,), 256, 8)
     with pytest.raises(TypeError, match="uint8"):
         dequantize_blockwise(q.int(), a, code, (300,), 256, 8)
+
+
+def test_keep_nonzero_never_rounds_a_nonzero_to_zero():
+    code = state_codebook(8, False)
+    x = torch.tensor([1.0, 1e-9, 1e-7, 0.0, 2e-7])
+    plain, _ = quantize_blockwise(x, code, 64, 8)
+    kept, _ = quantize_blockwise(x, code, 64, 8, keep_nonzero=True)
+    assert plain.tolist()[:4] == [255, 0, 0, 0]  # nearest: tiny values collapse to 0
+    assert kept.tolist() == [255, 1, 1, 0, plain[4].item()]  # exact zero stays 0; others unchanged
+    signed = state_codebook(8, True)
+    zero = int((signed == 0).nonzero())
+    kept_s, _ = quantize_blockwise(torch.tensor([1.0, 1e-9, -1e-9, 0.0]), signed, 64, 8, keep_nonzero=True)
+    assert kept_s.tolist()[1:] == [zero + 1, zero - 1, zero]

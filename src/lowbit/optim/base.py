@@ -180,7 +180,9 @@ class QuantStateOptimizer(torch.optim.Optimizer):
                 self._pager.write_back(state[name], value, paged)
             else:
                 code = state_codebook(state["bits"], signed, value.device)
-                qdata, absmax = quantize_blockwise(value, code, state["block_size"], state["bits"])
+                # unsigned = a second moment: never stored as 0 (see blockwise's module docstring)
+                qdata, absmax = quantize_blockwise(value, code, state["block_size"], state["bits"],
+                                                   keep_nonzero=not signed)
                 self._pager.write_back(state[f"{name}.qdata"], qdata, paged)
                 self._pager.write_back(state[f"{name}.absmax"], absmax, paged)
 

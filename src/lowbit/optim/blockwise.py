@@ -20,7 +20,15 @@ the Adam denominator into ``eps`` and the update explodes (the "zero-point probl
 The block-wise absmax math itself is the project's one primitive, :mod:`lowbit.formats.blockwise`; this
 module adds the optimizer's codes, the uint8 / packed 4-bit storage and the checks.
 
-Rounding is to the nearest code value. Every code above that holds negative values also holds 0, so nearest
+Rounding is to the nearest code value, with one exception for the second moment v (``keep_nonzero``): a
+nonzero v whose nearest code is 0 is stored as the smallest nonzero code (3.25e-7 · absmax at 8 bits). With
+plain nearest rounding, a coordinate whose gradient stops (or is ~1e4x smaller than the block's largest) gets
+v = 0 while its first moment is still nonzero, and Adam's update m / (sqrt(v) + eps) jumps to ~1e4 x lr
+(measured: 4e4 x lr; the "zero-gradient blow-up" of unsloth-zoo PR #962 and reference Sec. 1.7).
+bitsandbytes' kernels never store 0 for such values either (its CPU quantizer maps values below the smallest
+codes to a small nonzero code), so this also keeps parity.
+
+Rounding otherwise is to the nearest code value. Every code above that holds negative values also holds 0, so nearest
 rounding never flips the sign of a state entry; bitsandbytes' CUDA kernel needs an explicit sign fix only
 because its binary search can land on the neighbour across zero.
 """
@@ -81,15 +89,19 @@ def quantized_nbytes(numel: int, bits: int, block_size: int) -> int:
     return qdata + 4 * max(1, math.ceil(numel / block_size))
 
 
-def quantize_blockwise(x: torch.Tensor, codebook: torch.Tensor, block_size: int = 256,
-                       bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(x: torch.Tensor, codebook: torch.Tensor, block_size: int = 256, bits: int = 8,
+                       keep_nonzero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` block-wise to indices into ``codebook`` (nearest value).
+
+    With ``keep_nonzero``, a nonzero element whose nearest code value is 0 gets the neighbouring nonzero code
+    of its sign instead (used for Adam's second moment, see the module docstring).
 
     Args:
         x: any shape, floating point, finite.
         codebook: (2**bits,) ascending float32 values in [-1, 1], on ``x``'s device.
         block_size: elements per block of the flattened tensor; the last block may be shorter.
         bits: 8 (one index per byte) or 4 (two indices per byte, first in the high nibble).
+        keep_nonzero: never round a nonzero element to a zero code.
 
     Returns:
         qdata: uint8, (numel,) at 8 bits or (ceil(numel / 2),) at 4 bits.
@@ -100,6 +112,11 @@ def quantize_blockwise(x: torch.Tensor, codebook: torch.Tensor, block_size: int 
         raise ValueError(f"codebook has {codebook.numel()} entries; bits={bits} needs {2**bits}")
     n = x.numel()
     index, absmax = absmax_blockwise.quantize_blockwise(x.detach(), codebook, block_size)
+    if keep_nonzero:
+        flat = x.detach().reshape(-1)
+        zero = (codebook[index] == 0) & (flat != 0)
+        step = torch.where(flat > 0, 1, -1)
+        index = torch.where(zero, (index + step).clamp(0, codebook.numel() - 1), index)
     idx = index.to(torch.uint8)
     if bits == 4:
         if n % 2:
