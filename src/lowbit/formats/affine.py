@@ -197,6 +197,9 @@ class IntAffine(Format):
         if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
             raise ValueError("scale must be finite and positive")
         scale = scale.to(self.scale_dtype)
+        if not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
+            raise ValueError(f"a given scale does not fit {self.scale_dtype} (underflow to 0 or overflow); "
+                             "use scale_dtype=torch.float32")
         if zero is not None:
             if zero.shape != scale.shape:
                 raise ValueError(f"zero_point must have the shape of scale {tuple(scale.shape)}, got {tuple(zero.shape)}")
