@@ -217,3 +217,25 @@ def test_fisher_diagonal_is_mean_squared_gradient() -> None:
         ref += g.square() / 3
     torch.testing.assert_close(F, ref, rtol=1e-5, atol=1e-12)
     assert w.requires_grad  # restored to its original state (parameters are trainable by default)
+
+
+def test_layer_reached_by_no_token_gets_identity_hessian(calib: torch.Tensor, caplog: pytest.LogCaptureFixture) -> None:
+    """Like an MoE expert no token is routed to: the layer is still quantized, with round-to-nearest."""
+
+    class Gate(nn.Module):
+        def __init__(self, mlp: nn.Module) -> None:
+            super().__init__()
+            self.mlp, self.unused = mlp, nn.Linear(64, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mlp(x)
+
+    model = tiny_model("llama")
+    model.model.layers[0].mlp = Gate(model.model.layers[0].mlp)
+    cfg = Recorder()
+    with caplog.at_level("WARNING"):
+        quantize_sequential(model, cfg, calib)
+    assert "mlp.unused saw no calibration tokens" in caplog.text
+    assert isinstance(model.model.layers[0].mlp.unused, QuantLinear)
+    hs = [st["hessian"] for st, W in cfg.seen.values() if st["act_absmax"].abs().sum() == 0]
+    assert len(hs) == 1 and torch.equal(hs[0], torch.eye(64))

@@ -129,7 +129,18 @@ def _collect(block: nn.Module, layers: dict[str, nn.Module], names: Sequence[str
                 run_block(block, call)
             except StopForward:
                 pass
-    return {n: s.result() for n, s in stats.items()}
+    out = {}
+    for n, s in stats.items():
+        res = s.result()
+        if s.n == 0 and "hessian" in res:
+            # a layer no calibration token reached (an MoE expert): an identity Hessian makes GPTQ-style methods
+            # round to nearest instead of zeroing every "dead" input
+            log.warning("layer %s saw no calibration tokens; using an identity Hessian (round-to-nearest). "
+                        "More or more varied calibration data avoids this.", n)
+            res["hessian"] = torch.eye(res["hessian"].shape[0], dtype=res["hessian"].dtype,
+                                       device=res["hessian"].device)
+        out[n] = res
+    return out
 
 
 def quantize_sequential(model: nn.Module, config: MethodConfig, calibration: torch.Tensor, *,
