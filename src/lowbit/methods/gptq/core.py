@@ -103,6 +103,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, fit: Callable[..., Params], round_: C
     if on_factor is not None:
         on_factor(W, U)
     u = torch.diag(U)
+    perm_list = perm.tolist()  # read per column below; a host list avoids a device sync each time
     Q = torch.zeros_like(W)
     params: Params = groups[0] if groups else {}
     for i1 in range(0, n, block_size):
@@ -112,7 +113,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, fit: Callable[..., Params], round_: C
         for i in range(i2 - i1):
             j = i1 + i
             if group_size and static_groups:
-                params = groups[int(perm[j]) // g]
+                params = groups[perm_list[j] // g]
             elif group_size and j % g == 0:
                 # the group may run past this lazy batch: apply the batch's pending updates to those columns
                 tail = W[:, i2:j + g] - E[:, :i] @ U[i1:j, i2:j + g]
