@@ -30,6 +30,7 @@ RUNS = {
     "q4_0": ("Q4_0", False, None),
     "q4_0_imatrix": ("Q4_0", True, None),
     "awq_q4_0": ("Q4_0", False, "Q4_0"),
+    "gptq_q4_0": ("Q4_0", False, "gptq:Q4_0"),
     "iq4_nl_imatrix": ("IQ4_NL", True, None),
     "awq_iq4_nl": ("IQ4_NL", False, "IQ4_NL"),
     "q3_k_m": ("Q3_K_M", False, None),
@@ -78,8 +79,15 @@ def main() -> None:
         method = f"llama-quantize mix {mix}" + (" + imatrix" if use_im else "")
         if awq is not None:
             model = copy.deepcopy(base)
-            quantize_(model, AWQConfig(format=ggml_format(awq)), calibration=calib, ignore=["lm_head"])
-            method = f"AWQ → {awq} blocks, rest of mix {mix}"
+            if awq.startswith("gptq:"):
+                from lowbit.methods.gptq.api import GPTQConfig
+
+                fmt = ggml_format(awq.split(":")[1])
+                quantize_(model, GPTQConfig(format=fmt), calibration=calib, ignore=["lm_head"])
+                method = f"GPTQ → {fmt.type_name} blocks, rest of mix {mix}"
+            else:
+                quantize_(model, AWQConfig(format=ggml_format(awq)), calibration=calib, ignore=["lm_head"])
+                method = f"AWQ → {awq} blocks, rest of mix {mix}"
         path = tmp / f"{key}.gguf"
         res = export_gguf(model, tok, path, type=mix, imatrix=imatrix if use_im else None)
         dt = time.perf_counter() - t0 + (t_im if use_im else 0.0)
@@ -92,6 +100,10 @@ def main() -> None:
         print(row, flush=True)
         path.unlink()
         del loaded
+        write(args, rows, tokens, n_params)
+
+
+def write(args, rows, tokens, n_params) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"eval_tokens": int(tokens.numel()), "ctx_len": args.ctx_len, "n_params": n_params,
@@ -101,7 +113,7 @@ def main() -> None:
         by = {r["run"]: r for r in prev["rows"]}
         by.update({r["run"]: r for r in rows})
         rows = list(by.values())
-    rows.sort(key=lambda r: -r["file_bpw"])
+    rows = sorted(rows, key=lambda r: -r["file_bpw"])
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     ref = rows[0]["reference_ppl"]
     lines = ["# GGUF exports of the default model", "",
