@@ -366,3 +366,18 @@ def test_no_blow_up_when_gradients_stop(make):
         if t >= 20:
             worst = max(worst, (p.detach() - before)[scale < 1e-3].abs().max().item())
     assert worst <= 2e-3, f"step of {worst / 1e-3:.1f} x lr on coordinates without gradient"
+
+
+def test_lr_scheduler_drives_the_step_size():
+    a, b = _params(shapes=((64, 128),)), _params(shapes=((64, 128),))
+    oa, ob = lo.SGD8bit(a, lr=0.1, momentum=0.9), lo.SGD8bit(b, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(oa, step_size=1, gamma=0.0)  # lr 0 after the first step
+    for step in range(3):
+        _grads(a, step)
+        _grads(b, step)
+        oa.step()
+        ob.step()
+        sched.step()
+        if step == 0:
+            after_first = a[0].detach().clone()
+    assert torch.equal(a[0], after_first) and not torch.equal(b[0], after_first)

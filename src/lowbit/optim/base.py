@@ -156,13 +156,13 @@ class QuantStateOptimizer(torch.optim.Optimizer):
                 state[f"{name}.qdata"] = self._pager.empty((q_len,), torch.uint8, param, paged)
                 state[f"{name}.absmax"] = self._pager.empty((max(1, n_blocks),), torch.float32, param, paged)
 
+    def _present_slots(self, state: dict[str, Any]) -> list[tuple[str, bool]]:
+        return [(n, signed) for n, signed in self.slots if n in state or f"{n}.qdata" in state]
+
     def _load(self, param: torch.Tensor, state: dict[str, Any], paged: bool) -> list[torch.Tensor]:
         """fp32 state tensors on the parameter's device, in slot order."""
-        group_slots = [name for name, _ in self.slots if name in state or f"{name}.qdata" in state]
         out = []
-        for name, signed in self.slots:
-            if name not in group_slots:
-                continue
+        for name, signed in self._present_slots(state):
             if state["bits"] == 32:
                 out.append(self._pager.fetch(state[name], param, paged))
             else:
@@ -174,8 +174,7 @@ class QuantStateOptimizer(torch.optim.Optimizer):
         return out
 
     def _store(self, param: torch.Tensor, state: dict[str, Any], values: list[torch.Tensor], paged: bool) -> None:
-        names = [(n, s) for n, s in self.slots if n in state or f"{n}.qdata" in state]
-        for (name, signed), value in zip(names, values, strict=True):
+        for (name, signed), value in zip(self._present_slots(state), values, strict=True):
             if state["bits"] == 32:
                 self._pager.write_back(state[name], value, paged)
             else:

@@ -24,13 +24,12 @@ Rounding is to the nearest code value, with one exception for the second moment 
 nonzero v whose nearest code is 0 is stored as the smallest nonzero code (3.25e-7 · absmax at 8 bits). With
 plain nearest rounding, a coordinate whose gradient stops (or is ~1e4x smaller than the block's largest) gets
 v = 0 while its first moment is still nonzero, and Adam's update m / (sqrt(v) + eps) jumps to ~1e4 x lr
-(measured: 4e4 x lr; the "zero-gradient blow-up" of unsloth-zoo PR #962 and reference Sec. 1.7).
-bitsandbytes' kernels never store 0 for such values either (its CPU quantizer maps values below the smallest
-codes to a small nonzero code), so this also keeps parity.
+(measured 3.4e4 x lr in tests/optim/test_optimizers.py; the "zero-gradient blow-up" of unsloth-zoo PR #962 and reference Sec. 1.7).
+bitsandbytes 0.50.2's CPU quantizer never stores 0 for such values either: it maps every value below its
+smaller codes, exact zeros included, to code index 7 (1.56e-5, unsigned) or 131 / 123 (+-2.12e-5, signed).
 
-Rounding otherwise is to the nearest code value. Every code above that holds negative values also holds 0, so nearest
-rounding never flips the sign of a state entry; bitsandbytes' CUDA kernel needs an explicit sign fix only
-because its binary search can land on the neighbour across zero.
+Every code above that holds negative values also holds 0, so nearest rounding never flips the sign of a
+state entry: the sign fix that bitsandbytes' CUDA kernel applies after its binary search never triggers here.
 """
 
 from __future__ import annotations
