@@ -69,9 +69,12 @@ def merge(paths: list[str], out: str) -> None:
     meta = parts[0]["meta"]
     by: dict[str, dict[str, Any]] = {}
     for part in parts:
-        if {k: v for k, v in part["meta"].items() if k != "device"} != {k: v for k, v in meta.items() if k != "device"}:
+        same = ("eval_tokens", "ctx_len", "calibration", "torch", "smoothquant_alpha")
+        if any(part["meta"].get(k) != meta.get(k) for k in same):
             raise SystemExit(f"cannot merge runs with different settings: {part['meta']} vs {meta}")
         for r in part["rows"]:
+            if r["run"] != "unquantized" and r["method"].startswith("awq"):
+                r = {**r, "method": f"{r['method']} search_samples={part['meta'].get('awq_search_samples')}"}
             by.setdefault(r["run"], r)
     rows = [by["unquantized"]] + [r for k, r in by.items() if k != "unquantized"]
     Path(out).with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -85,6 +88,8 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--calib-seq-len", type=int, default=256)
     p.add_argument("--sq-alpha", type=float, default=0.5)
+    p.add_argument("--awq-search-samples", type=int, default=None,
+                   help="calibration samples in AWQ's alpha-search loss (default: all)")
     p.add_argument("--only", default="", help="comma-separated run keys")
     p.add_argument("--merge", nargs="+", default=None, help="merge these result JSONs into --out and exit")
     p.add_argument("--model", default=None, help="GGUF file (default: the default model)")
@@ -119,6 +124,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"note": DEFAULT_MODEL_NOTE, "eval_tokens": int(tokens.numel()), "ctx_len": args.ctx_len,
             "calibration": list(calib.shape), "torch": torch.__version__, "smoothquant_alpha": args.sq_alpha,
+            "awq_search_samples": args.awq_search_samples,
             "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
     rows = [{"run": "unquantized", "method": "-", **ev.evaluate(base), "seconds": 0.0}]
     print(rows[0], flush=True)
@@ -127,6 +133,8 @@ def main() -> None:
         cfg = config_for(key)
         if cfg.kind == "smoothquant":
             cfg = cfg.replace(alpha=args.sq_alpha)
+        if cfg.kind == "awq":
+            cfg = cfg.replace(search_samples=args.awq_search_samples)
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         quantize_(model, cfg, calibration=calib if cfg.stats else None)

@@ -141,3 +141,19 @@ def test_registry_and_bad_options() -> None:
         AWQConfig.for_bits(1)
     with pytest.raises(TypeError):
         AWQConfig(format="int4")  # type: ignore[arg-type]
+
+
+def test_search_samples_cuts_the_batch_dimension_only() -> None:
+    from lowbit.methods.awq.api import _subsample
+
+    h, mask, pos = torch.randn(4, 8, 16), torch.zeros(4, 1, 8, 8), (torch.randn(4, 8, 2), torch.randn(1, 8, 2))
+    calls = [((h,), {"attention_mask": mask, "position_embeddings": pos, "x": 3})] * 2
+    out = _subsample(calls, 3)
+    assert len(out) == 1
+    (h2,), kw = out[0]
+    assert h2.shape == (3, 8, 16) and kw["attention_mask"].shape == (3, 1, 8, 8)
+    assert kw["position_embeddings"][0].shape == (3, 8, 2) and kw["position_embeddings"][1].shape == (1, 8, 2)
+    assert kw["x"] == 3 and _subsample(calls, None) is calls
+    assert len(_subsample(calls, 6)) == 2 and _subsample(calls, 6)[1][0][0].shape[0] == 2
+    with pytest.raises(ConfigError, match="search_samples"):
+        AWQConfig(format=IntAffine(bits=4), search_samples=0)

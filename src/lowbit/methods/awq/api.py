@@ -67,6 +67,33 @@ class _Capture:
             h.remove()
 
 
+def _first_samples(obj: Any, k: int, batch: int) -> Any:
+    """``obj`` (nested tuples/lists/dicts of tensors) with every tensor whose first dim is ``batch`` cut to ``k``."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:k] if obj.dim() and obj.shape[0] == batch and batch > k else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_first_samples(o, k, batch) for o in obj)
+    if isinstance(obj, dict):
+        return {key: _first_samples(v, k, batch) for key, v in obj.items()}
+    return obj
+
+
+def _subsample(calls: list[tuple[tuple[Any, ...], dict[str, Any]]], n_samples: int | None
+               ) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The first ``n_samples`` calibration samples of the captured sub-module calls (all when None)."""
+    if n_samples is None:
+        return calls
+    out, left = [], n_samples
+    for args, kwargs in calls:
+        if left <= 0:
+            break
+        x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        b = x.shape[0] if x.dim() == 3 else 1
+        out.append(_first_samples((args, kwargs), left, b))
+        left -= b
+    return out
+
+
 def _inspect_loss(m: ResolvedMapping, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], ref: list[torch.Tensor],
                   fake_quant: Any, s: torch.Tensor) -> float:
     saved = [fc.weight.detach().clone() for fc in m.balance]
@@ -89,7 +116,7 @@ def _inspect_loss(m: ResolvedMapping, calls: list[tuple[tuple[Any, ...], dict[st
 
 def awq_block(block: nn.Module, calls: list[Any], x_mean: Mapping[str, torch.Tensor], fmt: Format, *,
               n_grid: int = 20, duo_scaling: bool = False, clip: bool = True, max_clip_tokens: int = 512,
-              only: set[str] | None = None) -> dict[str, float]:
+              search_samples: int | None = None, only: set[str] | None = None) -> dict[str, float]:
     """Apply AWQ's scale search and clipping to one block in place; returns ``{smooth layer: α*}``.
 
     Args:
@@ -98,6 +125,8 @@ def awq_block(block: nn.Module, calls: list[Any], x_mean: Mapping[str, torch.Ten
         x_mean: ``mean|X|`` per input channel, keyed by Linear names relative to the block.
         fmt: the weight format whose fake-quantize the searches use.
         only: the Linear layers being quantized (mappings and clipping touch only those).
+        search_samples: calibration samples the α search's loss uses (None: all, as llm-awq); the statistics
+            ``x_mean`` always come from all of them.
     """
     maps = [m for m in resolve(block, only=only) if m.balance_names[0] in x_mean]
     linears = {n: mod for n, mod in block.named_modules() if isinstance(mod, nn.Linear)
@@ -113,7 +142,7 @@ def awq_block(block: nn.Module, calls: list[Any], x_mean: Mapping[str, torch.Ten
     alphas: dict[str, float] = {}
     inputs = {n: torch.cat(v) for n, v in cap.inputs.items() if v}
     for m in maps:
-        insp_calls = cap.calls[m.inspect_name]
+        insp_calls = _subsample(cap.calls[m.inspect_name], search_samples)
         with torch.no_grad():
             ref = [_first(m.inspect(*a, **k)).to(torch.float32) for a, k in insp_calls]
         w_mean = weight_group_mean([fc.weight for fc in m.balance], group_size) if duo_scaling else None
@@ -151,6 +180,8 @@ class AWQConfig(MethodConfig):
         n_grid: α grid points (20).
         clip: run the clipping search.
         max_clip_tokens: input tokens the clipping search uses per layer (llm-awq: 512).
+        search_samples: calibration samples in the α search's loss (None: all, as llm-awq does); fewer make the
+            search cheaper on a CPU.
     """
 
     kind: ClassVar[str] = "awq"
@@ -165,6 +196,7 @@ class AWQConfig(MethodConfig):
     n_grid: int = 20
     clip: bool = True
     max_clip_tokens: int = 512
+    search_samples: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.format, Format):
@@ -176,6 +208,8 @@ class AWQConfig(MethodConfig):
                 raise ConfigError(f"AWQConfig.then stores with {self.then.format!r} but format={self.format!r}; "
                                   "give both the same format")
             object.__setattr__(self, "stats", tuple(dict.fromkeys(("act_mean_abs", *self.then.stats))))
+        if self.search_samples is not None and (not isinstance(self.search_samples, int) or self.search_samples < 1):
+            raise ConfigError(f"search_samples={self.search_samples!r} must be a positive int or None (all)")
         if not isinstance(self.n_grid, int) or self.n_grid < 1:
             raise ConfigError(f"n_grid={self.n_grid!r} must be a positive int (reference: 20)")
 
@@ -184,7 +218,8 @@ class AWQConfig(MethodConfig):
         """Runner hook: scale search, fold and clip on this block (see :func:`awq_block`)."""
         x_mean = {n: st["act_mean_abs"] for n, st in stats_by_layer.items() if "act_mean_abs" in st}
         alphas = awq_block(block, calls, x_mean, self.format, n_grid=self.n_grid, duo_scaling=self.duo_scaling,
-                           clip=self.clip, max_clip_tokens=self.max_clip_tokens, only=set(stats_by_layer))
+                           clip=self.clip, max_clip_tokens=self.max_clip_tokens,
+                           search_samples=self.search_samples, only=set(stats_by_layer))
         log.debug("awq: alphas %s", alphas)
 
     def quantize_weight(self, W: torch.Tensor, stats: Mapping[str, torch.Tensor] | None = None) -> QuantizedTensor:
@@ -211,7 +246,7 @@ class AWQConfig(MethodConfig):
         elif then is not None:
             then_cfg = then
             fmt = then.format
-        known = {"duo_scaling", "clip", "n_grid", "max_clip_tokens"}
+        known = {"duo_scaling", "clip", "n_grid", "max_clip_tokens", "search_samples"}
         if set(options) - known:
             raise ConfigError(f"unknown awq option(s) {sorted(set(options) - known)}; valid: {sorted(known | {'then'})}")
         return cls(format=fmt, then=then_cfg, **options)
