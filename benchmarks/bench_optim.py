@@ -7,6 +7,26 @@ Usage:
 Every optimizer starts from the same parameters and steps on the same fixed gradients; the table prints
 milliseconds per step and state bytes, each also as a ratio to torch AdamW measured in the same run.
 bitsandbytes' AdamW8bit is included when it is installed and supports the device.
+
+Measured 2026-11-25 on one H100 80GB HBM3 (torch 2.11.0+cu130), before the second-moment nonzero floor was
+added (a few more elementwise ops per step for v):
+``python benchmarks/bench_optim.py --device cuda --hidden 2048 --layers 2 --vocab 32000 --steps 5 --warmup 2``
+(225.45 M parameters in 21 tensors):
+
+| optimizer                        | ms/step | time vs torch AdamW | state MiB | bytes vs torch AdamW |
+|----------------------------------|---------|---------------------|-----------|----------------------|
+| torch AdamW (fp32 state)         |    6.87 |                1.00 |   1720.08 |                1.000 |
+| lowbit AdamW (32-bit)            |   10.65 |                1.55 |   1720.08 |                1.000 |
+| lowbit AdamW8bit                 |   41.99 |                6.12 |    436.80 |                0.254 |
+| lowbit AdamW8bit block 2048      |   44.14 |                6.43 |    430.92 |                0.251 |
+| lowbit AdamW4bit                 |   63.18 |                9.20 |    221.80 |                0.129 |
+| lowbit Lion8bit                  |   24.40 |                3.55 |    218.40 |                0.127 |
+| lowbit SGD8bit (momentum 0.9)    |   22.73 |                3.31 |    218.40 |                0.127 |
+| lowbit PagedAdamW8bit            |   61.92 |                9.02 |    436.80 |                0.254 |
+
+The quantized steps are unfused PyTorch (about 20 kernels per tensor); a fused Triton kernel is future work.
+On the 2-core development CPU, shared with other jobs, timings swung 3x between runs and are not reported;
+the byte ratios there are identical to the table above (bitsandbytes AdamW8bit: 0.255).
 """
 
 from __future__ import annotations
