@@ -116,3 +116,27 @@ def test_config_registry_and_validation() -> None:
         SpQRConfig(outlier_threshold=0)
     with pytest.raises(ValueError, match="hessian"):
         c.quantize_weight(torch.randn(4, 16), {})
+
+
+def test_spqr_model_round_trips_through_save_and_load(tmp_path) -> None:  # noqa: ANN001
+    import transformers
+
+    from lowbit.io.checkpoint import load, save
+    from lowbit.nn.linear import QuantLinear
+    from lowbit.quantize import quantize_
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 96, (4, 24), generator=torch.Generator().manual_seed(0))
+    method = SpQRConfig.for_bits(3)
+    quantize_(model, method, calibration=ids)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 7
+    with torch.no_grad():
+        ref = model(ids).logits
+    save(model, tmp_path / "spqr", method=method)
+    back = load(tmp_path / "spqr")
+    assert isinstance(back.model.layers[0].mlp.down_proj.format, Outliers)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ref, rtol=0, atol=0)
