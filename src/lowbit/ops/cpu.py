@@ -12,7 +12,6 @@ reference path stays the oracle; tests compare the two.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -129,14 +128,14 @@ def linear(x: torch.Tensor, w: CpuInt4Weight | CpuInt8Weight, bias: torch.Tensor
     return int4_linear(x, w, bias) if isinstance(w, CpuInt4Weight) else int8_linear(x, w, bias)
 
 
-_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
 _ENABLED = False
+_ATTR = "_lowbit_cpu_packed"  # the packed weight lives on the stored qdata tensor, and dies with it
 
 
 def enable_qlinear_fast_path() -> None:
     """Opt in: make the CPU kernel of ``lowbit::qlinear`` use the ATen packed matmuls where they apply.
 
-    The packed weight is built once per stored ``qdata`` tensor (cached weakly) and rebuilt if it changes.
+    The packed weight is built once per stored ``qdata`` tensor (kept as an attribute of that tensor) and rebuilt if it changes.
     """
     global _ENABLED
     if _ENABLED:
@@ -147,12 +146,12 @@ def enable_qlinear_fast_path() -> None:
     def _qlinear_cpu(x, data, spec, shape, bias):  # type: ignore[no-untyped-def]
         key = data[0]
         stamp = (spec, x.dtype, tuple(t.data_ptr() for t in data), tuple(t._version for t in data))
-        hit = _CACHE.get(key)
+        hit = getattr(key, _ATTR, None)
         if hit is None or hit[0] != stamp:
             dt = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
             w = pack(reference.as_quantized(data, spec, shape, x.dtype), dt)
             hit = (stamp, w)
-            _CACHE[key] = hit
+            setattr(key, _ATTR, hit)
         if hit[1] is None:
             return reference.qlinear(x, data, spec, shape, bias)
         return linear(x, hit[1], bias)

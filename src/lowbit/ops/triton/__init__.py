@@ -19,14 +19,20 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import weakref
 
 import torch
 
 log = logging.getLogger(__name__)
 _REGISTERED = False
+_ENABLED = True
 
-__all__ = ["available", "register_if_available"]
+__all__ = ["available", "register_if_available", "set_enabled"]
+
+
+def set_enabled(enabled: bool) -> None:
+    """Route ``lowbit::qlinear`` on CUDA through the Triton kernels (default) or the reference (False)."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
 
 
 def available() -> bool:
@@ -46,7 +52,7 @@ def register_if_available() -> bool:
     return True
 
 
-_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+_ATTR = "_lowbit_triton_packed"  # the kernel layout lives on the stored qdata tensor, and dies with it
 
 
 def _packed_for(data: list[torch.Tensor], spec: str, shape: list[int]):  # type: ignore[no-untyped-def]
@@ -56,7 +62,7 @@ def _packed_for(data: list[torch.Tensor], spec: str, shape: list[int]):  # type:
 
     key = data[0]
     stamp = (spec, tuple(t.data_ptr() for t in data), tuple(t._version for t in data))
-    hit = _CACHE.get(key)
+    hit = getattr(key, _ATTR, None)
     if hit is not None and hit[0] == stamp:
         return hit[1]
     try:
@@ -64,7 +70,7 @@ def _packed_for(data: list[torch.Tensor], spec: str, shape: list[int]):  # type:
     except ValueError as e:
         log.debug("no Triton layout for %s: %s", spec, e)
         pw = None
-    _CACHE[key] = (stamp, pw)
+    setattr(key, _ATTR, (stamp, pw))
     return pw
 
 
@@ -94,7 +100,8 @@ def _register() -> None:
 
     @torch.library.register_kernel("lowbit::qlinear", "cuda")
     def _qlinear(x, data, spec, shape, bias):  # type: ignore[no-untyped-def]
-        pw = _packed_for(data, spec, shape) if x.dtype in (torch.float16, torch.bfloat16) else None
+        ok = _ENABLED and x.dtype in (torch.float16, torch.bfloat16)
+        pw = _packed_for(data, spec, shape) if ok else None
         if pw is None:
             return reference.qlinear(x, data, spec, shape, bias)
         return wq.packed_linear(x, pw, bias)
