@@ -141,7 +141,7 @@ def test_transformers_gguf_loader_agrees(tmp_path, small, tok):
     path = tmp_path / "q8.gguf"
     res = export_gguf(model, tok, path, type="Q8_0")
     try:
-        m2 = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="q8.gguf", torch_dtype=torch.float32)
+        m2 = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="q8.gguf", dtype=torch.float32)
     except Exception as e:  # pragma: no cover - depends on the installed transformers' GGUF support
         pytest.skip(f"transformers cannot load GGUF here: {e}")
     exp = _expected_model(model, res.tensor_types)
@@ -331,3 +331,24 @@ def test_rejects_unsupported_input(tmp_path, model, tok):
 
     with pytest.raises(ValueError, match="supported"):
         export_gguf(Fake(), tok, tmp_path / "y.gguf")
+
+
+def test_qwen2_with_biases_round_trips_through_transformers(tmp_path, tok):
+    """Qwen2 (arch ``qwen2``: NEOX rope, no Q/K permutation, q/k/v biases, untied output)."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=len(tok), max_position_embeddings=128, tie_word_embeddings=False)
+    m = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("bias"):
+                p.normal_()
+    res = export_gguf(m, tok, tmp_path / "q.gguf", type="F32")
+    assert {"blk.0.attn_q.bias", "output.weight"} <= set(res.tensor_types)
+    m2 = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="q.gguf", dtype=torch.float32)
+    ids = _ids(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(m2(ids).logits, m(ids).logits, rtol=0, atol=1e-5)
