@@ -16,7 +16,9 @@ from lowbit.methods import llm_int8 as _llm_int8  # noqa: E402,F401
 from lowbit.methods import loftq as _loftq  # noqa: E402,F401
 from lowbit.methods import nf4 as _nf4  # noqa: E402,F401
 from lowbit.methods import peqa as _peqa  # noqa: E402,F401
+from lowbit.methods import q8bert as _q8bert  # noqa: E402,F401
 from lowbit.methods import qa_lora as _qa_lora  # noqa: E402,F401
+from lowbit.methods import qft as _qft  # noqa: E402,F401
 from lowbit.methods import rtn as _rtn  # noqa: E402,F401
 from lowbit.methods import smoothquant as _smoothquant  # noqa: E402,F401
 from lowbit.methods import zeroquant_fp as _zeroquant_fp  # noqa: E402,F401
