@@ -115,3 +115,19 @@ def test_end_to_end_logits_closer_than_qlora_init():
     assert all(e_l < e_p for e_p, e_l in errs.values())
     mse_plain, mse_loftq = _logit_mse(ref, plain, ids), _logit_mse(ref, lq, ids)
     assert mse_loftq < 0.97 * mse_plain, (mse_loftq, mse_plain)
+
+
+@pytest.mark.slow
+def test_default_model_loftq_logits_closer_than_qlora_init():
+    from lowbit.loading import load_with_tokenizer
+
+    ref, tok = load_with_tokenizer(None)
+    ref.eval()
+    ids = torch.tensor([tok.encode("The capital of France is Paris. Quantization makes models small.")])
+    plain, lq = copy.deepcopy(ref), copy.deepcopy(ref)
+    cfg = LoftQConfig.for_bits(4, rank=16, alpha=16.0, iters=1)
+    apply_loftq(plain, cfg, accept=lambda *_: False)  # QLoRA's init: NF4 base, zero adapter
+    errs = apply_loftq(lq, cfg)
+    assert all(e_l < e_p for e_p, e_l in errs.values())
+    mse_plain, mse_loftq = _logit_mse(ref, plain, ids), _logit_mse(ref, lq, ids)
+    assert mse_loftq < 0.97 * mse_plain, (mse_loftq, mse_plain)

@@ -131,3 +131,15 @@ def test_bad_arguments_name_the_choices(texts):
         finetune(tiny_llama(), TOK, "/no/such/file.txt")
     with pytest.raises(ValueError, match="seq_len"):
         token_blocks(TOK, texts, seq_len=1)
+
+
+@pytest.mark.slow
+def test_qlora_on_the_default_model(tmp_path, texts):
+    from lowbit.loading import load_with_tokenizer
+
+    model, tok = load_with_tokenizer(None)
+    res = finetune(model, tok, texts[1:], method="qlora", steps=4, batch_size=2, seq_len=128, r=8, alpha=16,
+                   eval_data=texts[:1], max_blocks=64, gradient_checkpointing=True, output_dir=str(tmp_path))
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and (tmp_path / "loss.png").exists()
+    assert res.eval_loss_after <= res.eval_loss_before + 0.05
