@@ -5,6 +5,8 @@ A checkpoint is a directory laid out like a transformers ``save_pretrained`` dir
     config.json               the model's transformers config (when the model has one)
     tokenizer files           when a tokenizer is given
     model.safetensors         every tensor: QuantLinear stored tensors (qdata, scale, ...) and float params
+                              (or, with ``max_shard_size`` / from streaming, ``model-0000k-of-0000N.safetensors``
+                              shards plus ``model.safetensors.index.json``, as ``save_pretrained`` writes)
     lowbit.json               {"lowbit_checkpoint": VERSION, "method": {...}, "layers": {name: {format, shape,
                               dtype}}, "files": {name: {"sha256", "bytes"}}}
 
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 MANIFEST = "lowbit.json"
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 
 
 class CheckpointError(ValueError):
@@ -59,7 +62,8 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], *, tokenizer: Any = None,
-         method: MethodConfig | None = None, overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
+         method: MethodConfig | None = None, overwrite: bool = False, extra: dict[str, Any] | None = None,
+         max_shard_size: int | None = None) -> Path:
     """Save a (quantized) model as a lowbit checkpoint directory at ``path``, atomically.
 
     Args:
@@ -68,7 +72,11 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, tokenizer: Any = Non
         tokenizer: optional tokenizer saved beside the weights.
         method: the method config that produced the model (recorded for reproducibility).
         extra: JSON-serializable notes stored in the manifest (e.g. the source model).
+        max_shard_size: bytes per weights file; a larger model is written as ``save_pretrained`` does,
+            ``model-0000k-of-0000N.safetensors`` plus ``model.safetensors.index.json``. None: one file.
     """
+    if max_shard_size is not None and (not isinstance(max_shard_size, int) or max_shard_size < 1):
+        raise ValueError(f"max_shard_size must be a positive number of bytes or None, got {max_shard_size!r}")
     layers: dict[str, dict[str, Any]] = {}
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear):
@@ -87,7 +95,19 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, tokenizer: Any = Non
         else:
             seen[key] = k
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "lowbit_checkpoint": str(CHECKPOINT_VERSION)})
+        meta = {"format": "pt", "lowbit_checkpoint": str(CHECKPOINT_VERSION)}
+        parts = _shards(state, max_shard_size) if max_shard_size is not None else [state]
+        if len(parts) == 1:
+            save_file(state, str(tmp / WEIGHTS), metadata=meta)
+        else:
+            weight_map = {}
+            for i, part in enumerate(parts, 1):
+                fname = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+                save_file(part, str(tmp / fname), metadata=meta)
+                weight_map.update({k: fname for k in part})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                                 "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         cfg = getattr(model, "config", None)
         if cfg is not None and hasattr(cfg, "to_json_file"):
             cfg.to_json_file(str(tmp / "config.json"))
@@ -143,6 +163,41 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
+def _read_all_tensors(root: Path) -> dict[str, torch.Tensor]:
+    """All tensors of ``model.safetensors`` or of the shards named by ``model.safetensors.index.json``."""
+    if (root / WEIGHTS).is_file() or not (root / INDEX).is_file():
+        return _read_tensors(root / WEIGHTS)
+    try:
+        wm = json.loads((root / INDEX).read_text())["weight_map"]
+        files = sorted(set(wm.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{root / INDEX} is not a valid shard index ({e!r})") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not isinstance(f, str) or Path(f).name != f:
+            raise CheckpointError(f"{root / INDEX} names an invalid shard file {f!r}")
+        part = _read_tensors(root / f)
+        tensors.update(part)
+    missing = sorted(k for k in wm if k not in tensors)
+    if missing:
+        raise CheckpointError(f"{root / INDEX} lists tensors its shards lack, e.g. {missing[:3]}")
+    return tensors
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split ``state`` (in key order) into groups of at most ``max_bytes`` (a larger tensor gets its own)."""
+    out: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if out[-1] and size + n > max_bytes:
+            out.append({})
+            size = 0
+        out[-1][k] = v
+        size += n
+    return out
+
+
 def _build_skeleton(root: Path, dtype: torch.dtype | None) -> nn.Module:
     if not (root / "config.json").is_file():
         raise CheckpointError(f"{root} has no config.json; load_into(model, path) restores into a module you build")
@@ -163,7 +218,7 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, verify: bool = 
     """Restore a checkpoint into ``model`` (same architecture, unquantized or on the meta device)."""
     root = Path(path)
     manifest = read_manifest(root, verify=verify)
-    tensors = _read_tensors(root / WEIGHTS)
+    tensors = _read_all_tensors(root)
     for alias, target in manifest.get("tied", {}).items():
         if target not in tensors:
             raise CheckpointError(f"tied tensor {alias} points at {target}, which is not in {WEIGHTS}")
