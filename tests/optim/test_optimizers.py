@@ -109,6 +109,15 @@ def test_group_option_keeps_embedding_32bit(bits):
     assert opt.state[lin.weight]["bits"] == bits
 
 
+def test_override_modules_keeps_embeddings_32bit():
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 64), torch.nn.Linear(64, 128))
+    opt = lo.Adam8bit(model.parameters())
+    assert opt.override_modules(model, torch.nn.Embedding, optim_bits=32) == 1
+    model(torch.arange(10)).sum().backward()
+    opt.step()
+    assert opt.state[model[0].weight]["bits"] == 32 and opt.state[model[1].weight]["bits"] == 8
+
+
 def test_override_before_and_after_first_step():
     params = _params(shapes=((64, 128), (64, 128)))
     opt = lo.Adam8bit(params)

@@ -95,7 +95,7 @@ class QuantStateOptimizer(torch.optim.Optimizer):
         self._pager = StatePager(bool(paged))
         self._warned_nonfinite = False
         self.skipped: int = 0  # parameter updates skipped for non-finite gradients
-        super().__init__(params, {**defaults, **options, "paged": bool(paged)})
+        super().__init__(params, {**defaults, **options})
 
     # -- configuration ---------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -119,7 +119,7 @@ class QuantStateOptimizer(torch.optim.Optimizer):
         group = next(g for g in self.param_groups if any(param is p for p in g["params"]))
         paged = self._pager.is_paged(param)
         values = self._load(param, state, paged)
-        values = [v.clone() if v is not None else None for v in values]
+        values = [v.clone() for v in values]
         state["options"] = merged
         for name, _ in self.slots:
             for key in (name, f"{name}.qdata", f"{name}.absmax"):
@@ -127,6 +127,23 @@ class QuantStateOptimizer(torch.optim.Optimizer):
         self._layout(param, group, state, paged)
         self._store(param, state, values, paged)
         self._pager.finish()
+
+    def override_modules(self, model: torch.nn.Module, types: type | tuple[type, ...] = torch.nn.Embedding,
+                         **options: Any) -> int:
+        """:meth:`override` every parameter of ``model``'s modules of ``types`` that this optimizer holds.
+
+        E.g. ``opt.override_modules(model, torch.nn.Embedding, optim_bits=32)`` keeps embedding state in 32 bits,
+        as the 8-bit optimizer paper recommends (arXiv 2110.02861, Sec. 2.3). Returns the number of parameters.
+        """
+        held = {id(p) for g in self.param_groups for p in g["params"]}
+        count = 0
+        for module in model.modules():
+            if isinstance(module, types):
+                for param in module.parameters(recurse=False):
+                    if id(param) in held:
+                        self.override(param, **options)
+                        count += 1
+        return count
 
     def _options(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[int, int]:
         opts = {k: group[k] for k in _OPTION_KEYS}
