@@ -67,8 +67,7 @@ def main() -> None:
     imatrix = collect_imatrix(base, [c[None] for c in calib], dataset="docs-topics calibration split",
                               chunk_size=args.calib_seq_len)
     t_im = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in base.parameters() if p is not base.lm_head.weight or
-                   base.lm_head.weight is not base.model.embed_tokens.weight)
+    n_params = sum(p.numel() for p in base.parameters())  # tied lm_head counted once
     rows = []
     keys = [k for k in args.only.split(",") if k] or list(RUNS)
     tmp = Path(tempfile.mkdtemp(prefix="lowbit-gguf-bench-"))
