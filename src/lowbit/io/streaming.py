@@ -314,7 +314,8 @@ def quantize_streaming(source: str | os.PathLike[str], out: str | os.PathLike[st
     n_blocks = len(blocks)
     n_shards = n_blocks + 1
     fingerprint = {"method": config.to_dict(), "source": reader.fingerprint(), "calibration": _calib_sha(calibration),
-                   "targets": list(targets), "ignore": list(ignore), "dtype": str(dtype), "batch_size": batch_size,
+                   "targets": list(targets), "ignore": list(ignore), "dtype": str(dtype),
+                   "batch_size": batch_size if calibration is not None else None,
                    "n_blocks": n_blocks}
 
     partial = dst.with_name(f".{dst.name}.partial")

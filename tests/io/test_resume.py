@@ -1,0 +1,99 @@
+"""Resumable streaming quantization: SIGKILL after block k, resume, byte-identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lowbit.formats.affine import IntAffine
+from lowbit.io.streaming import quantize_streaming
+from lowbit.methods.gptq.api import GPTQConfig
+from lowbit.methods.rtn.api import RTNConfig
+
+CALIB = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(3))
+
+
+def make_source(path: Path) -> Path:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(str(path), max_shard_size="60KB")
+    return path
+
+
+def config(method: str):  # noqa: ANN201
+    if method == "rtn":
+        return RTNConfig(format=IntAffine(bits=4, group_size=32))
+    return GPTQConfig(format=IntAffine(bits=4, group_size=32), act_order=True)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys, torch
+    from lowbit.io.streaming import quantize_streaming
+    sys.path.insert(0, {testdir!r})
+    from test_resume import CALIB, config
+    method, src, out, k = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    def after(i):
+        if i == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+    calib = CALIB if method == "gptq" else None
+    quantize_streaming(src, out, config(method), calibration=calib, batch_size=2, after_block=after)
+""")
+
+
+def files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_killed_run_resumes_byte_identical(tmp_path: Path, method: str) -> None:
+    src = make_source(tmp_path / "src")
+    calib = CALIB if method == "gptq" else None
+    ref = quantize_streaming(src, tmp_path / "ref", config(method), calibration=calib, batch_size=2)
+    out = tmp_path / "out"
+    script = KILLER.format(testdir=str(Path(__file__).parent))
+    proc = subprocess.run([sys.executable, "-c", script, method, str(src), str(out), "1"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    partial = tmp_path / ".out.partial"
+    assert not out.exists() and partial.is_dir()
+    progress = json.loads((partial / "progress.json").read_text())
+    assert progress["blocks_done"] == 2  # blocks 0 and 1 finished before the kill
+    done_shards = {p.name: p.stat().st_mtime_ns for p in partial.glob("model-*")}
+    with pytest.raises(FileExistsError, match="resume"):
+        quantize_streaming(src, out, config(method), calibration=calib, batch_size=2)
+    seen: list[int] = []
+    quantize_streaming(src, out, config(method), calibration=calib, batch_size=2, resume=True,
+                       after_block=seen.append)
+    assert seen == [2, 3]  # only the unfinished blocks ran
+    assert not partial.exists()
+    assert files(out) == files(ref)
+    for name, mtime in done_shards.items():  # finished shards were kept, not rewritten
+        assert (out / name).stat().st_mtime_ns == mtime
+
+
+def test_resume_refuses_other_inputs(tmp_path: Path) -> None:
+    src = make_source(tmp_path / "src")
+    script = KILLER.format(testdir=str(Path(__file__).parent))
+    proc = subprocess.run([sys.executable, "-c", script, "rtn", str(src), str(tmp_path / "out"), "0"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    with pytest.raises(ValueError, match="other inputs"):
+        quantize_streaming(src, tmp_path / "out", RTNConfig(format=IntAffine(bits=3, group_size=32)), resume=True)
+    assert (tmp_path / ".out.partial" / "progress.json").is_file()  # the partial run is kept
+    # a shard of the partial run that was damaged after it was recorded is caught
+    shard = next((tmp_path / ".out.partial").glob("model-*"))
+    shard.write_bytes(shard.read_bytes()[:-7])
+    with pytest.raises(ValueError, match="missing or corrupt"):
+        quantize_streaming(src, tmp_path / "out", config("rtn"), resume=True)
+    quantize_streaming(src, tmp_path / "out", config("rtn"), overwrite=True)
+    ref = quantize_streaming(src, tmp_path / "ref", config("rtn"))
+    assert files(tmp_path / "out") == files(ref)
