@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", nargs="?", default=None, help="transformers dir, GGUF file or checkpoint (default: SmolLM2)")
     s.add_argument("--method", required=True)
     s.add_argument("--bits", type=int, default=None)
-    s.add_argument("--group-size", type=int, default=None)
+    s.add_argument("--group-size", type=int, default=None, help="input columns per group; -1: per output channel")
     s.add_argument("--out", required=True)
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--ignore", action="append", help="regex of layer names to leave unquantized (repeatable)")

@@ -79,7 +79,15 @@ def build_method_config(method: str, bits: int | None, group_size: int | None,
     if bits is None:
         bits = 4 if 4 in cls.bits_choices else cls.bits_choices[0]
     cls.check_bits(bits)
-    cfg = cls.for_bits(bits, group_size)
+    per_channel = group_size == -1
+    if group_size is not None and group_size <= 0 and not per_channel:
+        raise ConfigError(f"--group-size {group_size} is invalid; give a positive group size, or -1 for one group "
+                          "per output channel")
+    cfg = cls.for_bits(bits, None if per_channel else group_size)
+    if per_channel:
+        if "group_size" not in {f.name for f in dataclasses.fields(cfg.format)}:
+            raise ConfigError(f"method {method!r} stores {cfg.format.kind}, which has no group size")
+        cfg = cfg.replace(format=cfg.format.replace(group_size=None))
     given = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     fields = _scalar_fields(cls)
     wrong = sorted(set(given) - set(fields))

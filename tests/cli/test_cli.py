@@ -1,0 +1,79 @@
+"""The lowbit command line: every subcommand on the default model, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from lowbit.cli.main import main
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_methods_json_lists_every_registered_method_with_options(capsys) -> None:
+    from lowbit.methods.base import method_registry
+
+    rc, out, _ = run(capsys, "methods", "--json")
+    assert rc == 0
+    rows = json.loads(out)
+    assert {r["method"] for r in rows} == set(method_registry())
+    hqq = next(r for r in rows if r["method"] == "hqq")
+    assert {"lp_norm", "beta", "kappa", "iters"} <= set(hqq["options"])
+    assert hqq["calibration"] == []
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["quantize", "--method", "nope", "--out", "x"], "unknown method 'nope'; valid choices"),
+    (["quantize", "--method", "rtn", "--bits", "9", "--out", "x"], "bits=9; valid choices"),
+    (["quantize", "--method", "rtn", "--beta", "3", "--out", "x"], "do not apply to method 'rtn'"),
+    (["quantize", "--method", "rtn", "--group-size", "0", "--out", "x"], "--group-size 0 is invalid.*-1"),
+    (["inspect", "/nonexistent/file.gguf"], "does not exist"),
+    (["export", "ck", "--format", "onnx", "--out", "x"], "valid choices"),
+])
+def test_bad_input_gives_clear_error(capsys, tmp_path: Path, monkeypatch, argv: list[str], match: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2
+    assert re.search(match, err), err
+    assert not (tmp_path / "x").exists()
+
+
+def test_quantize_eval_inspect_on_default_model(capsys, tmp_path: Path) -> None:
+    out = tmp_path / "ck"
+    rc, text, err = run(capsys, "quantize", "--method", "rtn", "--bits", "4", "--group-size", "64", "--out", str(out))
+    assert rc == 0, err
+    rc, text, err = run(capsys, "eval", str(out), "--json", "--max-tokens", "600", "--ctx-len", "300")
+    assert rc == 0, err
+    res = json.loads(text)
+    assert {"ppl", "kl", "top1", "bits_per_weight", "bytes"} <= set(res)
+    # 4-bit codes + fp16 scale and uint8 zero point per 64 weights: 4 + 24/64
+    assert res["bits_per_weight"] == pytest.approx(4 + 24 / 64, abs=1e-9)
+    assert 0 < res["kl"] < 0.5 and 0.5 < res["top1"] <= 1.0
+    assert 1 < res["ppl"] < 100
+    rc, text, err = run(capsys, "inspect", str(out), "--json")
+    assert rc == 0, err
+    info = json.loads(text)
+    assert info["summary"]["method"] == "rtn"
+    assert info["summary"]["quantized_layers"] == 30 * 7
+    assert info["summary"]["quantized_bits_per_weight"] == pytest.approx(res["bits_per_weight"], rel=1e-6)
+    # refusing to overwrite keeps the existing checkpoint
+    rc, _, err = run(capsys, "quantize", "--method", "rtn", "--out", str(out))
+    assert rc == 2 and "overwrite" in err
+
+
+def test_inspect_gguf_default_model(capsys) -> None:
+    from lowbit.data.models import default_model_path
+
+    rc, text, err = run(capsys, "inspect", str(default_model_path()), "--json")
+    assert rc == 0, err
+    info = json.loads(text)
+    kinds = {t["format"] for t in info["tensors"]}
+    assert {"Q4_1", "Q8_0"} <= kinds
+    assert info["summary"]["architecture"] == "llama"
