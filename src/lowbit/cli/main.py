@@ -226,9 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="quantize the default model with every method, evaluate, table + plot")
     s.add_argument("--out", default="lowbit-demo", help="folder for the table (markdown, JSON) and the plot")
     s.add_argument("--methods", nargs="*", default=None, help="subset of methods (default: all registered)")
-    s.add_argument("--max-eval-tokens", type=int, default=4096)
-    s.add_argument("--ctx-len", type=int, default=1024)
-    s.add_argument("--calib-samples", type=int, default=16)
+    s.add_argument("--max-eval-tokens", type=int, default=2048,
+                   help="evaluation budget (default sized so the whole demo fits ~10 minutes on 2 cores)")
+    s.add_argument("--ctx-len", type=int, default=512)
+    s.add_argument("--calib-samples", type=int, default=8)
     s.add_argument("--calib-seq-len", type=int, default=256)
     s.set_defaults(func=cmd_demo)
 
