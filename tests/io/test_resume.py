@@ -53,7 +53,7 @@ def files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", ["rtn", pytest.param("gptq", marks=pytest.mark.slow)])
 def test_killed_run_resumes_byte_identical(tmp_path: Path, method: str) -> None:
     src = make_source(tmp_path / "src")
     calib = CALIB if method == "gptq" else None

@@ -114,3 +114,54 @@ def test_sharded_checkpoint_save_round_trip(tmp_path: Path) -> None:
     assert_same_state(model, loaded)
     with pytest.raises(ValueError, match="max_shard_size"):
         checkpoint.save(model, tmp_path / "ck2", max_shard_size=0)
+
+
+CHILD = textwrap.dedent("""
+    import json, resource, sys, torch
+    from lowbit.formats.affine import IntAffine
+    from lowbit.io.streaming import quantize_streaming
+    from lowbit.methods.gptq.api import GPTQConfig
+    from lowbit.methods.rtn.api import RTNConfig
+    src, out, method = sys.argv[1:4]
+    fmt = IntAffine(bits=4, group_size=128)
+    cfg = RTNConfig(format=fmt) if method == "rtn" else GPTQConfig(format=fmt)
+    calib = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(0)) if method == "gptq" else None
+    quantize_streaming(src, out, cfg, calibration=calib, batch_size=2)
+    print(json.dumps({"ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+""")
+
+
+@pytest.fixture(scope="module")
+def big_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    from lowbit.io.streaming import write_synthetic_llama
+
+    src = tmp_path_factory.mktemp("big") / "src"
+    # 84 blocks of 51.4 MB fp32 (hidden 1024, intermediate 2816): 4.32e9 bytes > 4 GiB
+    total = write_synthetic_llama(src, hidden_size=1024, intermediate_size=2816, num_hidden_layers=84)
+    return src, total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_larger_than_memory_peak_rss(big_source: tuple[Path, int], tmp_path: Path, method: str) -> None:
+    """A >= 4 GiB fp32 Llama quantized by streaming stays under 1.5 GB peak RSS (measured by the OS)."""
+    from safetensors import safe_open
+
+    src, total = big_source
+    assert total >= 4 * 2**30
+    out = tmp_path / "q"
+    p = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), method], capture_output=True, text=True,
+                       timeout=3600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    peak_mb = json.loads(p.stdout.strip().splitlines()[-1])["ru_maxrss_kib"] / 1024
+    print(f"{method}: fp32 model {total / 1e9:.2f} GB, peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 1500, peak_mb
+    manifest = checkpoint.read_manifest(out)  # hashes of all 85 shards verified
+    assert len(manifest["layers"]) == 84 * 7
+    if method == "rtn":  # block 0 equals RTN of the source weights, bit for bit
+        with safe_open(str(src / "model-00001-of-00085.safetensors"), "pt") as h:
+            W = h.get_tensor("model.layers.0.mlp.down_proj.weight")
+        q = RTNConfig(format=IntAffine(bits=4, group_size=128)).quantize_weight(W)
+        with safe_open(str(out / "model-00001-of-00085.safetensors"), "pt") as h:
+            for name, t in q.data.items():
+                assert torch.equal(h.get_tensor(f"model.layers.0.mlp.down_proj.{name}"), t), name

@@ -142,6 +142,7 @@ def read_manifest(path: str | os.PathLike[str], verify: bool = True) -> dict[str
     unknown = sorted(set(manifest) - known)
     if unknown:
         raise CheckpointError(f"{mf} has unknown field(s) {unknown}; valid fields: {sorted(known)}")
+    _check_structure(manifest, mf)
     if verify:
         for name, info in manifest.get("files", {}).items():
             p = root / name
@@ -154,6 +155,41 @@ def read_manifest(path: str | os.PathLike[str], verify: bool = True) -> dict[str
             if _sha256(p) != info.get("sha256"):
                 raise CheckpointError(f"{p} does not match its recorded sha256: the file is corrupt or modified")
     return manifest
+
+
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _check_structure(m: dict[str, Any], mf: Path) -> None:
+    """Every manifest field has the type and range lowbit writes; anything else is a ``CheckpointError``."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{mf}: {what}; the manifest is corrupt or was not written by lowbit")
+
+    for key, typ in (("layers", dict), ("tied", dict), ("files", dict), ("extra", dict)):
+        if key in m and not isinstance(m[key], typ):
+            raise bad(f"'{key}' must be a JSON object, got {type(m[key]).__name__}")
+    if "layers" not in m:
+        raise bad("'layers' is missing")
+    if m.get("method") is not None and not isinstance(m["method"], dict):
+        raise bad("'method' must be an object or null")
+    for name, info in m.get("files", {}).items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise bad(f"file name {name!r} is not a plain file name")
+        if not (isinstance(info, dict) and isinstance(info.get("sha256"), str)
+                and isinstance(info.get("bytes"), int) and not isinstance(info.get("bytes"), bool)):
+            raise bad(f"files[{name!r}] must be {{'sha256': str, 'bytes': int}}")
+    for name, info in m["layers"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("format"), dict):
+            raise bad(f"layers[{name!r}] must be an object with a 'format' object")
+        shape = info.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31 for d in shape)):
+            raise bad(f"layers[{name!r}].shape must be [out_features, in_features] positive integers, got {shape!r}")
+        if info.get("dtype") not in _DTYPES:
+            raise bad(f"layers[{name!r}].dtype {info.get('dtype')!r} is not one of {list(_DTYPES)}")
+    for alias, target in m.get("tied", {}).items():
+        if not isinstance(target, str):
+            raise bad(f"tied[{alias!r}] must name a tensor, got {target!r}")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

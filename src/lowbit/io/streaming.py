@@ -44,7 +44,8 @@ from lowbit.io.checkpoint import CHECKPOINT_VERSION, MANIFEST, CheckpointError, 
 from lowbit.methods.base import MethodConfig
 from lowbit.nn.linear import QuantLinear
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "SourceReader", "quantize_streaming", "shard_name", "INDEX"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "SourceReader", "quantize_streaming", "shard_name", "write_synthetic_llama",
+           "INDEX"]
 
 log = logging.getLogger(__name__)
 
@@ -441,3 +442,46 @@ def _finalize(model: nn.Module, reader: SourceReader, partial: Path, dst: Path, 
     os.replace(partial, dst)
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def write_synthetic_llama(path: str | os.PathLike[str], *, hidden_size: int, intermediate_size: int,
+                          num_hidden_layers: int, vocab_size: int = 1024, num_attention_heads: int = 16,
+                          seed: int = 0, std: float = 0.02) -> int:
+    """Write a random-weight Llama ``save_pretrained`` directory shard by shard (one shard per decoder block).
+
+    Only one block's float32 weights exist in memory at a time, so models larger than memory can be made for
+    tests and benchmarks. Returns the total float32 bytes written.
+    """
+    from transformers import LlamaConfig
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=False)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                      num_key_value_heads=num_attention_heads, max_position_embeddings=512,
+                      tie_word_embeddings=False, torch_dtype="float32")
+    cfg.to_json_file(str(root / "config.json"))
+    h, f = hidden_size, intermediate_size
+    shapes = {"self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (h, h), "self_attn.v_proj.weight": (h, h),
+              "self_attn.o_proj.weight": (h, h), "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
+              "mlp.down_proj.weight": (h, f)}
+    n = num_hidden_layers + 1
+    weight_map: dict[str, str] = {}
+    total = 0
+    g = torch.Generator().manual_seed(seed)
+    for i in range(num_hidden_layers):
+        t = {f"model.layers.{i}.{k}": torch.randn(s, generator=g) * std for k, s in shapes.items()}
+        t[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(h)
+        t[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(h)
+        fname = shard_name(i + 1, n)
+        save_file(t, str(root / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in t})
+        total += sum(v.numel() * 4 for v in t.values())
+        del t
+    t = {"model.embed_tokens.weight": torch.randn(vocab_size, h, generator=g) * std, "model.norm.weight": torch.ones(h),
+         "lm_head.weight": torch.randn(vocab_size, h, generator=g) * std}
+    save_file(t, str(root / shard_name(n, n)), metadata={"format": "pt"})
+    weight_map.update({k: shard_name(n, n) for k in t})
+    total += sum(v.numel() * 4 for v in t.values())
+    (root / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return total
