@@ -143,3 +143,14 @@ def test_qlora_on_the_default_model(tmp_path, texts):
     assert all(torch.isfinite(torch.tensor(res.losses)))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and (tmp_path / "loss.png").exists()
     assert res.eval_loss_after <= res.eval_loss_before + 0.05
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "loftq", "qa_lora", "peqa", "qft"])
+def test_every_method_trains_through_finetune(method, texts):
+    from lowbit.train import METHODS
+
+    assert method in METHODS
+    res = finetune(tiny_llama(seed=7), TOK, texts, method=method, steps=3, lr=3e-3, batch_size=2, seq_len=32,
+                   max_blocks=24, eval_fraction=0.2)
+    assert len(res.losses) == 3 and all(torch.isfinite(torch.tensor(res.losses)))
+    assert res.eval_loss_after < res.eval_loss_before, (res.eval_loss_before, res.eval_loss_after)
