@@ -91,6 +91,8 @@ def main() -> None:
     p.add_argument("--awq-search-samples", type=int, default=None,
                    help="calibration samples in AWQ's alpha-search loss (default: all)")
     p.add_argument("--only", default="", help="comma-separated run keys")
+    p.add_argument("--no-base-row", action="store_true", help="skip evaluating the unquantized model (for partial "
+                   "runs merged with one that has it)")
     p.add_argument("--merge", nargs="+", default=None, help="merge these result JSONs into --out and exit")
     p.add_argument("--model", default=None, help="GGUF file (default: the default model)")
     p.add_argument("--tokens", default=None, help="pre-tokenized .pt with 'calibration' and 'evaluation' tokens "
@@ -126,8 +128,8 @@ def main() -> None:
             "calibration": list(calib.shape), "torch": torch.__version__, "smoothquant_alpha": args.sq_alpha,
             "awq_search_samples": args.awq_search_samples,
             "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
-    rows = [{"run": "unquantized", "method": "-", **ev.evaluate(base), "seconds": 0.0}]
-    print(rows[0], flush=True)
+    rows = [] if args.no_base_row else [{"run": "unquantized", "method": "-", **ev.evaluate(base), "seconds": 0.0}]
+    print(rows[:1], flush=True)
     keys = [k for k in args.only.split(",") if k] or list(RUNS)
     for key in keys:
         cfg = config_for(key)
@@ -147,8 +149,8 @@ def main() -> None:
         del model
         # written after every run, so a run cut short keeps what it measured
         out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        out.with_suffix(".md").write_text(render(rows, meta))
-    print(render(rows, meta))
+        if rows[0]["run"] == "unquantized":
+            out.with_suffix(".md").write_text(render(rows, meta))
 
 
 if __name__ == "__main__":
