@@ -77,3 +77,20 @@ def test_inspect_gguf_default_model(capsys) -> None:
     kinds = {t["format"] for t in info["tensors"]}
     assert {"Q4_1", "Q8_0"} <= kinds
     assert info["summary"]["architecture"] == "llama"
+
+
+def test_finetune_qlora_writes_adapter_and_plot(capsys, tmp_path: Path) -> None:
+    data = tmp_path / "notes.txt"
+    data.write_text("lowbit quantizes language models. " * 200)
+    out = tmp_path / "ft"
+    rc, text, err = run(capsys, "finetune", "--method", "qlora", "--data", str(data), "--out", str(out),
+                        "--steps", "2", "--seq-len", "32", "--batch-size", "1", "--rank", "4")
+    assert rc == 0, err
+    names = {p.name for p in out.iterdir()}
+    assert {"loss.png", "metrics.json", "adapter"} <= names, names
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (out / "adapter").iterdir()}
+
+
+def test_finetune_unknown_method_is_refused(capsys, tmp_path: Path) -> None:
+    rc, _, err = run(capsys, "finetune", "--method", "nope", "--data", "x", "--out", str(tmp_path / "o"))
+    assert rc == 2 and "valid choices" in err

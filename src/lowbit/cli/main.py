@@ -168,14 +168,30 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from lowbit.train import finetune
-    from lowbit.loading import load_with_tokenizer
+    from tqdm.auto import tqdm
 
+    from lowbit.io.atomic import check_writable
+    from lowbit.loading import load_with_tokenizer
+    from lowbit.train import METHODS, finetune
+
+    if args.method not in METHODS:
+        raise ValueError(f"unknown fine-tuning method {args.method!r}; valid choices: {sorted(METHODS)}")
+    check_writable(args.out, args.overwrite)
     model, tok = load_with_tokenizer(args.model)
-    finetune(model, tok, data=args.data, method=args.method, out_dir=args.out, steps=args.steps, rank=args.rank,
-             alpha=args.alpha, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size,
-             overwrite=args.overwrite, progress=_progress())
-    print(f"adapters and loss plot written to {args.out}")
+    bar = tqdm(total=args.steps, desc=args.method, file=sys.stderr, dynamic_ncols=True)
+
+    def on_step(info) -> None:  # type: ignore[no-untyped-def]
+        bar.update(1)
+        bar.set_postfix(loss=f"{info.loss:.4f}")
+
+    result = finetune(model, tok, args.data, method=args.method, steps=args.steps, r=args.rank, alpha=args.alpha,
+                      lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size, output_dir=args.out,
+                      progress=on_step)
+    bar.close()
+    print(f"{args.method}: {args.steps} steps; outputs (adapter/ in peft format, loss.png, metrics.json) in {args.out}")
+    summary = {k: v for k, v in vars(result).items() if isinstance(v, (int, float, str))} if hasattr(result, "__dict__") else {}
+    if summary:
+        print(json.dumps(summary))
     return 0
 
 
@@ -255,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--steps", type=int, default=100)
     s.add_argument("--rank", type=int, default=16)
-    s.add_argument("--alpha", type=float, default=32.0)
-    s.add_argument("--lr", type=float, default=2e-4)
+    s.add_argument("--alpha", type=float, default=16.0)
+    s.add_argument("--lr", type=float, default=None, help="default: the method's (2e-4 LoRA-type, 1e-4 PEQA/QFT)")
     s.add_argument("--seq-len", type=int, default=256)
     s.add_argument("--batch-size", type=int, default=4)
     s.add_argument("--overwrite", action="store_true")
