@@ -36,8 +36,8 @@ def _err(W, res, s):
     return float(torch.linalg.norm(W - res.qweight.dequantize().float() - s * res.B @ res.A))
 
 
-@pytest.mark.parametrize("name,fmt", [(REAL[0], default_format(4)), (REAL[1], IntAffine(bits=2, group_size=64)),
-                                      (REAL[0], IntAffine(bits=3, group_size=64))], ids=["nf4", "int2", "int3"])
+@pytest.mark.parametrize("name,fmt", [(REAL[0], default_format(4)), (REAL[0], IntAffine(bits=2, group_size=64)),
+                                      (REAL[1], IntAffine(bits=3, group_size=64))], ids=["nf4", "int2", "int3"])
 def test_layer_error_below_plain_quantization_and_falls_with_T_and_r(name, fmt):
     W = _minilm_weight(name)
     plain = float(torch.linalg.norm(W - fmt.fake_quantize(W)))
