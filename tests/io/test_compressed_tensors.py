@@ -103,3 +103,100 @@ def test_unquantized_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no quantized"):
         export_compressed_tensors(tiny_llama(), tmp_path / "ct")
     assert not any(isinstance(m, QuantLinear) for m in tiny_llama().modules())
+
+
+# --- every method the issue names: GPTQ (act-order or not), AWQ, SmoothQuant W8A8, FP8 W8A8 / weight-only ----
+
+def _method_configs() -> dict[str, object]:
+    from lowbit.formats.minifloat import Minifloat
+    from lowbit.methods.awq.api import AWQConfig
+    from lowbit.methods.fp8.api import FP8Config
+    from lowbit.methods.gptq.api import GPTQConfig
+    from lowbit.methods.smoothquant.api import SmoothQuantConfig
+
+    return {
+        "gptq-w4a16-g32": GPTQConfig(format=IntAffine(bits=4, group_size=32, symmetric=True)),
+        "gptq-w4a16-g32-actorder": GPTQConfig(format=IntAffine(bits=4, group_size=32, symmetric=True), act_order=True,
+                                              static_groups=True),
+        "gptq-w4a16-g32-asym-actorder": GPTQConfig(format=IntAffine(bits=4, group_size=32), act_order=True,
+                                                   static_groups=True),
+        "gptq-w4a16-actorder-channel": GPTQConfig(format=IntAffine(bits=4, group_size=None, symmetric=True),
+                                                  act_order=True),
+        "gptq-w8a16": GPTQConfig(format=IntAffine(bits=8, group_size=None, symmetric=True)),
+        "awq-w4a16-g32": AWQConfig.for_bits(4, 32),
+        "awq-w4a16-g32-sym": AWQConfig(format=IntAffine(bits=4, group_size=32, symmetric=True)),
+        "smoothquant-w8a8-int8": SmoothQuantConfig(),
+        "fp8-w8a8": FP8Config(),
+        "fp8-weight-only": FP8Config(format=Minifloat.preset("e4m3")),
+    }
+
+
+CALIB = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(5))
+
+
+def _quantized(name: str) -> LlamaForCausalLM:
+    model = tiny_llama()
+    cfg = _method_configs()[name]
+    lowbit.quantize_(model, cfg, calibration=CALIB if cfg.stats else None)  # type: ignore[arg-type]
+    return model
+
+
+def _decompress_all(out: Path) -> dict[str, torch.Tensor]:
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    tensors = load_file(str(out / "model.safetensors"))
+    dense = {}
+    for group in cfg["config_groups"].values():
+        scheme = QuantizationScheme.model_validate({k: v for k, v in group.items() if k != "format"})
+        compressor = BaseCompressor.load_from_registry(group["format"])
+        for layer in group["targets"]:
+            local = {k.removeprefix(layer + "."): v for k, v in tensors.items() if k.startswith(layer + ".")}
+            dense[layer] = compressor.decompress(local, scheme)["weight"]
+    return dense
+
+
+@pytest.mark.parametrize("name", list(_method_configs()))
+def test_methods_decompress_to_lowbit_weights_exactly(tmp_path: Path, name: str) -> None:
+    model = _quantized(name)
+    out = export_compressed_tensors(model, tmp_path / "ct")
+    dense = _decompress_all(out)
+    assert len(dense) == 2 * 7
+    for layer, W in dense.items():
+        ours = model.get_submodule(layer).dequantize()
+        assert W.dtype == ours.dtype == torch.float32
+        assert torch.equal(W, ours), layer
+    assert not any(k.endswith("weight_g_idx") for k in load_file(str(out / "model.safetensors")))
+
+
+def test_non_contiguous_act_order_groups_are_refused(tmp_path: Path) -> None:
+    """compressed-tensors 0.20 removed actorder='group' (g_idx); GPTQ act-order without static groups is refused."""
+    from lowbit.methods.gptq.api import GPTQConfig
+
+    model = tiny_llama()
+    lowbit.quantize_(model, GPTQConfig(format=IntAffine(bits=4, group_size=32, symmetric=True), act_order=True),
+                     calibration=CALIB)
+    with pytest.raises(ValueError, match="static_groups=True"):
+        export_compressed_tensors(model, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
+
+
+# transformers (5.24 + compressed-tensors 0.20) on CPU: asymmetric group zero points are re-initialized on
+# load (see the note above), so asymmetric GPTQ/AWQ are proven by the decompressor only.
+TRANSFORMERS_OK = ["gptq-w4a16-g32", "gptq-w4a16-g32-actorder", "gptq-w4a16-actorder-channel", "gptq-w8a16", "awq-w4a16-g32-sym",
+                   "smoothquant-w8a8-int8", "fp8-w8a8", "fp8-weight-only"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TRANSFORMERS_OK)
+def test_methods_transformers_logits(tmp_path: Path, name: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = _quantized(name)
+    out = export_compressed_tensors(model, tmp_path / "ct")
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=torch.float32).eval()
+    x = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = model(x).logits, loaded(x).logits
+    # W8A8 int8: transformers' CPU path gave logits 5.5e-3 (abs) away from lowbit's (measured, cause not
+    # diagnosed: its dynamic per-token activation quantization differs from lowbit's); weights are exact above
+    tol = 1e-2 if name == "smoothquant-w8a8-int8" else 1e-4
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)

@@ -10,9 +10,11 @@ lowbit format                     compressed-tensors   tensors per layer
 ================================  ===================  ===============================================
 IntAffine (2-8 bit, integer zero)  ``pack-quantized``   ``weight_packed`` int32, ``weight_scale``,
   sym/asym, group or channel,                           ``weight_zero_point`` (asym; int32-packed along
-  g_idx (GPTQ act-order)                                rows), ``weight_shape``, ``weight_g_idx``
+  act-order with contiguous groups                      rows), ``weight_shape`` (no g_idx: CT >= 0.20
+  (GPTQ static_groups)                                  dropped actorder="group")
 Int8Rowwise (W8A16, W8A8 int8)     ``int-quantized``    ``weight`` int8, ``weight_scale`` (out, 1)
 FP8 e4m3 (weight-only, W8A8)       ``float-quantized``  ``weight`` float8_e4m3fn, ``weight_scale``
+Minifloat E4M3fn (methods/fp8)     ``float-quantized``  ``weight`` float8_e4m3fn, ``weight_scale``
 ================================  ===================  ===============================================
 
 Codes map exactly: lowbit stores unsigned codes ``u`` with ``W = (u - z)·s`` (implicit ``z = 2^(b-1)``
@@ -42,7 +44,8 @@ __all__ = ["export_compressed_tensors", "scheme_for", "layer_tensors", "pack_int
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("int_affine (integer zero point, groups dividing the row)", "int8_rowwise", "fp8 (e4m3)")
+SUPPORTED = ("int_affine (integer zero point, groups dividing the row)", "int8_rowwise", "fp8 (e4m3)",
+             "minifloat (E4M3 fn, channel or tensor scales)")
 
 
 def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -91,7 +94,7 @@ def scheme_for(fmt: Format, shape: tuple[int, int]) -> dict[str, Any]:
                                  f"divide in_features {shape[1]}; group sizes that do: {divisors} (or per-channel)")
         weights = {"num_bits": int(fmt.bits), "type": "int", "symmetric": bool(fmt.symmetric),  # type: ignore[attr-defined]
                    "strategy": strategy, "group_size": group, "dynamic": False,
-                   "actorder": "group" if fmt.act_order else None, "observer": "minmax"}  # type: ignore[attr-defined]
+                   "actorder": "weight" if fmt.act_order else None, "observer": "minmax"}  # type: ignore[attr-defined]
         return {"weights": weights, "input_activations": None, "format": "pack-quantized"}
     if kind == "int8_rowwise":
         if getattr(fmt, "threshold", 0):
@@ -107,6 +110,14 @@ def scheme_for(fmt: Format, shape: tuple[int, int]) -> dict[str, Any]:
         strategy = "channel" if fmt.per_channel else "tensor"  # type: ignore[attr-defined]
         weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": strategy, "group_size": None,
                    "dynamic": False, "observer": "minmax"}
+        return {"weights": weights, "input_activations": _act_args(fmt, "float"), "format": "float-quantized"}
+    if kind == "minifloat":  # methods/fp8 (FP8Config): codes are float8_e4m3fn bit patterns
+        if (fmt.torch_float8() is not torch.float8_e4m3fn or fmt.granularity not in ("channel", "tensor")  # type: ignore[attr-defined]
+                or fmt.lorc_rank):  # type: ignore[attr-defined]
+            raise ValueError("compressed-tensors stores minifloat weights only as E4M3 (fn) with per-channel or "
+                             f"per-tensor scales and no LoRC; got {fmt}. Exportable formats: {SUPPORTED}")
+        weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": fmt.granularity,  # type: ignore[attr-defined]
+                   "group_size": None, "dynamic": False, "observer": "minmax"}
         return {"weights": weights, "input_activations": _act_args(fmt, "float"), "format": "float-quantized"}
     raise ValueError(f"format {kind!r} has no compressed-tensors equivalent; exportable formats: {SUPPORTED}")
 
@@ -139,12 +150,22 @@ def layer_tensors(q: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Ten
             else:  # group/channel zero points are packed along rows (dim 0)
                 t["weight_zero_point"] = pack_int32(z.T.contiguous(), bits).T.contiguous()
         if fmt.act_order:  # type: ignore[attr-defined]
-            t["weight_g_idx"] = q["g_idx"].to(torch.int32)
+            # compressed-tensors >= 0.20 removed actorder="group" (a stored g_idx); "weight" act-order keeps the
+            # groups contiguous, which lowbit's g_idx must then be
+            gs = fmt.group_size if fmt.group_size is not None and not fmt.per_tensor else n  # type: ignore[attr-defined]
+            contiguous = torch.arange(n, device=q["g_idx"].device) // gs
+            if not torch.equal(q["g_idx"].to(torch.int64).reshape(-1), contiguous):
+                raise ValueError("this act-order weight has non-contiguous groups (g_idx); compressed-tensors >= 0.20 "
+                                 "stores act-order only with contiguous groups (actorder='weight'): quantize with "
+                                 "GPTQ static_groups=True, or without act_order")
         return t
     if fmt.kind == "int8_rowwise":
         return {"weight": q["qdata"].to(torch.int8), "weight_scale": q["scale"].to(dtype).reshape(-1, 1)}
     if fmt.kind == "fp8":
         return {"weight": q["qdata"], "weight_scale": q["scale"].to(dtype).reshape(-1, 1)}
+    if fmt.kind == "minifloat":
+        w = fmt.codes(q).to(torch.uint8).view(torch.float8_e4m3fn)  # type: ignore[attr-defined]
+        return {"weight": w, "weight_scale": q["scale"].to(dtype).reshape(-1, 1)}
     raise ValueError(f"format {fmt.kind!r} has no compressed-tensors equivalent; exportable formats: {SUPPORTED}")
 
 
