@@ -97,3 +97,22 @@ def test_resume_refuses_other_inputs(tmp_path: Path) -> None:
     quantize_streaming(src, tmp_path / "out", config("rtn"), overwrite=True)
     ref = quantize_streaming(src, tmp_path / "ref", config("rtn"))
     assert files(tmp_path / "out") == files(ref)
+
+
+def test_cli_quantize_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`lowbit quantize --resume` finishes a killed run; an existing --out is never replaced without --overwrite."""
+    from lowbit.cli.main import main
+
+    src = make_source(tmp_path / "src")
+    script = KILLER.format(testdir=str(Path(__file__).parent))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", script, "rtn", str(src), str(out), "1"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    args = ["quantize", str(src), "--method", "rtn", "--bits", "4", "--group-size", "32", "--out", str(out)]
+    assert main([*args, "--resume"]) == 0
+    ref = quantize_streaming(src, tmp_path / "ref", config("rtn"))
+    assert files(out) == files(ref)
+    assert main([*args, "--stream"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert files(out) == files(ref)

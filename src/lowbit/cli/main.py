@@ -67,6 +67,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.quantize import quantize_
 
     cfg = build_method_config(args.method, args.bits, args.group_size, args)
+    if args.stream or args.resume:  # block by block from safetensors shards; resumable (lowbit.io.streaming)
+        return _quantize_streaming(args, cfg)
     check_writable(args.out, args.overwrite)
     model, tok = load_with_tokenizer(args.model, dtype=_dtype(args.dtype))
     calib = None
@@ -80,6 +82,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     checkpoint.save(model, args.out, tokenizer=tok, method=cfg, overwrite=args.overwrite,
                     extra={"source": args.model or "default", "seconds": round(dt, 2)})
     print(f"quantized with {cfg.describe()} in {dt:.1f}s -> {args.out}")
+    return 0
+
+
+def _quantize_streaming(args: argparse.Namespace, cfg) -> int:  # type: ignore[no-untyped-def]
+    from lowbit.io.streaming import quantize_streaming
+
+    if args.model is None or not Path(args.model).is_dir():
+        raise SystemExit("--stream/--resume need a transformers model directory (config.json + safetensors)")
+    calib = None
+    if cfg.stats:
+        from transformers import AutoTokenizer
+
+        from lowbit.data.corpora import calibration_tokens
+
+        tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        calib = calibration_tokens(tok, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed,
+                                   text=_read_text(args.calib_data))
+    t0 = time.perf_counter()
+    quantize_streaming(args.model, args.out, cfg, calibration=calib, ignore=args.ignore or (), dtype=_dtype(args.dtype),
+                       resume=args.resume, overwrite=args.overwrite, progress=_progress())
+    print(f"quantized (streaming) with {cfg.describe()} in {time.perf_counter() - t0:.1f}s -> {args.out}")
     return 0
 
 
@@ -214,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--group-size", type=int, default=None, help="input columns per group; -1: per output channel")
     s.add_argument("--out", required=True)
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.add_argument("--stream", action="store_true",
+                   help="quantize block by block from the safetensors shards (models larger than memory)")
+    s.add_argument("--resume", action="store_true", help="continue a killed --stream run (implies --stream)")
     s.add_argument("--ignore", action="append", help="regex of layer names to leave unquantized (repeatable)")
     s.add_argument("--calib-data", default=None, help="text file or folder (default: the docs-topics calibration split)")
     s.add_argument("--calib-samples", type=int, default=64)
