@@ -94,3 +94,15 @@ def test_finetune_qlora_writes_adapter_and_plot(capsys, tmp_path: Path) -> None:
 def test_finetune_unknown_method_is_refused(capsys, tmp_path: Path) -> None:
     rc, _, err = run(capsys, "finetune", "--method", "nope", "--data", "x", "--out", str(tmp_path / "o"))
     assert rc == 2 and "valid choices" in err
+
+
+def test_export_gguf_then_inspect_and_reload(capsys, tmp_path: Path) -> None:
+    out = tmp_path / "m.gguf"
+    rc, text, err = run(capsys, "export-gguf", "--type", "Q8_0", "--out", str(out))
+    assert rc == 0, err
+    rc, text, err = run(capsys, "inspect", str(out), "--json")
+    assert rc == 0, err
+    info = json.loads(text)
+    assert "Q8_0" in {t["format"] for t in info["tensors"]}
+    rc, _, err = run(capsys, "export-gguf", "--type", "Q8_0", "--out", str(out))
+    assert rc == 2 and "overwrite" in err

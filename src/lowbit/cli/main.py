@@ -164,15 +164,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from lowbit.io.atomic import check_writable
     from lowbit.io.gguf_export import export_gguf
     from lowbit.io.imatrix import read_imatrix
     from lowbit.loading import load_with_tokenizer
 
+    check_writable(args.out, args.overwrite)
     model, tok = load_with_tokenizer(args.model)
     imatrix = read_imatrix(args.imatrix) if args.imatrix else None
-    export_gguf(model, tok, args.out, type=args.type, imatrix=imatrix, overwrite=args.overwrite,
-                progress=_progress())
-    print(f"wrote {args.out} ({args.type})")
+    bar = tqdm(desc=f"export {args.type}", file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def on_tensor(done: int, total: int, name: str) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+        bar.set_postfix_str(name)
+
+    result = export_gguf(model, tok, args.out, type=args.type, imatrix=imatrix, overwrite=args.overwrite,
+                         progress=on_tensor)
+    bar.close()
+    print(f"wrote {args.out} ({args.type}): {result.nbytes / 2**20:.1f} MiB, {result.bits_per_weight:.3f} bits/weight")
     return 0
 
 
