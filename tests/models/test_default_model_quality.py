@@ -50,6 +50,11 @@ def test_rtn_4bit_g128_within_recorded_threshold(base_and_tokens) -> None:
     assert ref < got <= ref * THRESHOLDS["rtn4_g128_max_ratio"], got
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known failure, open in issue 2: on this publisher-quantized model HQQ 3-bit g128 gives PPL 230.6 vs RTN's 73.1 "
+    "(2048 tokens, ctx 512). HQQ's weight error is lower in every layer, but its float zero point (range [min, max], "
+    "zero not exactly representable) biases outputs on outlier activation channels: RTN with a float zero point "
+    "alone reaches 102.3 at g64, HQQ 102.1, integer-zero RTN 41.6. strict: passing would flag the fix."))
 def test_hqq_no_worse_than_rtn_at_3_bits(base_and_tokens) -> None:
     base, tokens = base_and_tokens
     rtn = quantized_ppl(base, tokens, RTNConfig(format=IntAffine(bits=3, group_size=128)))
