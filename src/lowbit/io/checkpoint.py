@@ -95,7 +95,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, tokenizer: Any = Non
         else:
             seen[key] = k
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        meta = {"format": "pt", "lowbit_checkpoint": str(CHECKPOINT_VERSION)}
+        # One key only: safetensors writes metadata from a hash map, so several keys come out in a random
+        # order and identical checkpoints would differ byte for byte. The version lives in lowbit.json.
+        meta = {"format": "pt"}
         parts = _shards(state, max_shard_size) if max_shard_size is not None else [state]
         if len(parts) == 1:
             save_file(state, str(tmp / WEIGHTS), metadata=meta)
