@@ -12,12 +12,12 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-__all__ = ["DEFAULT_IGNORE", "iter_targets", "set_submodule"]
+__all__ = ["DEFAULT_IGNORE", "compile_patterns", "iter_targets", "set_submodule"]
 
 DEFAULT_IGNORE: tuple[str, ...] = (r"(^|\.)lm_head$", r"(^|\.)embed_tokens$", r"(^|\.)wte$", r"(^|\.)embed_out$")
 
 
-def _compile(patterns: Sequence[str], what: str) -> list[re.Pattern[str]]:
+def compile_patterns(patterns: Sequence[str], what: str) -> list[re.Pattern[str]]:
     out = []
     for p in patterns:
         try:
@@ -34,10 +34,10 @@ def iter_targets(model: nn.Module, targets: Sequence[str] = ("Linear",),
     A module excluded only by :data:`DEFAULT_IGNORE` is still selected when a target other than
     ``"Linear"`` names it (``targets=["lm_head"]``).
     """
-    tpats = _compile([t for t in targets if t != "Linear"], "target")
+    tpats = compile_patterns([t for t in targets if t != "Linear"], "target")
     all_linear = "Linear" in targets
-    ipats = _compile(list(ignore), "ignore")
-    dpats = _compile(DEFAULT_IGNORE, "default ignore")
+    ipats = compile_patterns(list(ignore), "ignore")
+    dpats = compile_patterns(DEFAULT_IGNORE, "default ignore")
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear):
             continue

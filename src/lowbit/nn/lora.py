@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowbit.model.walk import DEFAULT_IGNORE, set_submodule
+from lowbit.model.walk import DEFAULT_IGNORE, compile_patterns, set_submodule
 from lowbit.nn.linear import QuantLinear
 
 __all__ = ["LoRALinear", "LoRASpec", "add_lora", "lora_layers", "lora_parameters", "lora_state_dict",
@@ -162,23 +162,13 @@ def _float_dtype(layer: nn.Module) -> torch.dtype:
     return dt if dt in (torch.float32, torch.float64) else torch.float32
 
 
-def _compile(patterns: Sequence[str], what: str) -> list[re.Pattern[str]]:
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise ValueError(f"{what} pattern {p!r} is not a valid regular expression: {e}") from None
-    return out
-
-
 def iter_linear(model: nn.Module, targets: Sequence[str] = ("Linear",),
                 ignore: Sequence[str] = ()) -> Iterator[tuple[str, nn.Module]]:
     """``(name, layer)`` for each ``nn.Linear``/``QuantLinear`` selected, with :mod:`lowbit.model.walk`'s
     pattern rules (``"Linear"`` = every linear layer; ``lm_head`` and embeddings only when named)."""
-    tpats = _compile([t for t in targets if t != "Linear"], "target")
+    tpats = compile_patterns([t for t in targets if t != "Linear"], "target")
     all_linear = "Linear" in targets
-    ipats, dpats = _compile(ignore, "ignore"), _compile(DEFAULT_IGNORE, "default ignore")
+    ipats, dpats = compile_patterns(ignore, "ignore"), compile_patterns(DEFAULT_IGNORE, "default ignore")
     inside_lora = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     for name, mod in model.named_modules():
         if not isinstance(mod, LINEAR_TYPES) or any(name.startswith(p + ".") for p in inside_lora):
