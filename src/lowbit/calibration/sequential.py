@@ -48,7 +48,8 @@ from lowbit.methods.base import MethodConfig
 from lowbit.model.blocks import find_blocks, linear_stages
 from lowbit.model.walk import iter_targets
 
-__all__ = ["BlockCall", "capture_block_inputs", "quantize_sequential", "run_block"]
+__all__ = ["BlockCall", "capture_block_inputs", "check_calibration", "quantize_block", "quantize_sequential",
+           "run_block", "with_hidden"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class _Captured(Exception):
     pass
 
 
-def _check_calibration(calibration: Any) -> torch.Tensor:
+def check_calibration(calibration: Any) -> torch.Tensor:
+    """``calibration`` if it is a non-empty 2-D integer tensor of token ids; a clear error otherwise."""
     if not isinstance(calibration, torch.Tensor):
         raise TypeError(f"calibration must be a torch.Tensor of token ids, got {type(calibration).__name__}")
     if calibration.dim() != 2 or calibration.is_floating_point() or calibration.numel() == 0:
@@ -115,7 +117,8 @@ def run_block(block: nn.Module, call: BlockCall) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _with_hidden(call: BlockCall, hidden: torch.Tensor) -> BlockCall:
+def with_hidden(call: BlockCall, hidden: torch.Tensor) -> BlockCall:
+    """``call`` with its hidden-state input replaced by ``hidden`` (the previous block's output)."""
     if call.args:
         return BlockCall((hidden, *call.args[1:]), call.kwargs)
     return BlockCall((), {**call.kwargs, "hidden_states": hidden})
@@ -143,6 +146,45 @@ def _collect(block: nn.Module, layers: dict[str, nn.Module], names: Sequence[str
     return out
 
 
+def quantize_block(block: nn.Module, names: Sequence[str], config: MethodConfig, calls: list[BlockCall],
+                   quantize_layer: Callable[[str, nn.Module, dict[str, torch.Tensor]], None], *,
+                   true_sequential: bool = True) -> list[BlockCall]:
+    """Quantize one decoder block's target layers with calibration statistics; return the next block's inputs.
+
+    Steps 2 and 3 of the module doc for one block: ``config.prepare_block`` (if any) on statistics of the
+    unmodified block, then stage by stage (:func:`lowbit.model.blocks.linear_stages`) fresh input statistics
+    and ``quantize_layer(name, layer, stats)`` for each layer, then the block's outputs (quantized or float, by
+    ``config.sequential_inputs``) as the next block's :class:`BlockCall` list. Both the in-memory runner
+    (:func:`quantize_sequential`) and streaming (:mod:`lowbit.io.streaming`) call this.
+
+    Args:
+        block: the decoder block, materialized, with float target layers.
+        names: target layer names relative to ``block`` (``"self_attn.q_proj"``).
+        config: the method config (its input statistics are collected; ``fisher`` is the caller's business).
+        calls: the block's inputs, one :class:`BlockCall` per calibration batch.
+        quantize_layer: replaces one layer (the caller knows the model and where the block sits in it).
+        true_sequential: stage by stage; False collects all of the block's statistics in one pass.
+    """
+    input_stats = [s for s in config.stats if s in INPUT_STATS]
+    layers = {n: block.get_submodule(n) for n in names}
+    prepare = getattr(config, "prepare_block", None)
+    if prepare is not None and names:
+        prepare(block, calls, _collect(block, layers, input_stats, calls, stop_early=False))
+    fp_out = [run_block(block, c) for c in calls] if getattr(config, "sequential_inputs", "quantized") == "fp" else None
+    if true_sequential and len(names) > 1:
+        stages = linear_stages(block, list(names), lambda: run_block(block, calls[0]))
+    else:
+        stages = [list(names)] if names else []
+    for stage in stages:
+        stage_layers = {n: block.get_submodule(n) for n in stage}
+        stats = (_collect(block, stage_layers, input_stats, calls, stop_early=True) if input_stats
+                 else {n: {} for n in stage})
+        for n in stage:
+            quantize_layer(n, stage_layers[n], dict(stats[n]))
+    outs = fp_out if fp_out is not None else [run_block(block, c) for c in calls]
+    return [with_hidden(c, h) for c, h in zip(calls, outs)]
+
+
 def quantize_sequential(model: nn.Module, config: MethodConfig, calibration: torch.Tensor, *,
                         targets: Sequence[str] = ("Linear",), ignore: Sequence[str] = (),
                         progress: Callable[..., Iterable[Any]] | None = None, batch_size: int = 8,
@@ -164,7 +206,7 @@ def quantize_sequential(model: nn.Module, config: MethodConfig, calibration: tor
     """
     from lowbit.quantize import replace_linear  # quantize.py imports this module lazily; avoid a cycle
 
-    calibration = _check_calibration(calibration)
+    calibration = check_calibration(calibration)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sequential_inputs = getattr(config, "sequential_inputs", "quantized")
@@ -195,34 +237,20 @@ def quantize_sequential(model: nn.Module, config: MethodConfig, calibration: tor
                 return model
             path, blocks = find_blocks(model)
             calls = capture_block_inputs(model, blocks[0], calibration, batch_size)
-            prepare = getattr(config, "prepare_block", None)
             done: set[str] = set()
             for i, block in progress(list(enumerate(blocks)), total=len(blocks), desc=f"{config.kind} blocks"):
                 prefix = f"{path}.{i}."
                 rel = [n[len(prefix):] for n in selected if n.startswith(prefix)]
-                layers = {n: block.get_submodule(n) for n in rel}
-                if prepare is not None and rel:
-                    prepare(block, calls, _collect(block, layers, input_stats, calls, stop_early=False))
-                fp_out = [run_block(block, c) for c in calls] if sequential_inputs == "fp" else None
-                if true_sequential and len(rel) > 1:
-                    stages = linear_stages(block, rel, lambda: run_block(block, calls[0]))
-                else:
-                    stages = [rel] if rel else []
-                for stage in stages:
-                    stage_layers = {n: block.get_submodule(n) for n in stage}
-                    stats = (_collect(block, stage_layers, input_stats, calls, stop_early=True)
-                             if input_stats else {n: {} for n in stage})
-                    for n in stage:
-                        full = prefix + n
-                        st = dict(stats[n])
-                        if full in fisher:
-                            st["fisher"] = fisher.pop(full)
-                        replace_linear(model, full, stage_layers[n], config, st)  # type: ignore[arg-type]
-                        done.add(full)
-                outs = fp_out if fp_out is not None else [run_block(block, c) for c in calls]
-                calls = [_with_hidden(c, h) for c, h in zip(calls, outs)]
-                log.info("%s: block %d/%d quantized (%d layers in %d stages)", config.kind, i + 1, len(blocks),
-                         len(rel), len(stages))
+
+                def quantize_layer(n: str, lin: nn.Module, st: dict[str, torch.Tensor], prefix: str = prefix) -> None:
+                    full = prefix + n
+                    if full in fisher:
+                        st["fisher"] = fisher.pop(full)
+                    replace_linear(model, full, lin, config, st)  # type: ignore[arg-type]
+                    done.add(full)
+
+                calls = quantize_block(block, rel, config, calls, quantize_layer, true_sequential=true_sequential)
+                log.info("%s: block %d/%d quantized (%d layers)", config.kind, i + 1, len(blocks), len(rel))
             del calls
             rest = [n for n in selected if n not in done]
             if rest:

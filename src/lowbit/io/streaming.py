@@ -6,8 +6,8 @@ meta device; only the embedding is materialized. For each decoder block ``i``:
 
 1. its weights are read from the shards (``safetensors.safe_open``, which memory-maps the file; the handle is
    closed after the block, so no page of an earlier block stays mapped),
-2. its Linear layers are quantized (calibrated methods run the same per-block loop as
-   :mod:`lowbit.calibration.sequential`, GPTQ arXiv 2210.17323 §4, on the captured block inputs),
+2. its Linear layers are quantized (calibrated methods call the runner's per-block step,
+   :func:`lowbit.calibration.sequential.quantize_block`, GPTQ arXiv 2210.17323 §4, on the captured inputs),
 3. the quantized block is written as its own shard ``model-{i+1:05d}-of-{N:05d}.safetensors`` (atomically,
    fsync'd) and its tensors are freed (the block goes back to the meta device),
 4. a progress file is replaced atomically: ``blocks_done``, the layers written so far, each shard's sha256,
@@ -226,30 +226,19 @@ def _write_json(obj: Any, path: Path) -> None:
 
 
 def _quantize_block(model: nn.Module, config: MethodConfig, prefix: str, block: nn.Module, rel: list[str],
-                    calls: list[Any] | None, input_stats: list[str]) -> list[Any] | None:
+                    calls: list[Any] | None) -> list[Any] | None:
     """Quantize one materialized block; return the next block's calls (calibrated methods) or None."""
-    from lowbit.calibration.sequential import _collect, _with_hidden, run_block
-    from lowbit.model.blocks import linear_stages
+    from lowbit.calibration.sequential import quantize_block
     from lowbit.quantize import replace_linear
+
+    def quantize_layer(n: str, lin: nn.Module, stats: dict[str, torch.Tensor] | None = None) -> None:
+        replace_linear(model, prefix + n, lin, config, stats)  # type: ignore[arg-type]
 
     if calls is None:
         for n in rel:
-            replace_linear(model, prefix + n, block.get_submodule(n), config)  # type: ignore[arg-type]
+            quantize_layer(n, block.get_submodule(n))
         return None
-    layers = {n: block.get_submodule(n) for n in rel}
-    prepare = getattr(config, "prepare_block", None)
-    if prepare is not None and rel:
-        prepare(block, calls, _collect(block, layers, input_stats, calls, stop_early=False))
-    fp_out = [run_block(block, c) for c in calls] if getattr(config, "sequential_inputs", "quantized") == "fp" else None
-    stages = linear_stages(block, rel, lambda: run_block(block, calls[0])) if len(rel) > 1 else ([rel] if rel else [])
-    for stage in stages:
-        stage_layers = {n: block.get_submodule(n) for n in stage}
-        stats = (_collect(block, stage_layers, input_stats, calls, stop_early=True) if input_stats
-                 else {n: {} for n in stage})
-        for n in stage:
-            replace_linear(model, prefix + n, stage_layers[n], config, dict(stats[n]))  # type: ignore[arg-type]
-    outs = fp_out if fp_out is not None else [run_block(block, c) for c in calls]
-    return [_with_hidden(c, h) for c, h in zip(calls, outs)]
+    return quantize_block(block, rel, config, calls, quantize_layer)
 
 
 def _calib_sha(calibration: torch.Tensor | None) -> str | None:
@@ -282,7 +271,7 @@ def quantize_streaming(source: str | os.PathLike[str], out: str | os.PathLike[st
     Returns:
         ``Path(out)``.
     """
-    from lowbit.calibration.sequential import _check_calibration, capture_block_inputs
+    from lowbit.calibration.sequential import capture_block_inputs, check_calibration, with_hidden
     from lowbit.calibration.stats import INPUT_STATS
     from lowbit.model.blocks import find_blocks
     from lowbit.model.walk import iter_targets
@@ -301,7 +290,7 @@ def quantize_streaming(source: str | os.PathLike[str], out: str | os.PathLike[st
     if config.stats or getattr(config, "prepare_block", None) is not None:
         if calibration is None:
             raise ValueError(f"method {config.kind!r} needs calibration token ids (n_samples, seq_len)")
-        calibration = _check_calibration(calibration)
+        calibration = check_calibration(calibration)
     else:
         calibration = None
     progress = progress or (lambda it, **_: it)
@@ -359,16 +348,13 @@ def quantize_streaming(source: str | os.PathLike[str], out: str | os.PathLike[st
                 calls = capture_block_inputs(model, blocks[0], calibration, batch_size)
                 if start > 0:
                     hidden = load_file(str(partial / CALIB_STATE))
-                    from lowbit.calibration.sequential import _with_hidden
-
-                    calls = [_with_hidden(c, hidden[f"h{j}"]) for j, c in enumerate(calls)]
-            input_stats = [s for s in config.stats if s in INPUT_STATS]
+                    calls = [with_hidden(c, hidden[f"h{j}"]) for j, c in enumerate(calls)]
             for i in progress(range(start, n_blocks), total=n_blocks - start, desc=f"{config.kind} blocks"):
                 prefix = f"{path}.{i}."
                 block = blocks[i]
                 _materialize(block, prefix, reader, dtype)
                 rel = [n[len(prefix):] for n in selected if n.startswith(prefix)]
-                calls = _quantize_block(model, config, prefix, block, rel, calls, input_stats)
+                calls = _quantize_block(model, config, prefix, block, rel, calls)
                 sd = {prefix + k: v for k, v in block.state_dict().items()}
                 fname = shard_name(i + 1, n_shards)
                 state["files"][fname] = _write_shard(sd, partial / fname)
