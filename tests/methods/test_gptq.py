@@ -48,6 +48,27 @@ def test_identity_hessian_equals_rtn_exactly(fmt: IntAffine) -> None:
         assert torch.equal(q[k], rtn[k]), k
 
 
+@pytest.mark.parametrize("fmt", FORMATS + [IntAffine(bits=4, group_size=16, float_zero_point=True)], ids=repr)
+@pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
+def test_fast_column_rounding_equals_format_fake_quantize(fmt: IntAffine, act_order: bool, static: bool) -> None:
+    """The sweep's IntAffine rounding (plain tensor ops per column) gives bit-identical results to
+    ``fmt.fake_quantize`` per column, the format's own definition."""
+    from lowbit.methods.gptq.core import gptq
+
+    if static and not fmt.group_size:
+        pytest.skip("static groups need a group size")
+    W, H = correlated(24, 80, seed=7)
+    cfg = GPTQConfig(format=fmt, act_order=act_order, static_groups=static, block_size=32)
+    fast = cfg.quantize_weight(W, {"hessian": H})
+    Q, groups, g_idx, _ = gptq(W, H, lambda Wg, _u: fmt.params(Wg), lambda w, p, _j, _d: fmt.fake_quantize(w, **p),
+                               group_size=fmt.group_size, block_size=32, act_order=act_order, static_groups=static)
+    assert torch.equal(fast.dequantize(), Q)
+    ref = {k: torch.cat([p[k] for p in groups], 1) for k in groups[0]}
+    for k, v in ref.items():
+        assert torch.equal(fast[k], v), k
+    assert (g_idx is None) == (fast.get("g_idx") is None)
+
+
 @pytest.mark.parametrize("act_order,static", [(False, False), (True, True)])
 def test_hessian_weighted_error_at_most_rtn_on_calibrated_layers(act_order: bool, static: bool) -> None:
     """On every Linear of a tiny Llama, with the Hessian of its real inputs: tr((W-Q)H(W-Q)ᵀ) ≤ RTN's."""

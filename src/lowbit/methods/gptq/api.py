@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar, Mapping
 
 import torch
 
 from lowbit.config import ConfigError
+from lowbit.formats.affine import IntAffine
 from lowbit.formats.base import Format, QuantizedTensor
 from lowbit.methods.base import MethodConfig
-from lowbit.methods.gptq.core import gptq
+from lowbit.methods.gptq.core import Params, gptq
 
 __all__ = ["GPTQConfig", "quantize_with_hessian", "require_hessian"]
 
@@ -40,13 +42,42 @@ def _cat(groups: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in groups], dim=1) for k in groups[0]}
 
 
+def _column_rounder(fmt: Format) -> Callable[..., torch.Tensor]:
+    """``round_(w, params, j, u_jj)`` for GPTQ's sweep: ``fmt.fake_quantize`` of one column.
+
+    For :class:`IntAffine` the column is rounded with plain tensor ops on the group's parameters, which the
+    sweep fitted with ``fmt.params`` (so they need none of ``fake_quantize``'s checks): the same arithmetic as
+    ``IntAffine.codes`` + ``fake_quantize`` (``clamp(round(w/s + z), 0, qmax)``, then ``(q - z)·s`` in float32),
+    hence the same values, without the per-column validation that dominated GPTQ's time on small layers.
+    """
+    if type(fmt) is not IntAffine:
+        return lambda w, p, _j, _d: fmt.fake_quantize(w, **p)
+    qmax = float(fmt.qmax)
+    mid = float(1 << (fmt.bits - 1))
+    cache: dict[int, tuple[Params, torch.Tensor, torch.Tensor]] = {}
+
+    def round_(w: torch.Tensor, p: Params, _j: int, _d: torch.Tensor) -> torch.Tensor:
+        hit = cache.get(id(p))
+        if hit is None or hit[0] is not p:  # a group's float parameters are converted once, not per column
+            zero = p.get("zero_point")
+            s = p["scale"].float()
+            hit = (p, s, torch.full_like(s, mid) if zero is None else zero.float())
+            cache.clear()
+            cache[id(p)] = hit
+        _, s, z = hit
+        q = torch.clamp(torch.round(w.float() / s + z), 0, qmax)
+        return ((q - z) * s).to(w.dtype)
+
+    return round_
+
+
 def quantize_with_hessian(fmt: Format, W: torch.Tensor, H: torch.Tensor, *, damp: float, block_size: int,
                           act_order: bool, static_groups: bool) -> QuantizedTensor:
     """Run :func:`~lowbit.methods.gptq.core.gptq` with ``fmt``'s grid and store the result in ``fmt``."""
     group_size = getattr(fmt, "group_size", None)
-    Q, groups, g_idx, _ = gptq(W.detach(), H.to(W.device), lambda Wg, _u: fmt.params(Wg),
-                               lambda w, p, _j, _d: fmt.fake_quantize(w, **p), group_size=group_size, damp=damp,
-                               block_size=block_size, act_order=act_order, static_groups=static_groups)
+    Q, groups, g_idx, _ = gptq(W.detach(), H.to(W.device), lambda Wg, _u: fmt.params(Wg), _column_rounder(fmt),
+                               group_size=group_size, damp=damp, block_size=block_size, act_order=act_order,
+                               static_groups=static_groups)
     extra: dict[str, Any] = {} if g_idx is None else {"g_idx": g_idx}
     q = fmt.quantize(Q, **_cat(groups), **extra)
     return q if q.dtype == W.dtype else dataclasses.replace(q, dtype=W.dtype)
@@ -98,8 +129,6 @@ class GPTQConfig(MethodConfig):
 
         For per-channel GPTQ build the config directly: ``GPTQConfig(format=IntAffine(bits, group_size=None))``.
         """
-        from lowbit.formats.affine import IntAffine
-
         cls.check_bits(bits)
         group_size = group_size or 128
         symmetric = bool(options.pop("symmetric", False))

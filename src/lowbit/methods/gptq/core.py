@@ -110,6 +110,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, fit: Callable[..., Params], round_: C
         i2 = min(i1 + block_size, n)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         E = torch.zeros_like(W1)
+        # Per-column Python work is the cost on small layers: take views and U's diagonal once per batch.
+        cols, errs, rows, diag = W1.unbind(1), E.unbind(1), U1.unbind(0), U1.diagonal().unbind(0)
         for i in range(i2 - i1):
             j = i1 + i
             if group_size and static_groups:
@@ -120,10 +122,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, fit: Callable[..., Params], round_: C
                 groups.append(fit(torch.cat([W1[:, i:i + g], tail], 1), u[j:j + g]))
                 params = groups[-1]
             w = W1[:, i:i + 1]
-            q = round_(w, params, j, U1[i, i]).to(dtype)
+            q = round_(w, params, j, diag[i]).to(dtype)
             Q[:, j:j + 1] = q
-            E[:, i:i + 1] = (w - q) / U1[i, i]
-            W1[:, i:] -= E[:, i:i + 1] @ U1[i:i + 1, i:]
+            torch.div(cols[i] - q[:, 0], diag[i], out=errs[i])
+            W1[:, i:].sub_(errs[i].unsqueeze(1) @ rows[i][i:].unsqueeze(0))
         W[:, i2:] -= E @ U[i1:i2, i2:]
     inv = torch.argsort(perm)
     g_idx = None
