@@ -1,12 +1,14 @@
 """Peak RSS of streaming quantization against model size (lowbit.io.streaming).
 
-For each size, a random-weight Llama is written shard by shard (never whole in memory), then quantized in a
-fresh subprocess; the peak resident set size is read from the OS (``ru_maxrss`` of that process). The baseline
-in the same run is the in-memory path (``transformers`` load + ``lowbit.quantize_``) for the sizes where it fits.
+For each size, a random-weight Llama is written shard by shard (never whole in memory), then quantized with
+each method in a fresh subprocess; the peak resident set size is read from the OS (``ru_maxrss`` of that
+process, the same number as ``VmHWM`` in ``/proc/<pid>/status``). The baseline in the same run is the
+in-memory path (``transformers`` load + ``lowbit.quantize_`` + ``checkpoint.save``) for the sizes where it fits.
 
 Run::
 
-    python benchmarks/bench_streaming.py --sizes 0.25,1,4.3 --method rtn [--workdir /tmp/bs]
+    python benchmarks/bench_streaming.py --sizes 0.25,1,4.3 --methods rtn,gptq [--workdir /tmp/bs] \
+        [--out results/streaming.md]
 
 One child run (used by the slow test too)::
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import resource
 import shutil
 import subprocess
@@ -24,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+METHODS = ("rtn", "gptq")
 
 
 def child(src: str, out: str, method: str, in_memory: bool) -> None:
@@ -56,9 +61,13 @@ def child(src: str, out: str, method: str, in_memory: bool) -> None:
                       "seconds": time.perf_counter() - t0}))
 
 
-def run_child(src: Path, out: Path, method: str, in_memory: bool = False) -> dict[str, float]:
+def run_child(src: Path, out: Path, method: str, in_memory: bool = False, timeout: float | None = None
+              ) -> dict[str, float]:
+    """Quantize ``src`` into ``out`` in a fresh interpreter; its peak RSS (MB), seconds, RSS after imports."""
     cmd = [sys.executable, __file__, "--child", str(src), str(out), method] + (["--in-memory"] if in_memory else [])
-    p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -68,39 +77,72 @@ def shape_for(gb: float) -> dict[str, int]:
     return {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": max(1, round(gb * 1e9 / per_block))}
 
 
+def table(rows: list[tuple[float, int, str, dict[str, float], dict[str, float] | None]]) -> str:
+    lines = ["| fp32 model GB | blocks | method | streaming peak RSS MB | peak RSS / model size | streaming s "
+             "| in-memory peak RSS MB | in-memory s | in-memory / streaming RSS |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for gb, blocks, method, st, mem in rows:
+        m = (f"{mem['peak_rss_mb']:.0f} | {mem['seconds']:.1f} | {mem['peak_rss_mb'] / st['peak_rss_mb']:.2f}x"
+             if mem else "not run | - | -")
+        lines.append(f"| {gb:.2f} | {blocks} | {method} | {st['peak_rss_mb']:.0f} | "
+                     f"{st['peak_rss_mb'] / (gb * 1e3):.2f} | {st['seconds']:.1f} | {m} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--child", nargs=3, metavar=("SRC", "OUT", "METHOD"))
     ap.add_argument("--in-memory", action="store_true")
     ap.add_argument("--sizes", default="0.25,1,4.3", help="fp32 model sizes in GB")
-    ap.add_argument("--method", default="rtn", choices=["rtn", "gptq"])
+    ap.add_argument("--methods", default="rtn,gptq", help=f"comma-separated, from {list(METHODS)}")
     ap.add_argument("--baseline-max-gb", type=float, default=1.0, help="largest size the in-memory baseline runs")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--out", default=None, help="also write the table (markdown) here, atomically")
     a = ap.parse_args()
     if a.child:
         child(*a.child, in_memory=a.in_memory)
         return
+    methods = [m for m in a.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        ap.error(f"unknown method(s) {bad}; valid choices: {list(METHODS)}")
+    from tqdm.auto import tqdm
+
     from lowbit.io.streaming import write_synthetic_llama
 
     work = Path(a.workdir or tempfile.mkdtemp(prefix="bench_streaming."))
     work.mkdir(parents=True, exist_ok=True)
+    sizes = [float(s) for s in a.sizes.split(",")]
     rows = []
-    for gb in [float(s) for s in a.sizes.split(",")]:
+    bar = tqdm(total=len(sizes) * len(methods), desc="runs", file=sys.stderr)
+    for gb in sizes:
         src = work / f"src_{gb}"
         shutil.rmtree(src, ignore_errors=True)
-        total = write_synthetic_llama(src, **shape_for(gb))
-        st = run_child(src, work / f"q_{gb}", a.method)
-        mem = run_child(src, work / f"m_{gb}", a.method, in_memory=True) if gb <= a.baseline_max_gb else None
-        rows.append((total / 1e9, st, mem))
+        shape = shape_for(gb)
+        total = write_synthetic_llama(src, **shape)
+        for method in methods:
+            bar.set_postfix_str(f"{gb} GB {method}")
+            st = run_child(src, work / f"q_{gb}_{method}", method)
+            mem = (run_child(src, work / f"m_{gb}_{method}", method, in_memory=True)
+                   if gb <= a.baseline_max_gb else None)
+            rows.append((total / 1e9, shape["num_hidden_layers"], method, st, mem))
+            tqdm.write(table(rows[-1:]).splitlines()[-1], file=sys.stderr)
+            shutil.rmtree(work / f"q_{gb}_{method}", ignore_errors=True)
+            shutil.rmtree(work / f"m_{gb}_{method}", ignore_errors=True)
+            bar.update()
         shutil.rmtree(src, ignore_errors=True)
-        shutil.rmtree(work / f"q_{gb}", ignore_errors=True)
-        shutil.rmtree(work / f"m_{gb}", ignore_errors=True)
-    print(f"\n{a.method}, IntAffine 4-bit g128; peak RSS from ru_maxrss of a fresh process per run")
-    print("| fp32 model GB | streaming peak RSS MB | streaming s | in-memory peak RSS MB | in-memory/streaming |")
-    print("|---:|---:|---:|---:|---:|")
-    for gb, st, mem in rows:
-        m = f"{mem['peak_rss_mb']:.0f} | {mem['peak_rss_mb'] / st['peak_rss_mb']:.2f}x" if mem else "not run | -"
-        print(f"| {gb:.2f} | {st['peak_rss_mb']:.0f} | {st['seconds']:.1f} | {m} |")
+    bar.close()
+    cmd = "python benchmarks/bench_streaming.py " + " ".join(sys.argv[1:])
+    text = (f"IntAffine 4-bit g128 (GPTQ: 2 x 32 random calibration tokens, batch 2); synthetic Llama blocks "
+            f"hidden 1024 / intermediate 2816; peak RSS = ru_maxrss of a fresh process per run.\n"
+            f"Command: `{cmd}`\nMachine: {platform.machine()} CPU, {platform.python_version()}, "
+            f"{sys.platform}\n\n{table(rows)}\n")
+    print(text)
+    if a.out:
+        from lowbit.io.atomic import atomic_file
+
+        with atomic_file(a.out, overwrite=True, mode="w") as f:
+            f.write(text)  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":
