@@ -68,23 +68,57 @@ def test_decompressor_gives_lowbit_weights_exactly(tmp_path: Path, fmt: IntAffin
     assert checked == 2 * 7
 
 
-# Asymmetric group zero points are proven by the decompressor above; transformers 5.24 with compressed-tensors
-# 0.20 initializes them unpacked (out, n_groups) and re-initializes the packed tensors on load, so the
-# transformers round trip is checked on symmetric schemes (the GPTQ/vLLM default).
-@pytest.mark.parametrize("fmt", [IntAffine(bits=4, group_size=32, symmetric=True),
-                                 IntAffine(bits=8, group_size=None, symmetric=True)], ids=["w4a16-g32", "w8a16"])
-def test_transformers_loads_export_with_same_logits(tmp_path: Path, fmt: IntAffine) -> None:
-    from transformers import AutoModelForCausalLM
+# Peer bug (llm-compressor issue #1618, still present with transformers 5.24.0 + compressed-tensors 0.20.0 +
+# torch 2.13.0): transformers' default compressed load (run_compressed=True) builds the module skeleton with
+# compressed-tensors' *unpacked* zero-point shape (out, n_groups), while pack-quantized stores asymmetric zero
+# points int32-packed along rows (out / (32 / bits), n_groups), the layout its own decompressor reads. Loading
+# raises "RuntimeError: You set `ignore_mismatched_sizes` to `False`" (size mismatch for every
+# *.weight_zero_point); ignore_mismatched_sizes=True re-initializes them and then fails to unpack ("Expected
+# torch.int32 but got torch.int8"). transformers' decompress-on-load path, CompressedTensorsConfig(
+# run_compressed=False), reads the same files through compressed-tensors' decompressor and gives lowbit's
+# logits exactly; asymmetric schemes are checked through that path, symmetric ones through both.
+def _load_with_transformers(out: Path, symmetric: bool) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+    kw = {} if symmetric else {"quantization_config": CompressedTensorsConfig(run_compressed=False)}
+    return AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=torch.float32, **kw).eval()
+
+
+def _symmetric(model: torch.nn.Module) -> bool:
+    return all(getattr(m.qweight.format, "symmetric", True) for m in model.modules() if isinstance(m, QuantLinear))
+
+
+@pytest.mark.parametrize("fmt", [IntAffine(bits=4, group_size=32, symmetric=True),
+                                 IntAffine(bits=8, group_size=None, symmetric=True),
+                                 IntAffine(bits=4, group_size=32, symmetric=False)],
+                         ids=["w4a16-g32", "w8a16", "w4a16-g32-asym"])
+def test_transformers_loads_export_with_same_logits(tmp_path: Path, fmt: IntAffine) -> None:
     model = tiny_llama()
     lowbit.quantize_(model, RTNConfig(format=fmt))
     out = export_compressed_tensors(model, tmp_path / "ct")
-    loaded = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=torch.float32).eval()
+    loaded = _load_with_transformers(out, fmt.symmetric)
     x = torch.randint(0, 96, (1, 12))
     with torch.no_grad():
         ref = model(x).logits
         got = loaded(x).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.xfail(raises=RuntimeError, strict=True,
+                   reason="llm-compressor #1618: transformers 5.24 + compressed-tensors 0.20 expect unpacked "
+                          "asymmetric zero points on the default (run_compressed) load; see the note above")
+def test_transformers_default_load_of_asymmetric_pack_quantized(tmp_path: Path) -> None:
+    """Fails today (peer bug); strict, so a fixed transformers/compressed-tensors turns this into a failure to
+    notice: then the asymmetric checks can use the default load too."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    lowbit.quantize_(model, RTNConfig(format=IntAffine(bits=4, group_size=32, symmetric=False)))
+    out = export_compressed_tensors(model, tmp_path / "ct")
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=torch.float32).eval()
+    x = torch.randint(0, 96, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_unexportable_formats_are_refused(tmp_path: Path) -> None:
@@ -179,24 +213,34 @@ def test_non_contiguous_act_order_groups_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "ct").exists()
 
 
-# transformers (5.24 + compressed-tensors 0.20) on CPU: asymmetric group zero points are re-initialized on
-# load (see the note above), so asymmetric GPTQ/AWQ are proven by the decompressor only.
-TRANSFORMERS_OK = ["gptq-w4a16-g32", "gptq-w4a16-g32-actorder", "gptq-w4a16-actorder-channel", "gptq-w8a16", "awq-w4a16-g32-sym",
-                   "smoothquant-w8a8-int8", "fp8-w8a8", "fp8-weight-only"]
+def _ct_activation_convention(x: torch.Tensor, act, act_scale=None):  # noqa: ANN001, ANN202
+    """compressed-tensors' dynamic symmetric int8 activations (quantization/utils/helpers.py calculate_qparams):
+    scale = absmax / (255 / 2) = absmax / 127.5, codes clamped to [-128, 127]; lowbit uses absmax / 127, ±127."""
+    xf = x.to(torch.float32)
+    amax = xf.abs().amax(dim=-1, keepdim=True) if act.granularity == "token" else xf.abs().amax().reshape(*([1] * x.dim()))
+    s = (amax / 127.5).clamp(min=1e-12)
+    return torch.round(xf / s).clamp(-128, 127).to(torch.int8), s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TRANSFORMERS_OK)
-def test_methods_transformers_logits(tmp_path: Path, name: str) -> None:
-    from transformers import AutoModelForCausalLM
-
+@pytest.mark.parametrize("name", list(_method_configs()))
+def test_methods_transformers_logits(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every method's export, loaded by transformers (asymmetric ones decompressed on load: see the note above)."""
     model = _quantized(name)
     out = export_compressed_tensors(model, tmp_path / "ct")
-    loaded = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=torch.float32).eval()
+    loaded = _load_with_transformers(out, _symmetric(model))
     x = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref, got = model(x).logits, loaded(x).logits
-    # W8A8 int8: transformers' CPU path gave logits 5.5e-3 (abs) away from lowbit's (measured, cause not
-    # diagnosed: its dynamic per-token activation quantization differs from lowbit's); weights are exact above
-    tol = 1e-2 if name == "smoothquant-w8a8-int8" else 1e-4
-    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    if name != "smoothquant-w8a8-int8":
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        return
+    # W8A8 int8: the weights are exact (decompressor test above), but compressed-tensors' CPU forward quantizes
+    # activations with scale absmax/127.5 where lowbit uses absmax/127: logits differ by 5.5e-3 (measured).
+    # With lowbit's activations switched to that convention the logits agree to 1e-4 (measured 1.8e-7).
+    torch.testing.assert_close(got, ref, rtol=1e-2, atol=1e-2)
+    import lowbit.formats.int8_rowwise as int8_rowwise
+
+    monkeypatch.setattr(int8_rowwise, "quantize_activation", _ct_activation_convention)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x).logits, rtol=1e-4, atol=1e-4)
