@@ -18,6 +18,8 @@ Nothing here is compiled at import; Triton compiles on first call.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -183,6 +185,200 @@ def _gemv_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, K
 
 
 @triton.jit
+def _hm_plane(q_ptr, xr, perm, k0, offs_n, mask_n, N, K, KW, NW: tl.constexpr, B: tl.constexpr,
+              HAS_PERM: tl.constexpr):
+    """One bit plane of a K-tile against x, without integer-to-float conversion or a float subtract.
+
+    Code ``i`` of a word is moved to mantissa bits ``[23 - B, 23)`` of 1.0, giving ``f = 1 + c / 2^B`` with one
+    shift and one and-or, so ``Σ_i x_i c_i = 2^B (A - X)`` with ``A = Σ x_i f_i`` and ``X = Σ x_i`` (per word).
+    Returns ``A (NW, BN)`` and ``X (NW,)`` in fp32.
+    """
+    PER: tl.constexpr = 32 // B
+    BN: tl.constexpr = offs_n.shape[0]
+    rows = k0 // PER + tl.arange(0, NW)
+    w = tl.load(q_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW) & mask_n[None, :], other=0,
+                eviction_policy="evict_first")
+    A = tl.zeros((NW, BN), dtype=tl.float32)
+    X = tl.zeros((NW,), dtype=tl.float32)
+    MASK: tl.constexpr = ((1 << B) - 1) << (23 - B)
+    for i in tl.static_range(PER):
+        kk = rows * PER + i
+        mk = kk < K
+        if HAS_PERM:
+            src = tl.load(perm + kk, mask=mk, other=0)
+        else:
+            src = kk
+        xi = tl.load(xr + src, mask=mk, other=0.0).to(tl.float32)
+        SH: tl.constexpr = 23 - B - B * i
+        if SH >= 0:
+            v = w << SH
+        else:
+            v = w >> (-SH)
+        f = ((v & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
+        A += f * xi[:, None]
+        X += xi
+    return A, X
+
+
+@triton.jit
+def _select16(c, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15):
+    """``table[c]`` for a 16-entry table held in registers: a 4-level select tree on the bits of ``c``."""
+    b = (c & 1) != 0
+    t0 = tl.where(b, e1, e0)
+    t1 = tl.where(b, e3, e2)
+    t2 = tl.where(b, e5, e4)
+    t3 = tl.where(b, e7, e6)
+    t4 = tl.where(b, e9, e8)
+    t5 = tl.where(b, e11, e10)
+    t6 = tl.where(b, e13, e12)
+    t7 = tl.where(b, e15, e14)
+    b = (c & 2) != 0
+    u0 = tl.where(b, t1, t0)
+    u1 = tl.where(b, t3, t2)
+    u2 = tl.where(b, t5, t4)
+    u3 = tl.where(b, t7, t6)
+    b = (c & 4) != 0
+    v0 = tl.where(b, u1, u0)
+    v1 = tl.where(b, u3, u2)
+    return tl.where((c & 8) != 0, v1, v0)
+
+
+@triton.jit
+def _select8(c, e0, e1, e2, e3, e4, e5, e6, e7):
+    b = (c & 1) != 0
+    t0 = tl.where(b, e1, e0)
+    t1 = tl.where(b, e3, e2)
+    t2 = tl.where(b, e5, e4)
+    t3 = tl.where(b, e7, e6)
+    b = (c & 2) != 0
+    u0 = tl.where(b, t1, t0)
+    u1 = tl.where(b, t3, t2)
+    return tl.where((c & 4) != 0, u1, u0)
+
+
+@triton.jit
+def _entry(cb, offs_n, mask_n, j: tl.constexpr, NC: tl.constexpr, ROW: tl.constexpr):
+    if ROW:
+        return tl.load(cb + offs_n * NC + j, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    else:
+        return tl.load(cb + j).to(tl.float32)
+
+
+@triton.jit
+def _lut_tile(q4, q2, q1, cb, xr, perm, k0, offs_n, mask_n, N, K, KW4, KW2, KW1, NC32: tl.constexpr,
+              BITS: tl.constexpr, ROW: tl.constexpr, HAS_PERM: tl.constexpr):
+    """``Σ_k x_k table[c_k]`` over a K-tile of ``NC32`` chunks of 32 codes, table in registers: ``(NC32, BN)``."""
+    BN: tl.constexpr = offs_n.shape[0]
+    NC: tl.constexpr = 1 << BITS
+    e0 = _entry(cb, offs_n, mask_n, 0, NC, ROW)
+    e1 = _entry(cb, offs_n, mask_n, 1, NC, ROW)
+    e2 = _entry(cb, offs_n, mask_n, 2, NC, ROW)
+    e3 = _entry(cb, offs_n, mask_n, 3, NC, ROW)
+    e4 = _entry(cb, offs_n, mask_n, 4, NC, ROW)
+    e5 = _entry(cb, offs_n, mask_n, 5, NC, ROW)
+    e6 = _entry(cb, offs_n, mask_n, 6, NC, ROW)
+    e7 = _entry(cb, offs_n, mask_n, 7, NC, ROW)
+    chunk = k0 // 32 + tl.arange(0, NC32)
+    mrow = mask_n[None, :]
+    acc = tl.zeros((NC32, BN), dtype=tl.float32)
+    if BITS == 4:
+        e8 = _entry(cb, offs_n, mask_n, 8, NC, ROW)
+        e9 = _entry(cb, offs_n, mask_n, 9, NC, ROW)
+        e10 = _entry(cb, offs_n, mask_n, 10, NC, ROW)
+        e11 = _entry(cb, offs_n, mask_n, 11, NC, ROW)
+        e12 = _entry(cb, offs_n, mask_n, 12, NC, ROW)
+        e13 = _entry(cb, offs_n, mask_n, 13, NC, ROW)
+        e14 = _entry(cb, offs_n, mask_n, 14, NC, ROW)
+        e15 = _entry(cb, offs_n, mask_n, 15, NC, ROW)
+        for h in tl.static_range(4):
+            rows = chunk * 4 + h
+            w = tl.load(q4 + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW4) & mrow, other=0,
+                        eviction_policy="evict_first")
+            for i in tl.static_range(8):
+                kk = rows * 8 + i
+                mk = kk < K
+                if HAS_PERM:
+                    src = tl.load(perm + kk, mask=mk, other=0)
+                else:
+                    src = kk
+                xi = tl.load(xr + src, mask=mk, other=0.0).to(tl.float32)
+                c = (w >> (4 * i)) & 15
+                acc += _select16(c, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15) * xi[:, None]
+    else:
+        hi = tl.load(q1 + chunk[:, None] * N + offs_n[None, :], mask=(chunk[:, None] < KW1) & mrow, other=0,
+                     eviction_policy="evict_first")
+        for h in tl.static_range(2):
+            rows = chunk * 2 + h
+            lo = tl.load(q2 + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW2) & mrow, other=0,
+                         eviction_policy="evict_first")
+            for i in tl.static_range(16):
+                kk = rows * 16 + i
+                mk = kk < K
+                if HAS_PERM:
+                    src = tl.load(perm + kk, mask=mk, other=0)
+                else:
+                    src = kk
+                xi = tl.load(xr + src, mask=mk, other=0.0).to(tl.float32)
+                J: tl.constexpr = 16 * h + i
+                if J >= 2:
+                    c = ((lo >> (2 * i)) & 3) | ((hi >> (J - 2)) & 4)
+                else:
+                    c = ((lo >> (2 * i)) & 3) | ((hi << (2 - J)) & 4)
+                acc += _select8(c, e0, e1, e2, e3, e4, e5, e6, e7) * xi[:, None]
+    return acc
+
+
+@triton.jit
+def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, KW2, KW1, stride_xm,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_PERM: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr):
+    """GEMV v3: codes unpacked with constant shifts (``tl.static_range``), affine codes decoded by
+    :func:`_hm_plane`, look-up tables held in registers (:func:`_select16`) instead of gathered from memory."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    xr = x_ptr + m * stride_xm
+    P0: tl.constexpr = 8 if BITS == 4 else 16
+    acc = tl.zeros((BK // P0, BN), dtype=tl.float32)
+    acc1 = tl.zeros((BK // 32, BN), dtype=tl.float32)
+    kstart = pid_k * K_PER_PROG
+    for kt in range(0, K_PER_PROG, BK):
+        k0 = kstart + kt
+        g = k0 // GROUP
+        ms = mask_n & (k0 < K)  # a split may end past K: never read a group that does not exist
+        if MODE == 0:
+            s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+            z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+            if BITS == 4:
+                A, X = _hm_plane(q4, xr, perm, k0, offs_n, mask_n, N, K, KW4, BK // 8, 4, HAS_PERM)
+                acc += s[None, :] * (16.0 * A - (16.0 + z[None, :]) * X[:, None])
+            else:
+                A, X = _hm_plane(q2, xr, perm, k0, offs_n, mask_n, N, K, KW2, BK // 16, 2, HAS_PERM)
+                acc += s[None, :] * (4.0 * A - (4.0 + z[None, :]) * X[:, None])
+                if BITS == 3:  # high bit plane: code += 4 · bit
+                    A1, X1 = _hm_plane(q1, xr, perm, k0, offs_n, mask_n, N, K, KW1, BK // 32, 1, HAS_PERM)
+                    acc1 += s[None, :] * (8.0 * (A1 - X1[:, None]))
+        elif MODE == 1:  # scale per 32-code chunk: the tile may span several groups
+            chunk = k0 // 32 + tl.arange(0, BK // 32)
+            s2 = tl.load(scale + ((chunk * 32) // GROUP)[:, None] * N + offs_n[None, :],
+                         mask=(chunk[:, None] * 32 < K) & mask_n[None, :], other=0.0).to(tl.float32)
+            acc1 += s2 * _lut_tile(q4, q2, q1, cb, xr, perm, k0, offs_n, mask_n, N, K, KW4, KW2, KW1,
+                                           BK // 32, BITS, False, HAS_PERM)
+        else:
+            acc1 += _lut_tile(q4, q2, q1, cb, xr, perm, k0, offs_n, mask_n, N, K, KW4, KW2, KW1, BK // 32, BITS,
+                              True, HAS_PERM)
+    total = tl.sum(acc1, axis=0)
+    if MODE == 0:
+        total += tl.sum(acc, axis=0)
+    if SPLIT_ATOMIC:
+        tl.atomic_add(out_ptr + m * N + offs_n, total, mask=mask_n, sem="relaxed")
+    else:
+        tl.store(out_ptr + m * N + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
 def _mm_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, stride_om,
                BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -246,21 +442,29 @@ def _bk_for(group: int, want: int) -> int:
     return max(bk, 32)
 
 
+@functools.lru_cache(maxsize=1024)
 def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
                 BN: int | None = None, BK: int | None = None, split: int | None = None,
-                num_warps: int | None = None) -> dict:
-    """Tile sizes for the GEMV path: enough programs to cover the SMs ~4 times (split-K when N is small)."""
+                num_warps: int | None = None, v: int = 3, waves: int = 4) -> dict:
+    """Tile sizes for the GEMV path: enough programs to cover the SMs ``waves`` times (split-K when N is small).
+
+    ``v=3`` is :func:`_gemv3_kernel` (the default), ``v=2`` the earlier kernel (kept for the benchmark).
+    v3's look-up-table modes read one scale per 32 codes, so their K-tile need not lie in one group.
+    """
     BN = BN or (64 if mode != "affine" else 128)
-    BK = _bk_for(group, BK or (128 if bits != 3 or mode == "affine" else 64))
+    if v == 3 and mode != "affine":
+        BK = max(32, (BK or 128) // 32 * 32)
+    else:
+        BK = _bk_for(group, BK or (128 if bits != 3 or mode == "affine" else 64))
     n_tiles = -(-N // BN)
     k_tiles = -(-K // BK)
     if split is None:
         split = 1
-        while n_tiles * split < 4 * sms and split * 2 <= k_tiles:
+        while n_tiles * split < waves * sms and split * 2 <= k_tiles:
             split *= 2
     k_per = -(-k_tiles // split) * BK
     split = -(-K // k_per)
-    return dict(BN=BN, BK=BK, split=split, k_per=k_per, num_warps=num_warps or 4)
+    return dict(BN=BN, BK=BK, split=split, k_per=k_per, num_warps=num_warps or 4, v=v)
 
 
 def _args(pw: PackedWeight, dummy: torch.Tensor):
@@ -279,7 +483,8 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
         torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     q4, q2, q1, sc, zp, cb = _args(pw, out)
     grid = (triton.cdiv(N, cfg["BN"]), cfg["split"], M)
-    _gemv_kernel[grid](x2, out, q4, q2, q1, sc, zp, cb, pw.perm if pw.perm is not None else out,
+    kernel = _gemv3_kernel if cfg.get("v", 3) == 3 else _gemv_kernel
+    kernel[grid](x2, out, q4, q2, q1, sc, zp, cb, pw.perm if pw.perm is not None else out,
                        N, K, pw.q4.shape[0], pw.q2.shape[0], pw.q1.shape[0], x2.stride(0),
                        BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode], HAS_PERM=pw.perm is not None,
                        BN=cfg["BN"], BK=cfg["BK"], K_PER_PROG=cfg["k_per"], SPLIT_ATOMIC=atomic,
