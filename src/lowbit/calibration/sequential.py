@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -47,6 +47,9 @@ from lowbit.calibration.stats import INPUT_STATS
 from lowbit.methods.base import MethodConfig
 from lowbit.model.blocks import find_blocks, linear_stages
 from lowbit.model.walk import iter_targets
+
+if TYPE_CHECKING:
+    from lowbit.calibration.distributed import ShardedCalibration
 
 __all__ = ["BlockCall", "capture_block_inputs", "check_calibration", "quantize_block", "quantize_sequential",
            "run_block", "with_hidden"]
@@ -132,23 +135,22 @@ def _collect(block: nn.Module, layers: dict[str, nn.Module], names: Sequence[str
                 run_block(block, call)
             except StopForward:
                 pass
-    out = {}
-    for n, s in stats.items():
-        res = s.result()
-        if s.n == 0 and "hessian" in res:
-            # a layer no calibration token reached (an MoE expert): an identity Hessian makes GPTQ-style methods
-            # round to nearest instead of zeroing every "dead" input
-            log.warning("layer %s saw no calibration tokens; using an identity Hessian (round-to-nearest). "
-                        "More or more varied calibration data avoids this.", n)
-            res["hessian"] = torch.eye(res["hessian"].shape[0], dtype=res["hessian"].dtype,
-                                       device=res["hessian"].device)
-        out[n] = res
-    return out
+    return {n: identity_if_unseen(n, s.n, s.result()) for n, s in stats.items()}
+
+
+def identity_if_unseen(name: str, n_tokens: int, res: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``res`` with an identity Hessian if layer ``name`` saw no calibration token (an MoE expert): GPTQ-style
+    methods then round to nearest instead of zeroing every "dead" input."""
+    if n_tokens == 0 and "hessian" in res:
+        log.warning("layer %s saw no calibration tokens; using an identity Hessian (round-to-nearest). "
+                    "More or more varied calibration data avoids this.", name)
+        res["hessian"] = torch.eye(res["hessian"].shape[0], dtype=res["hessian"].dtype, device=res["hessian"].device)
+    return res
 
 
 def quantize_block(block: nn.Module, names: Sequence[str], config: MethodConfig, calls: list[BlockCall],
                    quantize_layer: Callable[[str, nn.Module, dict[str, torch.Tensor]], None], *,
-                   true_sequential: bool = True) -> list[BlockCall]:
+                   true_sequential: bool = True, shards: ShardedCalibration | None = None) -> list[BlockCall]:
     """Quantize one decoder block's target layers with calibration statistics; return the next block's inputs.
 
     Steps 2 and 3 of the module doc for one block: ``config.prepare_block`` (if any) on statistics of the
@@ -164,12 +166,16 @@ def quantize_block(block: nn.Module, names: Sequence[str], config: MethodConfig,
         calls: the block's inputs, one :class:`BlockCall` per calibration batch.
         quantize_layer: replaces one layer (the caller knows the model and where the block sits in it).
         true_sequential: stage by stage; False collects all of the block's statistics in one pass.
+        shards: this rank's share of a distributed run (:mod:`lowbit.calibration.distributed`): ``calls`` are
+            the rank's own batches, statistics are reduced over ranks, a stage's layers are quantized in parallel.
     """
+    collect = _collect if shards is None else shards.collect_block
     input_stats = [s for s in config.stats if s in INPUT_STATS]
     layers = {n: block.get_submodule(n) for n in names}
     prepare = getattr(config, "prepare_block", None)
     if prepare is not None and names:
-        prepare(block, calls, _collect(block, layers, input_stats, calls, stop_early=False))
+        prepare(block, calls if shards is None else shards.all_calls(calls),
+                collect(block, layers, input_stats, calls, stop_early=False))
     fp_out = [run_block(block, c) for c in calls] if getattr(config, "sequential_inputs", "quantized") == "fp" else None
     if true_sequential and len(names) > 1:
         stages = linear_stages(block, list(names), lambda: run_block(block, calls[0]))
@@ -177,8 +183,11 @@ def quantize_block(block: nn.Module, names: Sequence[str], config: MethodConfig,
         stages = [list(names)] if names else []
     for stage in stages:
         stage_layers = {n: block.get_submodule(n) for n in stage}
-        stats = (_collect(block, stage_layers, input_stats, calls, stop_early=True) if input_stats
+        stats = (collect(block, stage_layers, input_stats, calls, stop_early=True) if input_stats
                  else {n: {} for n in stage})
+        if shards is not None:
+            shards.quantize_stage(block, stage_layers, stats, quantize_layer)
+            continue
         for n in stage:
             quantize_layer(n, stage_layers[n], dict(stats[n]))
     outs = fp_out if fp_out is not None else [run_block(block, c) for c in calls]
@@ -188,7 +197,8 @@ def quantize_block(block: nn.Module, names: Sequence[str], config: MethodConfig,
 def quantize_sequential(model: nn.Module, config: MethodConfig, calibration: torch.Tensor, *,
                         targets: Sequence[str] = ("Linear",), ignore: Sequence[str] = (),
                         progress: Callable[..., Iterable[Any]] | None = None, batch_size: int = 8,
-                        true_sequential: bool = True) -> nn.Module:
+                        true_sequential: bool = True,
+                        distributed: ShardedCalibration | bool | None = None) -> nn.Module:
     """Quantize ``model``'s target Linear layers block by block with calibration statistics (see module doc).
 
     Args:
@@ -200,10 +210,16 @@ def quantize_sequential(model: nn.Module, config: MethodConfig, calibration: tor
         batch_size: calibration samples per forward call.
         true_sequential: quantize a block's layers stage by stage (q/k/v, o, gate/up, down), re-collecting
             statistics after each stage; False collects all of a block's statistics in one pass.
+        distributed: split the calibration batches over torch.distributed ranks (every rank calls this with
+            the same model and calibration): None (default) when a process group of more than one rank exists
+            or ``torchrun``'s environment asks for one; True always (world size 1 without a process group: the
+            one-process reference, same summation order); False never; or a
+            :class:`~lowbit.calibration.distributed.ShardedCalibration`. See :mod:`lowbit.calibration.distributed`.
 
     Returns:
         ``model``, quantized in place.
     """
+    from lowbit.calibration.distributed import ShardedCalibration
     from lowbit.quantize import replace_linear  # quantize.py imports this module lazily; avoid a cycle
 
     calibration = check_calibration(calibration)
@@ -221,13 +237,16 @@ def quantize_sequential(model: nn.Module, config: MethodConfig, calibration: tor
     selected = dict(iter_targets(model, targets, ignore))
     if not selected:
         raise ValueError(f"no Linear layer matched targets={list(targets)} ignore={list(ignore)}")
+    shards = ShardedCalibration.resolve(distributed)
+    own = calibration if shards is None else shards.shard(calibration, batch_size)
 
     was_training = model.training
     model.eval()
     try:
         fisher: dict[str, torch.Tensor] = {}
         if "fisher" in config.stats:
-            fisher = fisher_diagonal(model, calibration, list(selected), batch_size=1)
+            fisher = (fisher_diagonal(model, calibration, list(selected), batch_size=1) if shards is None
+                      else shards.fisher(model, calibration, list(selected)))
         with torch.no_grad():
             if not input_stats and getattr(config, "prepare_block", None) is None:
                 # gradient statistics only (SqueezeLLM): quantizing needs no block inputs at all
@@ -236,7 +255,9 @@ def quantize_sequential(model: nn.Module, config: MethodConfig, calibration: tor
                     replace_linear(model, name, lin, config, st)
                 return model
             path, blocks = find_blocks(model)
-            calls = capture_block_inputs(model, blocks[0], calibration, batch_size)
+            calls = capture_block_inputs(model, blocks[0], own, batch_size)
+            if shards is not None and getattr(config, "prepare_block", None) is not None:
+                shards.keep_all_calls(capture_block_inputs(model, blocks[0], calibration, batch_size))
             done: set[str] = set()
             for i, block in progress(list(enumerate(blocks)), total=len(blocks), desc=f"{config.kind} blocks"):
                 prefix = f"{path}.{i}."
@@ -247,21 +268,23 @@ def quantize_sequential(model: nn.Module, config: MethodConfig, calibration: tor
                     if full in fisher:
                         st["fisher"] = fisher.pop(full)
                     replace_linear(model, full, lin, config, st)  # type: ignore[arg-type]
-                    done.add(full)
 
-                calls = quantize_block(block, rel, config, calls, quantize_layer, true_sequential=true_sequential)
+                calls = quantize_block(block, rel, config, calls, quantize_layer, true_sequential=true_sequential,
+                                       shards=shards)
+                done.update(prefix + n for n in rel)
                 log.info("%s: block %d/%d quantized (%d layers)", config.kind, i + 1, len(blocks), len(rel))
             del calls
             rest = [n for n in selected if n not in done]
             if rest:
-                _quantize_outside_blocks(model, config, calibration, rest, input_stats, fisher, batch_size)
+                _quantize_outside_blocks(model, config, own, rest, input_stats, fisher, batch_size, shards)
     finally:
         model.train(was_training)
     return model
 
 
 def _quantize_outside_blocks(model: nn.Module, config: MethodConfig, calibration: torch.Tensor, names: list[str],
-                             input_stats: list[str], fisher: dict[str, torch.Tensor], batch_size: int) -> None:
+                             input_stats: list[str], fisher: dict[str, torch.Tensor], batch_size: int,
+                             shards: ShardedCalibration | None = None) -> None:
     """Layers outside the decoder blocks (e.g. an explicitly targeted ``lm_head``): statistics from full passes
     of the already quantized model, one layer at a time."""
     from lowbit.quantize import replace_linear
@@ -270,7 +293,9 @@ def _quantize_outside_blocks(model: nn.Module, config: MethodConfig, calibration
     for name in names:
         lin = model.get_submodule(name)
         st: dict[str, torch.Tensor] = {}
-        if input_stats:
+        if input_stats and shards is not None:  # every rank quantizes it with the reduced statistics
+            st = shards.collect_model(model, {name: lin}, input_stats, calibration, batch_size)[name]
+        elif input_stats:
             with collect_input_stats({name: lin}, input_stats, stop_early=True) as acc:
                 for ids in torch.split(calibration, batch_size):
                     try:
