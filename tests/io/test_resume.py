@@ -49,6 +49,38 @@ KILLER = textwrap.dedent("""
 """)
 
 
+# killed from inside an atomic write: the temporary file is on disk, the move into place never happens
+KILL_MID_WRITE = textwrap.dedent("""
+    import os, signal, sys
+    from lowbit.io.streaming import quantize_streaming
+    sys.path.insert(0, {testdir!r})
+    from test_resume import CALIB, config
+    method, src, out, target, k = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+    real_replace, seen = os.replace, []
+    def replace(a, b):
+        if os.path.basename(b) == target:
+            seen.append(b)
+            if len(seen) == k:
+                assert os.path.getsize(a) > 0
+                os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(a, b)
+    os.replace = replace
+    calib = CALIB if method == "gptq" else None
+    quantize_streaming(src, out, config(method), calibration=calib, batch_size=2)
+""")
+
+# an ordinary run, killed from outside by the test at whatever point it has reached
+SLOW_RUN = textwrap.dedent("""
+    import sys, time
+    from lowbit.io.streaming import quantize_streaming
+    sys.path.insert(0, {testdir!r})
+    from test_resume import CALIB, config
+    method, src, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    calib = CALIB if method == "gptq" else None
+    quantize_streaming(src, out, config(method), calibration=calib, batch_size=2, after_block=lambda i: time.sleep(0.3))
+""")
+
+
 def files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
 
@@ -115,4 +147,47 @@ def test_cli_quantize_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert files(out) == files(ref)
     assert main([*args, "--stream"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    assert files(out) == files(ref)
+
+
+@pytest.mark.parametrize("target", ["progress.json", "model-00003-of-00005.safetensors"])
+def test_kill_inside_an_atomic_write_resumes_byte_identical(tmp_path: Path, target: str) -> None:
+    """SIGKILL between writing a temporary file and moving it into place: the leftover is discarded on resume."""
+    src = make_source(tmp_path / "src")
+    ref = quantize_streaming(src, tmp_path / "ref", config("rtn"))
+    out = tmp_path / "out"
+    script = KILL_MID_WRITE.format(testdir=str(Path(__file__).parent))
+    k = 2 if target == "progress.json" else 1  # progress of block 1 / the shard of block 2
+    proc = subprocess.run([sys.executable, "-c", script, "rtn", str(src), str(out), target, str(k)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    partial = tmp_path / ".out.partial"
+    assert list(partial.glob(".*.tmp")), "the kill did not land inside the write"
+    quantize_streaming(src, out, config("rtn"), resume=True)
+    assert files(out) == files(ref)
+
+
+def test_kill_from_outside_at_any_point_resumes_byte_identical(tmp_path: Path) -> None:
+    """The test kills a running quantization (SIGKILL from the parent, not at a chosen point) and resumes it."""
+    import time
+
+    src = make_source(tmp_path / "src")
+    ref = quantize_streaming(src, tmp_path / "ref", config("rtn"))
+    out, partial = tmp_path / "out", tmp_path / ".out.partial"
+    script = SLOW_RUN.format(testdir=str(Path(__file__).parent))
+    proc = subprocess.Popen([sys.executable, "-c", script, "rtn", str(src), str(out)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (partial / "progress.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert not out.exists() and partial.is_dir()
+    done = json.loads((partial / "progress.json").read_text())["blocks_done"]
+    assert 1 <= done < 4
+    quantize_streaming(src, out, config("rtn"), resume=True)
     assert files(out) == files(ref)

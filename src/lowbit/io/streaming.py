@@ -325,6 +325,8 @@ def quantize_streaming(source: str | os.PathLike[str], out: str | os.PathLike[st
     if partial.exists():
         if resume:
             state = _read_progress(partial, fingerprint)
+            for tmp in partial.glob(".*.tmp"):  # a write the crash interrupted (never moved into place)
+                tmp.unlink()
             log.info("resuming %s after block %d/%d", dst, state["blocks_done"], n_blocks)
         elif overwrite:
             shutil.rmtree(partial)
