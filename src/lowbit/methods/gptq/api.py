@@ -54,6 +54,8 @@ def _column_rounder(fmt: Format) -> Callable[..., torch.Tensor]:
         return lambda w, p, _j, _d: fmt.fake_quantize(w, **p)
     qmax = float(fmt.qmax)
     mid = float(1 << (fmt.bits - 1))
+    # id(params) -> (params, scale, zero_point) as float32; the sweep keeps every params dict alive while it runs
+    # (so ids are not reused), and with act-order + static groups consecutive columns switch groups.
     cache: dict[int, tuple[Params, torch.Tensor, torch.Tensor]] = {}
 
     def round_(w: torch.Tensor, p: Params, _j: int, _d: torch.Tensor) -> torch.Tensor:
@@ -61,9 +63,7 @@ def _column_rounder(fmt: Format) -> Callable[..., torch.Tensor]:
         if hit is None or hit[0] is not p:  # a group's float parameters are converted once, not per column
             zero = p.get("zero_point")
             s = p["scale"].float()
-            hit = (p, s, torch.full_like(s, mid) if zero is None else zero.float())
-            cache.clear()
-            cache[id(p)] = hit
+            hit = cache[id(p)] = (p, s, torch.full_like(s, mid) if zero is None else zero.float())
         _, s, z = hit
         q = torch.clamp(torch.round(w.float() / s + z), 0, qmax)
         return ((q - z) * s).to(w.dtype)

@@ -77,7 +77,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, fit: Callable[..., Params], round_: C
             is None), with ``u_g`` their ``diag(U)`` (None for fits made before ``U`` exists: static groups,
             per-row parameters). SpQR uses ``u_g`` for its leave-one-out outlier criterion.
         round_: ``round_(w, params, j, u_jj) -> q`` rounds column ``j`` (in quantization order) ``w: (out, 1)``
-            and returns it dequantized; a method may keep some entries unrounded (SpQR outliers).
+            and returns it dequantized as a new tensor (not a view of ``w``, which the sweep updates afterwards);
+            a method may keep some entries unrounded (SpQR outliers).
         group_size: ``g``; None = one parameter set per row for all columns.
         static_groups: fit every group on the original ``W`` before any update (groups stay contiguous in the
             original column order even with act-order).
@@ -110,8 +111,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, fit: Callable[..., Params], round_: C
         i2 = min(i1 + block_size, n)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         E = torch.zeros_like(W1)
-        # Per-column Python work is the cost on small layers: take views and U's diagonal once per batch.
-        cols, errs, rows, diag = W1.unbind(1), E.unbind(1), U1.unbind(0), U1.diagonal().unbind(0)
+        # Per-column Python work is the cost on small layers: views of every column, error column, U row tail
+        # and U_ii are taken once per batch, so a column costs its rounding plus four tensor ops.
+        cols, errs, diag = W1.split(1, 1), E.split(1, 1), U1.diagonal().unbind(0)
+        tails = [(W1[:, i:], U1[i:i + 1, i:]) for i in range(i2 - i1)]
+        Q1: list[torch.Tensor] = []
         for i in range(i2 - i1):
             j = i1 + i
             if group_size and static_groups:
@@ -121,11 +125,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor, fit: Callable[..., Params], round_: C
                 tail = W[:, i2:j + g] - E[:, :i] @ U[i1:j, i2:j + g]
                 groups.append(fit(torch.cat([W1[:, i:i + g], tail], 1), u[j:j + g]))
                 params = groups[-1]
-            w = W1[:, i:i + 1]
+            w = cols[i]
             q = round_(w, params, j, diag[i]).to(dtype)
-            Q[:, j:j + 1] = q
-            torch.div(cols[i] - q[:, 0], diag[i], out=errs[i])
-            W1[:, i:].sub_(errs[i].unsqueeze(1) @ rows[i][i:].unsqueeze(0))
+            Q1.append(q)
+            torch.div(w - q, diag[i], out=errs[i])
+            W1_tail, U1_row = tails[i]
+            W1_tail.sub_(errs[i] @ U1_row)
+        Q[:, i1:i2] = torch.cat(Q1, 1)
         W[:, i2:] -= E @ U[i1:i2, i2:]
     inv = torch.argsort(perm)
     g_idx = None
