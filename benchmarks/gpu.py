@@ -1,6 +1,6 @@
 """Check and time every lowbit Triton kernel against bf16 torch and bitsandbytes, in one process.
 
-Run on a CUDA machine:  python benchmarks/gpu_kernels.py [--quick] [--out DIR]
+Run on a CUDA machine:  python benchmarks/gpu.py [--quick] [--out DIR]
 
 For each (K × N, M) row of issue 7 it checks each kernel against the reference (float64 / fp32 dequantize
 then matmul, relative Frobenius error) on fresh random inputs, then times it with
@@ -127,10 +127,13 @@ def sweep(pws, x, path, M, N, K, quick_names):
     res = {}
     Wd = R.dequantize_packed(pw, torch.float32)
     if path == "gemv":
-        cands = [dict(BN=bn, BK=bk, num_warps=w) for bn in (64, 128, 256) for bk in (64, 128) for w in (4, 8)]
+        cands = [dict(v=2)] + [dict(BN=bn, BK=bk, num_warps=4 if bn < 256 else 8, split=sp)
+                               for bn in (32, 64, 128, 256) for bk in (128, 256) for sp in (None, 1)]
         for c in cands:
             cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, **c)
-            lab = f"BN{cfg['BN']} BK{cfg['BK']} w{cfg['num_warps']} split{cfg['split']}"
+            lab = f"v{cfg['v']} BN{cfg['BN']} BK{cfg['BK']} w{cfg['num_warps']} split{cfg['split']}"
+            if lab in res:
+                continue
             try:
                 y = wq.gemv(x, pw, cfg).to(x.dtype)
                 e = rel(y, x.float() @ Wd.t())
@@ -176,7 +179,7 @@ def sweep(pws, x, path, M, N, K, quick_names):
     return res
 
 
-SWEEP_NAMES = ("int4 g128 asym", "nf4 g64 dq", "lut4 per-row (SqueezeLLM)", "int3 g128")
+SWEEP_NAMES = ("int4 g128 asym", "nf4 g64 dq", "lut4 per-row (SqueezeLLM)", "int3 g128", "lut3 per-row (SqueezeLLM)")
 args_sweep = False
 
 
@@ -243,7 +246,7 @@ def run_matmuls(rows, out_rows, bw, bnb, quick):
                 except Exception as e:
                     row[key + " error"] = repr(e)[:300]
                     traceback.print_exc()
-            if args_sweep and name in SWEEP_NAMES:
+            if args_sweep and name in SWEEP_NAMES and M == 1 and N >= 11008:
                 for path in paths[:1]:
                     row[f"sweep {name} [{path}]"] = sweep(pws, x, path, M, N, K, None)
                     print(name, path, json.dumps(row[f"sweep {name} [{path}]"]), flush=True)
@@ -314,6 +317,9 @@ def run_adam(n: int, bnb) -> dict:
     B = [p.clone(), mq.clone(), ma.clone(), vq.clone(), va.clone()]
     ref_ops.adamw8bit_step_(A[0], g, A[1], A[2], A[3], A[4], cm, cv, **hp)
     adam8.adamw8bit_step_(B[0], g, B[1], B[2], B[3], B[4], cm, cv, **hp)
+    C = [p.clone(), mq.clone(), ma.clone(), vq.clone(), va.clone()]
+    adam8.adamw8bit_step_(C[0], g, C[1], C[2], C[3], C[4], cm, cv, **hp, first_guess=False)
+    res["first-guess codes equal binary-search codes"] = bool(torch.equal(B[1], C[1]) and torch.equal(B[3], C[3]))
     res["p max abs diff"] = float((A[0] - B[0]).abs().max())
     res["p rel diff"] = rel(B[0], A[0])
     res["m codes differing"] = int((A[1] != B[1]).sum())
@@ -329,6 +335,8 @@ def run_adam(n: int, bnb) -> dict:
     mq, ma = quantize_blockwise(torch.randn(n, device="cuda") * 1e-3, cm, 256)
     vq, va = quantize_blockwise(torch.rand(n, device="cuda") * 1e-5, cv, 256)
     res["lowbit fused 8-bit"] = bench(lambda: adam8.adamw8bit_step_(p, g, mq, ma, vq, va, cm, cv, **hp), rep=200)
+    res["lowbit fused 8-bit binary search (v1)"] = bench(
+        lambda: adam8.adamw8bit_step_(p, g, mq, ma, vq, va, cm, cv, **hp, first_guess=False), rep=200)
     if args_sweep:
         for rows_, w in ((1, 4), (2, 4), (4, 8), (8, 8), (16, 8)):
             res[f"lowbit fused rows{rows_} w{w}"] = bench(
@@ -473,9 +481,9 @@ def main() -> None:
     table += "\n\n## opcheck (CUDA)\n\n" + "\n".join(f"- {k}: {v}" for k, v in oc.items()) + "\n"
     table += f"\n(total {time.time() - t0:.0f} s)\n"
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_kernels.md"), "w") as f:
+    with open(os.path.join(args.out, "gpu.md"), "w") as f:
         f.write(table)
-    with open(os.path.join(args.out, "gpu_kernels.json"), "w") as f:
+    with open(os.path.join(args.out, "gpu.json"), "w") as f:
         json.dump({"rows": out_rows, "adam": adam, "opcheck": oc, "bw": bw, "device": dev}, f, indent=1)
     print(table)
 

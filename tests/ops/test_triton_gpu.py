@@ -118,3 +118,25 @@ def test_adamw8bit_fused_matches_reference():
         assert int(d.max()) <= 1 and int((d > 0).sum()) < n * 1e-4
     torch.testing.assert_close(B[2], A[2], rtol=1e-5, atol=0)
     torch.testing.assert_close(B[4], A[4], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_first_guess_table_brackets_the_nearest_code(signed):
+    """The bucket table of the fused step: lut[key(x)] <= #(midpoints < x) <= lut[key(x)] + D on hard values."""
+    from lowbit.optim.blockwise import state_codebook
+
+    code = state_codebook(8, signed, "cuda")
+    lut, mid, D = adam8.first_guess_table(code)
+    mid = mid.cpu()
+    up = torch.nextafter(mid, torch.tensor(2.0))
+    dn = torch.nextafter(mid, torch.tensor(-2.0))
+    x = torch.cat([mid, up, dn, -mid, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1e-8, -1e-8]),
+                   torch.rand(100000) * 2 - 1, torch.rand(10000) * 1e-5]).clamp(-1, 1)
+    u = x.view(torch.int32).to(torch.int64)
+    key0, nk = (127 - adam8.FG_E) << adam8.FG_MB, (adam8.FG_E << adam8.FG_MB) + 1
+    key = (((u & 0x7FFFFFFF) >> (23 - adam8.FG_MB)) - key0).clamp(0, nk - 1)
+    key = torch.where(u < 0, key + nk, key)
+    lo = lut.cpu().to(torch.int64)[key]
+    want = torch.searchsorted(mid, x)
+    assert bool(((lo <= want) & (want <= lo + D)).all())
+    assert D <= 2  # the point of the table: at most two compares after one look-up

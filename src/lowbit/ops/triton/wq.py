@@ -209,11 +209,10 @@ def _hm_plane(q_ptr, xr, perm, k0, offs_n, mask_n, N, K, KW, NW: tl.constexpr, B
         else:
             src = kk
         xi = tl.load(xr + src, mask=mk, other=0.0).to(tl.float32)
-        SH: tl.constexpr = 23 - B - B * i
-        if SH >= 0:
-            v = w << SH
+        if 23 - B - B * i >= 0:
+            v = w << (23 - B - B * i)
         else:
-            v = w >> (-SH)
+            v = w >> (B * i + B - 23)
         f = ((v & MASK) | 0x3F800000).to(tl.float32, bitcast=True)
         A += f * xi[:, None]
         X += xi
@@ -319,11 +318,10 @@ def _lut_tile(q4, q2, q1, cb, xr, perm, k0, offs_n, mask_n, N, K, KW4, KW2, KW1,
                 else:
                     src = kk
                 xi = tl.load(xr + src, mask=mk, other=0.0).to(tl.float32)
-                J: tl.constexpr = 16 * h + i
-                if J >= 2:
-                    c = ((lo >> (2 * i)) & 3) | ((hi >> (J - 2)) & 4)
+                if 16 * h + i >= 2:
+                    c = ((lo >> (2 * i)) & 3) | ((hi >> (16 * h + i - 2)) & 4)
                 else:
-                    c = ((lo >> (2 * i)) & 3) | ((hi << (2 - J)) & 4)
+                    c = ((lo >> (2 * i)) & 3) | ((hi << (2 - 16 * h - i)) & 4)
                 acc += _select8(c, e0, e1, e2, e3, e4, e5, e6, e7) * xi[:, None]
     return acc
 
