@@ -157,3 +157,45 @@ def test_search_samples_cuts_the_batch_dimension_only() -> None:
     assert len(_subsample(calls, 6)) == 2 and _subsample(calls, 6)[1][0][0].shape[0] == 2
     with pytest.raises(ConfigError, match="search_samples"):
         AWQConfig(format=IntAffine(bits=4), search_samples=0)
+
+
+def test_clip_search_is_the_group_argmin_of_the_float64_textbook_error() -> None:
+    # the Gram-matrix evaluation picks, per (row, group), the shrink whose mean_t (X_g D_g^T)^2 is smallest
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(24, 80, generator=g)  # 80 = 2 groups of 32 + a short group of 16
+    W[3, 7], W[10, 70] = 9.0, -7.0
+    X = torch.randn(300, 80, generator=g) * (torch.rand(80, generator=g) * 3).exp()
+    fmt = IntAffine(bits=3, group_size=32)
+    mv = search_clip(W, X, fmt.fake_quantize, 32, n_grid=20, max_shrink=0.5)
+    amax = torch.stack([W[:, i:i + 32].abs().amax(1) for i in range(0, 80, 32)], 1)
+    errs = []
+    for i in range(10):
+        lim = (amax * (1 - i / 20)).repeat_interleave(32, dim=1)[:, :80]
+        D = (fmt.fake_quantize(torch.maximum(torch.minimum(W, lim), -lim)) - W).double()
+        errs.append(torch.stack([(X[:, j:j + 32].double() @ D[:, j:j + 32].T).pow(2).mean(0)
+                                 for j in range(0, 80, 32)], 1))
+    best = torch.stack(errs).argmin(0)
+    torch.testing.assert_close(mv, amax * (1 - best / 20))
+
+
+def test_gram_loss_equals_the_module_output_loss_float64() -> None:
+    from lowbit.methods.awq.api import _gram_loss, _inspect_loss, _scale_loss
+    from lowbit.model.mappings import ResolvedMapping
+
+    g = torch.Generator().manual_seed(5)
+    up, down = nn.Linear(40, 96, dtype=torch.float64), nn.Linear(96, 40, dtype=torch.float64)
+    m = ResolvedMapping("up", up, ["down"], [down], "down", down)
+    X = torch.randn(2, 300, 96, generator=g, dtype=torch.float64)
+    calls = [((X,), {})]
+    fq = IntAffine(bits=3, group_size=32).fake_quantize
+    ref = [down(X).detach()]
+    saved = [down.weight.detach().clone()]
+    H = X.reshape(-1, 96).T @ X.reshape(-1, 96) / 600
+    for alpha in (0.0, 0.4, 0.9):
+        s = scale_for_alpha(X.abs().mean((0, 1)), alpha).double()
+        W = saved[0]
+        textbook = float((X @ (fq(W * s) / s).T - X @ W.T).pow(2).mean())
+        assert _gram_loss(W, H, fq, s) == pytest.approx(textbook, rel=1e-10)
+        assert _inspect_loss(m, calls, ref, fq, s, saved) == pytest.approx(textbook, rel=1e-6)  # float32 error sum
+        assert _scale_loss(m, calls, fq, 20)(s) == pytest.approx(textbook, rel=1e-10)  # 600 tokens: Gram form
+    torch.testing.assert_close(down.weight, saved[0])  # the module loss restores the weights

@@ -95,8 +95,9 @@ def _subsample(calls: list[tuple[tuple[Any, ...], dict[str, Any]]], n_samples: i
 
 
 def _inspect_loss(m: ResolvedMapping, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], ref: list[torch.Tensor],
-                  fake_quant: Any, s: torch.Tensor) -> float:
-    saved = [fc.weight.detach().clone() for fc in m.balance]
+                  fake_quant: Any, s: torch.Tensor, saved: list[torch.Tensor]) -> float:
+    """``L(s)``: mean squared error of the inspected module's output with the balance weights ``Q(W·s)/s``
+    (``saved`` holds the original weights; they are restored before returning)."""
     try:
         with torch.no_grad():
             for fc, W in zip(m.balance, saved):
@@ -112,6 +113,41 @@ def _inspect_loss(m: ResolvedMapping, calls: list[tuple[tuple[Any, ...], dict[st
             for fc, W in zip(m.balance, saved):
                 fc.weight.copy_(W)
     return err / max(n, 1)
+
+
+def _gram_loss(W: torch.Tensor, H: torch.Tensor, fake_quant: Any, s: torch.Tensor) -> float:
+    """``L(s)`` of a lone Linear from its input Gram matrix ``H = XᵀX / T``: with ``D = Q(W·s)/s - W``,
+    ``mean_{t,o} (X Dᵀ)² = tr(D H Dᵀ) / C_o`` (bias cancels)."""
+    sW = s.to(W.dtype).view(1, -1)
+    D = (fake_quant(W * sW) / sW).to(H.dtype) - W.to(H.dtype)
+    return float(((D @ H) * D).sum()) / W.shape[0]
+
+
+def _gram_is_cheaper(tokens: int, c_in: int, c_out: int, n_grid: int) -> bool:
+    """Multiply-adds: ``T·C_i²`` once + ``n·C_o·C_i²`` (Gram form) against ``n·T·C_i·C_o`` (module calls)."""
+    return tokens * c_in * c_in + n_grid * c_out * c_in * c_in < n_grid * tokens * c_in * c_out
+
+
+def _scale_loss(m: ResolvedMapping, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], fake_quant: Any,
+                n_grid: int) -> Any:
+    """``L(s)`` for mapping ``m`` on the captured ``calls`` of its inspected module.
+
+    When the inspected module is the lone balance Linear (``down_proj`` after ``up_proj``) and there are more
+    tokens than make a Gram matrix worthwhile, the loss is the exact quadratic form :func:`_gram_loss`;
+    otherwise the module is called on the calls with the balance weights replaced (:func:`_inspect_loss`).
+    """
+    fc = m.balance[0]
+    if len(m.balance) == 1 and m.inspect is fc and isinstance(fc, nn.Linear):
+        X = torch.cat([(a[0] if a else k["input"]).reshape(-1, fc.in_features) for a, k in calls])
+        if _gram_is_cheaper(X.shape[0], fc.in_features, fc.out_features, n_grid):
+            Xf = X.to(torch.float64 if fc.weight.dtype == torch.float64 else torch.float32)
+            H = Xf.T @ Xf / max(Xf.shape[0], 1)
+            W = fc.weight.detach()
+            return lambda s: _gram_loss(W, H, fake_quant, s)
+    with torch.no_grad():
+        ref = [_first(m.inspect(*a, **k)).to(torch.float32) for a, k in calls]
+    saved = [b.weight.detach().clone() for b in m.balance]
+    return lambda s: _inspect_loss(m, calls, ref, fake_quant, s, saved)
 
 
 def awq_block(block: nn.Module, calls: list[Any], x_mean: Mapping[str, torch.Tensor], fmt: Format, *,
@@ -143,11 +179,10 @@ def awq_block(block: nn.Module, calls: list[Any], x_mean: Mapping[str, torch.Ten
     inputs = {n: torch.cat(v) for n, v in cap.inputs.items() if v}
     for m in maps:
         insp_calls = _subsample(cap.calls[m.inspect_name], search_samples)
-        with torch.no_grad():
-            ref = [_first(m.inspect(*a, **k)).to(torch.float32) for a, k in insp_calls]
         w_mean = weight_group_mean([fc.weight for fc in m.balance], group_size) if duo_scaling else None
-        s, alpha, _ = search_scale(lambda s: _inspect_loss(m, insp_calls, ref, fmt.fake_quantize, s),
-                                   x_mean[m.balance_names[0]], n_grid=n_grid, w_mean=w_mean)
+        with torch.no_grad():
+            loss = _scale_loss(m, insp_calls, fmt.fake_quantize, n_grid)
+            s, alpha, _ = search_scale(loss, x_mean[m.balance_names[0]], n_grid=n_grid, w_mean=w_mean)
         fold_scale(m.smooth, m.balance, s)
         for n in m.balance_names:
             if n in inputs:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["weight_group_mean", "scale_for_alpha", "search_scale", "search_clip"]
+__all__ = ["weight_group_mean", "scale_for_alpha", "search_scale", "group_gram", "search_clip"]
 
 
 def weight_group_mean(weights: list[torch.Tensor], group_size: int | None) -> torch.Tensor:
@@ -78,9 +78,25 @@ def search_scale(loss: Callable[[torch.Tensor], float], x_mean: torch.Tensor, n_
     return scale_for_alpha(x_mean, alpha, w_mean), alpha, losses
 
 
+def group_gram(X: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """Per-group input second moments ``H_g = X_gᵀ X_g / T`` of ``X: (T, C_i)``, shape ``(n_groups, g, g)`` float32.
+
+    Columns past ``C_i`` in the last group are zero (they meet zero-padded weight columns).
+    """
+    T, C_i = X.shape
+    g = group_size or C_i
+    ng = -(-C_i // g)
+    Xg = torch.nn.functional.pad(X.to(torch.float32), (0, ng * g - C_i)).view(T, ng, g).transpose(0, 1)
+    return torch.bmm(Xg.transpose(1, 2), Xg) / max(T, 1)
+
+
 def search_clip(W: torch.Tensor, X: torch.Tensor, fake_quant: Callable[[torch.Tensor], torch.Tensor],
                 group_size: int | None, n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
     """Per (row, group) clipping threshold minimising the group's partial output error.
+
+    The error ``mean_t (Σ_{j∈g} X_tj D_oj)²`` with ``D = Q(clip(W)) - W`` is evaluated as the quadratic form
+    ``D_og H_g D_ogᵀ`` with ``H_g`` from :func:`group_gram`: the same quantity, without a ``(T, C_o, n_groups)``
+    tensor per grid point (``T·C_i`` → ``g·C_i`` multiply-adds per output row).
 
     Args:
         W: ``(C_o, C_i)``; X: ``(T, C_i)`` sample of inputs; fake_quant: ``Q`` on a whole ``(C_o, C_i)`` weight.
@@ -92,8 +108,8 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, fake_quant: Callable[[torch.Te
     g = group_size or C_i
     ng = -(-C_i // g)
     pad = ng * g - C_i
-    Wf, Xf = W.to(torch.float32), X.to(torch.float32)
-    Xg = torch.nn.functional.pad(Xf, (0, pad)).view(-1, ng, g)
+    Wf = W.to(torch.float32)
+    H = group_gram(X, group_size)
     amax = torch.nn.functional.pad(Wf.abs(), (0, pad)).view(C_o, ng, g).amax(dim=2)
     best_err = torch.full((C_o, ng), float("inf"), device=W.device)
     best = amax.clone()
@@ -101,8 +117,8 @@ def search_clip(W: torch.Tensor, X: torch.Tensor, fake_quant: Callable[[torch.Te
         mv = amax * (1 - i / n_grid)
         lim = mv.repeat_interleave(g, dim=1)[:, :C_i]
         Wc = torch.maximum(torch.minimum(Wf, lim), -lim)
-        D = torch.nn.functional.pad(fake_quant(Wc).to(torch.float32) - Wf, (0, pad)).view(C_o, ng, g)
-        err = torch.einsum("tgj,ogj->tog", Xg, D).pow(2).mean(dim=0)
+        D = torch.nn.functional.pad(fake_quant(Wc).to(torch.float32) - Wf, (0, pad)).view(C_o, ng, g).transpose(0, 1)
+        err = (torch.bmm(D, H) * D).sum(dim=2).T  # (C_o, ng)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, mv, best)
