@@ -138,11 +138,13 @@ def test_qlora_on_the_default_model(tmp_path, texts):
     from lowbit.loading import load_with_tokenizer
 
     model, tok = load_with_tokenizer(None)
-    res = finetune(model, tok, texts[1:], method="qlora", steps=4, batch_size=2, seq_len=128, r=8, alpha=16,
-                   eval_data=texts[:1], max_blocks=64, gradient_checkpointing=True, output_dir=str(tmp_path))
+    res = finetune(model, tok, texts[1:], method="qlora", steps=6, lr=1e-3, batch_size=2, seq_len=128, r=8,
+                   alpha=16, eval_data=texts[:1], max_blocks=64, gradient_checkpointing=True, output_dir=str(tmp_path))
+    print(f"default-model QLoRA: eval loss {res.eval_loss_before:.4f} -> {res.eval_loss_after:.4f}, "
+          f"train losses {[round(x, 3) for x in res.losses]}")
     assert all(torch.isfinite(torch.tensor(res.losses)))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists() and (tmp_path / "loss.png").exists()
-    assert res.eval_loss_after <= res.eval_loss_before + 0.05
+    assert res.eval_loss_after < res.eval_loss_before, (res.eval_loss_before, res.eval_loss_after)
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "loftq", "qa_lora", "peqa", "qft"])
