@@ -140,3 +140,31 @@ def test_not_a_checkpoint(tmp_path: Path) -> None:
     (tmp_path / "lowbit.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         checkpoint.load(tmp_path)
+
+
+def test_lowbit_load_returns_transformers_model_and_tokenizer(tmp_path: Path, quantized, word_tokenizer) -> None:
+    """A sharded checkpoint with its tokenizer is a save_pretrained-style directory Hugging Face tooling reads,
+    and lowbit.load gives back a transformers model (generate works) with QuantLinear layers."""
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+
+    from lowbit.loading import load_with_tokenizer
+
+    model, cfg = quantized
+    ck = checkpoint.save(model, tmp_path / "ck", method=cfg, tokenizer=word_tokenizer, max_shard_size=30_000)
+    names = {p.name for p in ck.iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"} <= names
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and set(index["weight_map"].values()) <= names
+    assert AutoConfig.from_pretrained(str(ck), local_files_only=True).model_type == "llama"
+    hf_tok = AutoTokenizer.from_pretrained(str(ck), local_files_only=True)
+    loaded, tok = load_with_tokenizer(ck)
+    assert isinstance(loaded, PreTrainedModel) and type(loaded).__name__ == "LlamaForCausalLM"
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 2 * 7
+    text = "w1 w5 w17 w92 nope"
+    assert tok(text)["input_ids"] == hf_tok(text)["input_ids"] == word_tokenizer(text)["input_ids"]
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        a = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        b = loaded.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b) and a.shape[1] == ids.shape[1] + 4
+    assert isinstance(lowbit.load(ck), PreTrainedModel)

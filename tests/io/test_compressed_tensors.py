@@ -244,3 +244,31 @@ def test_methods_transformers_logits(tmp_path: Path, name: str, monkeypatch: pyt
     monkeypatch.setattr(int8_rowwise, "quantize_activation", _ct_activation_convention)
     with torch.no_grad():
         torch.testing.assert_close(got, model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_export_compressed_tensors(tmp_path: Path, word_tokenizer, capsys: pytest.CaptureFixture[str]) -> None:
+    """`lowbit export --format compressed-tensors`: a lowbit checkpoint in, a directory the decompressor and
+    transformers read out (with the tokenizer); an existing --out is kept unless --overwrite."""
+    from lowbit.cli.main import main
+    from lowbit.io import checkpoint
+
+    model = _quantized("gptq-w4a16-g32")
+    ck = checkpoint.save(model, tmp_path / "ck", method=_method_configs()["gptq-w4a16-g32"], tokenizer=word_tokenizer)
+    out = tmp_path / "ct"
+    assert main(["export", str(ck), "--format", "compressed-tensors", "--out", str(out)]) == 0
+    assert "compressed-tensors" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert (out / "tokenizer.json").is_file()
+    dense = _decompress_all(out)
+    assert len(dense) == 2 * 7
+    for layer, W in dense.items():
+        assert torch.equal(W, model.get_submodule(layer).dequantize()), layer
+    loaded = _load_with_transformers(out, symmetric=True)
+    x = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["export", str(ck), "--format", "compressed-tensors", "--out", str(out)]) != 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["export", str(ck), "--format", "compressed-tensors", "--out", str(out), "--overwrite"]) == 0
