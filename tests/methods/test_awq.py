@@ -199,3 +199,21 @@ def test_gram_loss_equals_the_module_output_loss_float64() -> None:
         assert _inspect_loss(m, calls, ref, fq, s, saved) == pytest.approx(textbook, rel=1e-6)  # float32 error sum
         assert _scale_loss(m, calls, fq, 20)(s) == pytest.approx(textbook, rel=1e-10)  # 600 tokens: Gram form
     torch.testing.assert_close(down.weight, saved[0])  # the module loss restores the weights
+
+
+def test_awq_then_hqq_composes_and_rounds_with_hqq() -> None:
+    from lowbit.methods.hqq import HQQConfig
+
+    cfg = AWQConfig.for_bits(3, 32, then="hqq")
+    assert isinstance(cfg.then, HQQConfig) and cfg.format == cfg.then.format
+    assert cfg.format == IntAffine(bits=3, group_size=32, float_zero_point=True)
+    m = tiny_llama(outliers=20.0)
+    quantize_(m, cfg, calibration=token_ids(2, 32, 1))
+    qls = {n: x for n, x in m.named_modules() if isinstance(x, QuantLinear)}
+    assert len(qls) == 14 and all(q.format == cfg.format for q in qls.values())
+    # the final rounding is HQQ's (optimized float zero points), not round-to-nearest through the format
+    W = torch.randn(48, 64, generator=torch.Generator().manual_seed(3))
+    q_awq, q_hqq, q_rtn = cfg.quantize_weight(W), cfg.then.quantize_weight(W), cfg.format.quantize(W)
+    for k in q_hqq.data:
+        assert torch.equal(q_awq[k], q_hqq[k])
+    assert not torch.equal(q_hqq["zero_point"], q_rtn["zero_point"])
