@@ -146,18 +146,18 @@ def sweep(pws, x, path, M, N, K, quick_names):
     else:
         xp = x if pw.perm is None else x.index_select(1, pw.perm.long())
         Wp = Wd if pw.perm is None else Wd[:, pw.perm.long()]
+        magics = (True, False) if pw.mode == "affine" and pw.bits in (2, 4) else (False,)
         if M <= 64:
-            cands = [(16, bn, bk, sp, w, st, rs) for bn in (64, 128) for bk in (64, 128) for sp in (1, 2, 4)
-                     for w, st in ((4, 4),) for rs in (True, False)]
+            cands = [(16, bn, bk, sp, w, st, mg) for bn in (64, 128) for bk in (64, 128) for sp in (1, 2, 4)
+                     for w, st in ((4, 4),) for mg in magics]
         else:
-            cands = [(128, 128, 64, 1, 8, 3, True), (128, 256, 64, 1, 8, 3, True), (128, 128, 64, 1, 4, 4, True),
-                     (64, 256, 64, 1, 8, 3, True), (128, 128, 64, 1, 8, 3, False)]
-        for (bm, bn, bk, sp, w, st, rs) in cands:
+            cands = [(128, 128, 64, 1, 8, 3, mg) for mg in magics]
+        for (bm, bn, bk, sp, w, st, mg) in cands:
             bk = wq._bk_for(pw.group_size, bk)
             k_tiles = -(-K // bk)
             k_per = -(-k_tiles // sp) * bk
-            cfg = dict(BM=bm, BN=bn, BK=bk, split=-(-K // k_per), k_per=k_per, num_warps=w, num_stages=st, RS=rs)
-            lab = f"BM{bm} BN{bn} BK{bk} split{sp} w{w} s{st} {'reshape' if rs else 'dup-load'}"
+            cfg = dict(BM=bm, BN=bn, BK=bk, split=-(-K // k_per), k_per=k_per, num_warps=w, num_stages=st, MAGIC=mg)
+            lab = f"BM{bm} BN{bn} BK{bk} split{sp} w{w} s{st} {'magic' if mg else 'dequant-tile'}"
             try:
                 y = wq.mm(xp, pw, cfg)
                 e = rel(y, xp.float() @ Wp.t())
@@ -171,9 +171,9 @@ def sweep(pws, x, path, M, N, K, quick_names):
             for ch in (0, 2048, 4096):
                 lab = f"dequant+cuBLAS chunk {ch}"
                 try:
-                    y = wq.dequant_matmul(xp, pw, ch)
-                    e = rel(y, xp.float() @ Wp.t())
-                    res[lab] = bench(lambda: wq.dequant_matmul(xp, pw, ch)) if e < 2e-2 else f"wrong: err {e}"
+                    y = wq.dequant_matmul(x, pw, ch)
+                    e = rel(y, x.float() @ Wd.t())
+                    res[lab] = bench(lambda: wq.dequant_matmul(x, pw, ch)) if e < 2e-2 else f"wrong: err {e}"
                 except Exception as ex:
                     res[lab] = repr(ex)[:120]
     return res
@@ -246,7 +246,7 @@ def run_matmuls(rows, out_rows, bw, bnb, quick):
                 except Exception as e:
                     row[key + " error"] = repr(e)[:300]
                     traceback.print_exc()
-            if args_sweep and name in SWEEP_NAMES and M == 1 and N >= 11008:
+            if args_sweep and name in SWEEP_NAMES and ((M == 1 and N >= 11008) or M == 16):
                 for path in paths[:1]:
                     row[f"sweep {name} [{path}]"] = sweep(pws, x, path, M, N, K, None)
                     print(name, path, json.dumps(row[f"sweep {name} [{path}]"]), flush=True)

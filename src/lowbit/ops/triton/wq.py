@@ -29,6 +29,7 @@ from lowbit.ops.repack import PackedWeight
 MODE_ID = {"affine": 0, "lut": 1, "lut_row": 2}
 GEMV_MAX_M = 4
 BIG_M = 1024
+MM_MAGIC = True  # mm path, affine 2/4-bit: bf16(128 + c) from the bits, zero point and scale after the dot
 DEQUANT_CHUNK = 2048  # H100 sweep: 1563 µs vs 1591 µs unchunked at 2048×8192×28672
 
 
@@ -91,7 +92,7 @@ def _codes2d_rs(q_ptr, k0, offs_n, mask_n, N, KW, BK: tl.constexpr, B: tl.conste
 @triton.jit
 def _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K,
                   BK: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
-                  RS: tl.constexpr = False):
+                  RS: tl.constexpr = False, SEL: tl.constexpr = False):
     """fp32 ``(BK, BN)`` tile of W^T (requires GROUP % BK == 0, so the tile lies in one group)."""
     if RS and BITS == 4:
         c = _codes2d_rs(q4, k0, offs_n, mask_n, N, (K + 7) // 8, BK, 4)
@@ -107,9 +108,15 @@ def _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K,
         w = (_as_float(c) - z[None, :]) * s[None, :]
     elif MODE == 1:
         s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
-        w = tl.load(cb + c).to(tl.float32) * s[None, :]
+        if SEL:
+            w = _table_lookup(c, cb, offs_n, mask_n, BITS, False) * s[None, :]
+        else:
+            w = tl.load(cb + c).to(tl.float32) * s[None, :]
     else:
-        w = tl.load(cb + offs_n[None, :] * (1 << BITS) + c, mask=mask_n[None, :], other=0.0).to(tl.float32)
+        if SEL:
+            w = _table_lookup(c, cb, offs_n, mask_n, BITS, True)
+        else:
+            w = tl.load(cb + offs_n[None, :] * (1 << BITS) + c, mask=mask_n[None, :], other=0.0).to(tl.float32)
     return w
 
 
@@ -327,6 +334,32 @@ def _lut_tile(q4, q2, q1, cb, xr, perm, k0, offs_n, mask_n, N, K, KW4, KW2, KW1,
 
 
 @triton.jit
+def _table_lookup(c, cb, offs_n, mask_n, BITS: tl.constexpr, ROW: tl.constexpr):
+    """``table[c]`` (shared table, or one per column when ``ROW``) through a select tree, table in registers."""
+    NC: tl.constexpr = 1 << BITS
+    e0 = _entry(cb, offs_n, mask_n, 0, NC, ROW)
+    e1 = _entry(cb, offs_n, mask_n, 1, NC, ROW)
+    e2 = _entry(cb, offs_n, mask_n, 2, NC, ROW)
+    e3 = _entry(cb, offs_n, mask_n, 3, NC, ROW)
+    e4 = _entry(cb, offs_n, mask_n, 4, NC, ROW)
+    e5 = _entry(cb, offs_n, mask_n, 5, NC, ROW)
+    e6 = _entry(cb, offs_n, mask_n, 6, NC, ROW)
+    e7 = _entry(cb, offs_n, mask_n, 7, NC, ROW)
+    if BITS == 4:
+        e8 = _entry(cb, offs_n, mask_n, 8, NC, ROW)
+        e9 = _entry(cb, offs_n, mask_n, 9, NC, ROW)
+        e10 = _entry(cb, offs_n, mask_n, 10, NC, ROW)
+        e11 = _entry(cb, offs_n, mask_n, 11, NC, ROW)
+        e12 = _entry(cb, offs_n, mask_n, 12, NC, ROW)
+        e13 = _entry(cb, offs_n, mask_n, 13, NC, ROW)
+        e14 = _entry(cb, offs_n, mask_n, 14, NC, ROW)
+        e15 = _entry(cb, offs_n, mask_n, 15, NC, ROW)
+        return _select16(c, e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15)
+    else:
+        return _select8(c, e0, e1, e2, e3, e4, e5, e6, e7)
+
+
+@triton.jit
 def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, KW2, KW1, stride_xm,
                   BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_PERM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr):
@@ -380,7 +413,8 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
 def _mm_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, stride_om,
                BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-               K_PER_PROG: tl.constexpr, RS: tl.constexpr):
+               K_PER_PROG: tl.constexpr, RS: tl.constexpr, MAGIC: tl.constexpr = False, SEL: tl.constexpr = True,
+               FP16: tl.constexpr = False):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -395,8 +429,27 @@ def _mm_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, 
         offs_k = k0 + tl.arange(0, BK)
         a = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE, RS)
-        acc = tl.dot(a, w.to(a.dtype), acc)
+        if MAGIC:  # affine, B in {2, 4}: bf16(128 + c) exactly from the bits; zero and scale after the dot
+            if BITS == 4:
+                c = _codes2d_rs(q4, k0, offs_n, mask_n, N, (K + 7) // 8, BK, 4)
+            else:
+                c = _codes2d_rs(q2, k0, offs_n, mask_n, N, (K + 15) // 16, BK, 2)
+            if FP16:
+                wb = (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + c
+                OFF: tl.constexpr = 1024.0
+            else:
+                wb = (c | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 128 + c
+                OFF: tl.constexpr = 128.0
+            d = tl.dot(a, wb)
+            g = k0 // GROUP
+            ms = mask_n & (k0 < K)
+            s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+            z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+            rs = tl.sum(a.to(tl.float32), axis=1)
+            acc += s[None, :] * (d - rs[:, None] * (OFF + z)[None, :])
+        else:
+            w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE, RS, SEL)
+            acc = tl.dot(a, w.to(a.dtype), acc)
     ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     mo = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
@@ -406,19 +459,24 @@ def _mm_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, 
 
 
 @triton.jit
-def _dequant_kernel(out_ptr, q4, q2, q1, scale, zero, cb, N, K, n_off, n_end, stride_out,
+def _dequant_kernel(out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, n_off, n_end, stride_out,
                     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, RS: tl.constexpr):
+                    BK: tl.constexpr, RS: tl.constexpr, SEL: tl.constexpr, HAS_PERM: tl.constexpr):
     """Columns ``[n_off, n_end)`` of W^T into ``out[:, n - n_off]``."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = n_off + pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < n_end
     k0 = pid_k * BK
-    w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE, RS)
+    w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE, RS, SEL)
     offs_k = k0 + tl.arange(0, BK)
-    tl.store(out_ptr + offs_k[:, None] * stride_out + (offs_n - n_off)[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=(offs_k[:, None] < K) & mask_n[None, :])
+    mk = offs_k < K
+    if HAS_PERM:  # act-order: kernel row k is row perm[k] of W^T, so x needs no permutation
+        rows = tl.load(perm + offs_k, mask=mk, other=0)
+    else:
+        rows = offs_k
+    tl.store(out_ptr + rows[:, None] * stride_out + (offs_n - n_off)[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=mk[:, None] & mask_n[None, :])
 
 
 # -- launch helpers --------------------------------------------------------------------------------
@@ -521,16 +579,21 @@ def mm(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Ten
         out = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     q4, q2, q1, sc, zp, cb = _args(pw, out)
     grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]), cfg["split"])
+    magic = cfg.get("MAGIC", MM_MAGIC) and pw.mode == "affine" and pw.bits in (2, 4) and \
+        x2.dtype in (torch.float16, torch.bfloat16)
     _mm_kernel[grid](x2, out, q4, q2, q1, sc, zp, cb, M, N, K, x2.stride(0), out.stride(0),
                      BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode],
                      BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=cfg["split"], K_PER_PROG=cfg["k_per"],
-                     RS=cfg.get("RS", True), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                     RS=cfg.get("RS", True), MAGIC=magic, SEL=cfg.get("SEL", True), FP16=x2.dtype == torch.float16,
+                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out.to(x2.dtype)
 
 
 def dequantize_t(pw: PackedWeight, dtype: torch.dtype, n_off: int = 0, n_end: int | None = None,
-                 out: torch.Tensor | None = None, RS: bool = True) -> torch.Tensor:
-    """Columns ``[n_off, n_end)`` of ``W^T`` as ``(K, n_end - n_off)`` in ``dtype`` (kernel column order)."""
+                 out: torch.Tensor | None = None, RS: bool = True, unpermute: bool = False,
+                 SEL: bool = True) -> torch.Tensor:
+    """Columns ``[n_off, n_end)`` of ``W^T`` as ``(K, n_end - n_off)`` in ``dtype``: rows in kernel order, or in
+    the weight's own column order with ``unpermute`` (act-order rows scattered back through ``perm``)."""
     K, N = pw.in_features, pw.out_features
     n_end = N if n_end is None else n_end
     dev = pw.q4.device if pw.q4.numel() else pw.q2.device
@@ -539,22 +602,24 @@ def dequantize_t(pw: PackedWeight, dtype: torch.dtype, n_off: int = 0, n_end: in
     BK = _bk_for(pw.group_size, 64)
     BN = 128
     _dequant_kernel[(triton.cdiv(K, BK), triton.cdiv(n_end - n_off, BN))](
-        out, q4, q2, q1, sc, zp, cb, N, K, n_off, n_end, out.stride(0), BITS=pw.bits, GROUP=pw.group_size,
-        MODE=MODE_ID[pw.mode], BN=BN, BK=BK, RS=RS, num_warps=4)
+        out, q4, q2, q1, sc, zp, cb, pw.perm if unpermute and pw.perm is not None else out, N, K, n_off, n_end,
+        out.stride(0), BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode], BN=BN, BK=BK, RS=RS, SEL=SEL,
+        HAS_PERM=unpermute and pw.perm is not None, num_warps=4)
     return out
 
 
 def dequant_matmul(x2: torch.Tensor, pw: PackedWeight, chunk: int = 0) -> torch.Tensor:
     """Large M: dequantize to bf16 and let cuBLAS multiply. With ``chunk``, ``chunk`` columns at a time into
-    one reused buffer, so the dequantized tile is still in L2 when cuBLAS reads it."""
+    one reused buffer, so the dequantized tile is still in L2 when cuBLAS reads it. ``x2`` is in the weight's
+    own column order (act-order rows are scattered back by the dequantize kernel)."""
     K, N = pw.in_features, pw.out_features
     if chunk <= 0 or chunk >= N:
-        return x2 @ dequantize_t(pw, x2.dtype)
+        return x2 @ dequantize_t(pw, x2.dtype, unpermute=True)
     y = torch.empty((x2.shape[0], N), device=x2.device, dtype=x2.dtype)
     buf = torch.empty((K, chunk), device=x2.device, dtype=x2.dtype)
     for n0 in range(0, N, chunk):
         n1 = min(N, n0 + chunk)
-        b = dequantize_t(pw, x2.dtype, n0, n1, buf[:, : n1 - n0])
+        b = dequantize_t(pw, x2.dtype, n0, n1, buf[:, : n1 - n0], unpermute=True)
         torch.mm(x2, b, out=y[:, n0:n1])
     return y
 
@@ -571,10 +636,8 @@ def packed_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None =
     if path == "gemv":
         y = gemv(x2, pw).to(x.dtype)
     else:
-        if pw.perm is not None:
-            x2 = x2.index_select(1, pw.perm.long())
         if path == "mm":
-            y = mm(x2, pw)
+            y = mm(x2 if pw.perm is None else x2.index_select(1, pw.perm.long()), pw)
         elif path.startswith("dequant"):  # "dequant" or "dequant:<chunk>"
             y = dequant_matmul(x2, pw, int(path.split(":")[1]) if ":" in path else DEQUANT_CHUNK)
         else:
