@@ -63,7 +63,7 @@ def child(src: str, out: str, method: str, in_memory: bool) -> None:
 
 def run_child(src: Path, out: Path, method: str, in_memory: bool = False, timeout: float | None = None
               ) -> dict[str, float]:
-    """Quantize ``src`` into ``out`` in a fresh interpreter; its peak RSS (MB), seconds, RSS after imports."""
+    """Quantize ``src`` into ``out`` in a fresh interpreter; its peak RSS (MiB), seconds, RSS after imports."""
     cmd = [sys.executable, __file__, "--child", str(src), str(out), method] + (["--in-memory"] if in_memory else [])
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
@@ -78,14 +78,14 @@ def shape_for(gb: float) -> dict[str, int]:
 
 
 def table(rows: list[tuple[float, int, str, dict[str, float], dict[str, float] | None]]) -> str:
-    lines = ["| fp32 model GB | blocks | method | streaming peak RSS MB | peak RSS / model size | streaming s "
-             "| in-memory peak RSS MB | in-memory s | in-memory / streaming RSS |",
+    lines = ["| fp32 model GB | blocks | method | streaming peak RSS MiB | peak RSS / model size | streaming s "
+             "| in-memory peak RSS MiB | in-memory s | in-memory / streaming RSS |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for gb, blocks, method, st, mem in rows:
         m = (f"{mem['peak_rss_mb']:.0f} | {mem['seconds']:.1f} | {mem['peak_rss_mb'] / st['peak_rss_mb']:.2f}x"
              if mem else "not run | - | -")
         lines.append(f"| {gb:.2f} | {blocks} | {method} | {st['peak_rss_mb']:.0f} | "
-                     f"{st['peak_rss_mb'] / (gb * 1e3):.2f} | {st['seconds']:.1f} | {m} |")
+                     f"{st['peak_rss_mb'] * 2**20 / (gb * 1e9):.2f} | {st['seconds']:.1f} | {m} |")
     return "\n".join(lines)
 
 
