@@ -179,7 +179,7 @@ def test_llamacpp_cpu_agrees_with_lowbit_emulation_on_the_default_model(client, 
         errs.append((mod_name, e_emul, e_plain))
     top1, p_emul, p_theirs, dppl = _agreement(emul, theirs, ids)
     top1_plain, p_plain, _, dppl_plain = _agreement(plain, theirs, ids)
-    floor_top1, _, p_fa_off, floor_dppl = _agreement(theirs_fa_off, theirs, ids)
+    floor_top1, p_fa_off, _, floor_dppl = _agreement(theirs_fa_off, theirs, ids)
     worst = max(e for _, e, _ in errs)
     _log(f"| CPU | {mix} | {top1:.4f} | {top1_plain:.4f} | {floor_top1:.4f} | {p_emul:.4f} | {p_plain:.4f} | "
          f"{p_theirs:.4f} | {p_fa_off:.4f} | {dppl:.3f} % | {dppl_plain:.3f} % | {floor_dppl:.3f} % | "
