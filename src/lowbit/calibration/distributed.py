@@ -190,10 +190,12 @@ class ShardedCalibration:
     Args:
         group: the process group (default: the default group; world size 1 if torch.distributed is not
             initialised, which gives the one-process reference with the same summation order).
+        local: ignore torch.distributed even if initialised: this process alone, world size 1 (the
+            one-process reference computed inside a distributed job).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
-        self.active = dist.is_available() and dist.is_initialized()
+    def __init__(self, group: dist.ProcessGroup | None = None, *, local: bool = False) -> None:
+        self.active = not local and dist.is_available() and dist.is_initialized()
         self.group = group
         self.rank = dist.get_rank(group) if self.active else 0
         self.world_size = dist.get_world_size(group) if self.active else 1
