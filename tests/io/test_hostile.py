@@ -251,3 +251,48 @@ def test_fuzz_manifest_structure(tmp_path: Path, ckpt: Path, verify: bool) -> No
         except (CheckpointError, ValueError):
             rejected += 1
     assert rejected > 0
+
+
+_PICKLE_EVENTS: list[str] = []
+_ARMED = [False]
+_HOOKED: list[bool] = []
+
+
+def _audit(event: str, args: tuple) -> None:  # noqa: ANN001
+    if _ARMED[0] and event == "pickle.find_class":  # raised by every unpickler (C or Python) resolving a global
+        _PICKLE_EVENTS.append(f"{args[0]}.{args[1]}")
+
+
+def test_no_pickle_at_run_time(tmp_path: Path, source: Path, word_tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run the load paths with an audit hook on unpickling and torch.load disabled: nothing unpickles."""
+    import collections
+    import pickle
+    import sys
+
+    from lowbit.loading import load_with_tokenizer
+
+    if not _HOOKED:
+        sys.addaudithook(_audit)  # audit hooks cannot be removed; it records only while armed
+        _HOOKED.append(True)
+
+    def no_torch_load(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("torch.load called on a load path")
+
+    monkeypatch.setattr(torch, "load", no_torch_load)
+    _PICKLE_EVENTS.clear()
+    _ARMED[0] = True
+    try:
+        pickle.loads(pickle.dumps(collections.OrderedDict(a=1)))  # the detector works
+        assert _PICKLE_EVENTS == ["collections.OrderedDict"]
+        _PICKLE_EVENTS.clear()
+        out = quantize_streaming(source, tmp_path / "out", RTN)  # safetensors source -> sharded checkpoint
+        model = tiny_llama()
+        lowbit.quantize_(model, RTN)
+        ck = checkpoint.save(model, tmp_path / "ck", method=RTN, tokenizer=word_tokenizer)
+        for path in (out, ck):
+            checkpoint.read_manifest(path)
+            loaded, _ = load_with_tokenizer(path)
+            assert isinstance(loaded, torch.nn.Module)
+    finally:
+        _ARMED[0] = False
+    assert _PICKLE_EVENTS == []
