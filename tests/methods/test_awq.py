@@ -217,3 +217,18 @@ def test_awq_then_hqq_composes_and_rounds_with_hqq() -> None:
     for k in q_hqq.data:
         assert torch.equal(q_awq[k], q_hqq[k])
     assert not torch.equal(q_hqq["zero_point"], q_rtn["zero_point"])
+
+
+@pytest.mark.parametrize("fmt", [IntAffine(bits=4, group_size=128), IntAffine(bits=3, group_size=32),
+                                 IntAffine(bits=4, group_size=None), IntAffine(bits=4, group_size=64, symmetric=True),
+                                 IntAffine(bits=3, group_size=16, float_zero_point=True),
+                                 IntAffine(bits=8, group_size=256, scale_dtype=torch.float32)], ids=repr)
+def test_search_fake_quantizer_is_bit_identical_to_the_format(fmt: IntAffine) -> None:
+    from lowbit.methods.awq.api import fake_quantizer
+
+    g = torch.Generator().manual_seed(6)
+    for shape in [(24, 80), (7, 576), (5, 100)]:  # groups not dividing the row; a row narrower than a group
+        W = torch.randn(*shape, generator=g) * (torch.rand(shape[1], generator=g) * 4).exp()
+        assert torch.equal(fake_quantizer(fmt)(W), fmt.fake_quantize(W)), shape
+    per_tensor = IntAffine(bits=4, per_tensor=True)
+    assert fake_quantizer(per_tensor) == per_tensor.fake_quantize  # other layouts: the format's own

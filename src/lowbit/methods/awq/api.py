@@ -19,12 +19,14 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
 from lowbit.config import ConfigError
+from lowbit.formats.affine import IntAffine
 from lowbit.formats.base import Format, QuantizedTensor
 from lowbit.methods.awq.core import search_clip, search_scale, weight_group_mean
 from lowbit.methods.base import MethodConfig
@@ -92,6 +94,33 @@ def _subsample(calls: list[tuple[tuple[Any, ...], dict[str, Any]]], n_samples: i
         out.append(_first_samples((args, kwargs), left, b))
         left -= b
     return out
+
+
+def fake_quantizer(fmt: Format) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fmt.fake_quantize`` for AWQ's searches (tens of calls per layer on unchanged shapes).
+
+    For a grouped :class:`IntAffine` (no ``per_tensor``/``act_order``) the parameters still come from
+    ``fmt.params`` (the format's one definition of scale and zero point); the rounding
+    ``clamp(round(W/s + z), 0, qmax)``, then ``(q - z)·s`` in float32, is applied on a ``(C_o, n_groups, g)``
+    view with broadcast parameters instead of gathering them per column: the same arithmetic as
+    ``IntAffine.fake_quantize``, bit for bit (tested), ~3x faster. Other formats: ``fmt.fake_quantize``.
+    """
+    if type(fmt) is not IntAffine or fmt.per_tensor or fmt.act_order:
+        return fmt.fake_quantize
+    qmax = float(fmt.qmax)
+
+    def fq(W: torch.Tensor) -> torch.Tensor:
+        p = fmt.params(W)
+        C_o, C_i = W.shape
+        s = p["scale"].float().unsqueeze(2)
+        zp = p.get("zero_point")
+        z = torch.full_like(s, float(1 << (fmt.bits - 1))) if zp is None else zp.float().unsqueeze(2)
+        ng, g = s.shape[1], fmt.group_size or C_i
+        Wg = torch.nn.functional.pad(W.float(), (0, ng * g - C_i)).view(C_o, ng, g)
+        q = torch.clamp(torch.round(Wg / s + z), 0, qmax)
+        return ((q - z) * s).view(C_o, ng * g)[:, :C_i].to(W.dtype)
+
+    return fq
 
 
 def _inspect_loss(m: ResolvedMapping, calls: list[tuple[tuple[Any, ...], dict[str, Any]]], ref: list[torch.Tensor],
@@ -175,13 +204,14 @@ def awq_block(block: nn.Module, calls: list[Any], x_mean: Mapping[str, torch.Ten
     finally:
         cap.remove()
     group_size = getattr(fmt, "group_size", None)
+    fq = fake_quantizer(fmt)
     alphas: dict[str, float] = {}
     inputs = {n: torch.cat(v) for n, v in cap.inputs.items() if v}
     for m in maps:
         insp_calls = _subsample(cap.calls[m.inspect_name], search_samples)
         w_mean = weight_group_mean([fc.weight for fc in m.balance], group_size) if duo_scaling else None
         with torch.no_grad():
-            loss = _scale_loss(m, insp_calls, fmt.fake_quantize, n_grid)
+            loss = _scale_loss(m, insp_calls, fq, n_grid)
             s, alpha, _ = search_scale(loss, x_mean[m.balance_names[0]], n_grid=n_grid, w_mean=w_mean)
         fold_scale(m.smooth, m.balance, s)
         for n in m.balance_names:
@@ -196,7 +226,7 @@ def awq_block(block: nn.Module, calls: list[Any], x_mean: Mapping[str, torch.Ten
             X = X[:: max(1, X.shape[0] // max_clip_tokens)][:max_clip_tokens]
             with torch.no_grad():
                 W = fc.weight.detach()
-                mv = search_clip(W, X, fmt.fake_quantize, group_size, n_grid=20, max_shrink=0.5)
+                mv = search_clip(W, X, fq, group_size, n_grid=20, max_shrink=0.5)
                 g = group_size or W.shape[1]
                 lim = mv.repeat_interleave(g, dim=1)[:, :W.shape[1]].to(W.dtype)
                 fc.weight.copy_(torch.maximum(torch.minimum(W, lim), -lim))
