@@ -1,12 +1,21 @@
-"""AWQ, SmoothQuant, LLM.int8(), FP8 and ZeroQuant-FP on the default model, with the demo's protocol.
+"""AWQ, SmoothQuant, LLM.int8(), FP8 and ZeroQuant-FP on the default model (issue 4 item 6).
 
-Writes ``results/act_aware_default_model.md`` and ``.json``: perplexity, KL and top-1 against the unquantized
-model on the held-out docs-topics text (``lowbit.data.corpora``), calibration on the calibration split.
+Writes ``results/act_aware_default_model.md``, ``.json`` and ``.png`` (perplexity vs bits per weight):
+perplexity, KL and top-1 against the unquantized model on the held-out docs-topics text
+(``lowbit.data.corpora``), calibration on the calibration split. Every row is written as soon as it is measured.
 
-Run (the recorded table; tokens dumped here, model and run on a GPU machine, in two halves merged with --merge)::
+Defaults (:data:`PROTOCOL`) are the ``lowbit demo`` protocol, which a shared CPU can run: the first 4096 held-out
+tokens in windows of 1024, 16 x 256 calibration tokens, AWQ's alpha search on 4 of the 16 samples
+(``search_samples``; its statistics and clipping use all). ``tests/methods/test_act_aware_default_model.py``
+re-measures the same configs. The recorded table, one process per group of rows, merged::
 
-    python benchmarks/act_aware_default_model.py --tokens tokens.pt --model model.gguf --max-eval-tokens 0 \\
-        --ctx-len 2048 --calib-samples 128 --calib-seq-len 512 [--only awq4_g128,rtn4_g128] --out OUT
+    python benchmarks/act_aware_default_model.py --only sq_O1,w8a8_naive,... --out /tmp/part1
+    python benchmarks/act_aware_default_model.py --only awq4_g128,awq3_g128 --no-base-row --out /tmp/part2
+    python benchmarks/act_aware_default_model.py --merge /tmp/part1.json /tmp/part2.json
+
+The foundation's full protocol (all 21k held-out tokens, windows of 2048, 128 x 512 calibration, AWQ on all
+samples) on a GPU machine: ``--max-eval-tokens 0 --ctx-len 2048 --calib-samples 128 --calib-seq-len 512
+--awq-search-samples 0 --tokens tokens.pt`` (tokens dumped on this machine so both use the same ones).
 """
 
 from __future__ import annotations
@@ -21,8 +30,13 @@ from typing import Any
 
 import torch
 
+from lowbit.io.atomic import atomic_file
 from lowbit.methods.base import MethodConfig, get_method
 from lowbit.quantize import quantize_
+
+PROTOCOL: dict[str, Any] = {"max_eval_tokens": 4096, "ctx_len": 1024, "calib_samples": 16, "calib_seq_len": 256,
+                            "sq_alpha": 0.5, "awq_search_samples": 4}
+"""The CPU protocol (the ``lowbit demo``'s evaluation and calibration sizes), shared with the slow test."""
 
 RUNS: dict[str, tuple[str, int, int | None, dict[str, Any]]] = {
     "rtn4_g128": ("rtn", 4, 128, {}),
@@ -42,9 +56,16 @@ RUNS: dict[str, tuple[str, int, int | None, dict[str, Any]]] = {
 }
 
 
-def config_for(key: str) -> MethodConfig:
+def config_for(key: str, sq_alpha: float = PROTOCOL["sq_alpha"],
+               awq_search_samples: int | None = PROTOCOL["awq_search_samples"]) -> MethodConfig:
+    """The config of run ``key`` (:data:`RUNS`); ``awq_search_samples`` 0 or None: all samples."""
     name, bits, gs, opts = RUNS[key]
-    return get_method(name).for_bits(bits, gs, **opts)
+    cfg = get_method(name).for_bits(bits, gs, **opts)
+    if cfg.kind == "smoothquant":
+        cfg = cfg.replace(alpha=sq_alpha)
+    if cfg.kind == "awq":
+        cfg = cfg.replace(search_samples=awq_search_samples or None)
+    return cfg
 
 
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -63,8 +84,46 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Perplexity against bits per weight (linears), one labelled point per run, the unquantized as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows[1:]:
+        w8a8 = r["run"].startswith(("sq_", "w8a8", "llm_int8", "fp8", "zqfp"))
+        ax.scatter(r["bits_per_weight"], r["ppl"], marker="s" if w8a8 else "o", color="C1" if w8a8 else "C0")
+        ax.annotate(r["run"], (r["bits_per_weight"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(rows[0]["ppl"], color="gray", ls="--", lw=1, label=f"unquantized (publisher's Q4_1) {rows[0]['ppl']:.3f}")
+    ax.scatter([], [], marker="o", color="C0", label="weight-only")
+    ax.scatter([], [], marker="s", color="C1", label="weights + activations quantized")
+    ax.set_xlabel("bits per weight (quantized linear layers, all stored bytes)")
+    ax.set_ylabel("perplexity (held-out docs-topics text)")
+    ax.set_yscale("log")
+    ax.set_title("AWQ / SmoothQuant / LLM.int8() / FP8 / ZeroQuant-FP, SmolLM2-135M-Instruct")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    with atomic_file(path, overwrite=True) as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+    """``out``.json always; .md and .png once the unquantized row (the reference) is among ``rows``."""
+    with atomic_file(out.with_suffix(".json"), overwrite=True, mode="w") as f:
+        f.write(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if rows and rows[0]["run"] == "unquantized":
+        with atomic_file(out.with_suffix(".md"), overwrite=True, mode="w") as f:
+            f.write(render(rows, meta))
+        if len(rows) > 1:
+            plot(rows, out.with_suffix(".png"))
+
+
 def merge(paths: list[str], out: str) -> None:
-    """Merge result JSONs of partial runs (same meta) into one table at ``out`` (.json and .md)."""
+    """Merge result JSONs of partial runs (same meta) into one table at ``out`` (.json, .md, .png)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     meta = parts[0]["meta"]
     by: dict[str, dict[str, Any]] = {}
@@ -73,23 +132,23 @@ def merge(paths: list[str], out: str) -> None:
         if any(part["meta"].get(k) != meta.get(k) for k in same):
             raise SystemExit(f"cannot merge runs with different settings: {part['meta']} vs {meta}")
         for r in part["rows"]:
-            if r["run"] != "unquantized" and r["method"].startswith("awq"):
-                r = {**r, "method": f"{r['method']} search_samples={part['meta'].get('awq_search_samples')}"}
             by.setdefault(r["run"], r)
-    rows = [by["unquantized"]] + [r for k, r in by.items() if k != "unquantized"]
-    Path(out).with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    Path(out).with_suffix(".md").write_text(render(rows, meta))
+    if "unquantized" not in by:
+        raise SystemExit("none of the merged runs has the unquantized row (run one without --no-base-row)")
+    order = ["unquantized", *RUNS]
+    rows = sorted(by.values(), key=lambda r: order.index(r["run"]) if r["run"] in order else len(order))
+    write(rows, meta, Path(out))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--max-eval-tokens", type=int, default=4096)
-    p.add_argument("--ctx-len", type=int, default=1024)
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--calib-seq-len", type=int, default=256)
-    p.add_argument("--sq-alpha", type=float, default=0.5)
-    p.add_argument("--awq-search-samples", type=int, default=None,
-                   help="calibration samples in AWQ's alpha-search loss (default: all)")
+    p.add_argument("--max-eval-tokens", type=int, default=PROTOCOL["max_eval_tokens"], help="0: all")
+    p.add_argument("--ctx-len", type=int, default=PROTOCOL["ctx_len"])
+    p.add_argument("--calib-samples", type=int, default=PROTOCOL["calib_samples"])
+    p.add_argument("--calib-seq-len", type=int, default=PROTOCOL["calib_seq_len"])
+    p.add_argument("--sq-alpha", type=float, default=PROTOCOL["sq_alpha"])
+    p.add_argument("--awq-search-samples", type=int, default=PROTOCOL["awq_search_samples"],
+                   help="calibration samples in AWQ's alpha-search loss (0: all, as llm-awq)")
     p.add_argument("--only", default="", help="comma-separated run keys")
     p.add_argument("--no-base-row", action="store_true", help="skip evaluating the unquantized model (for partial "
                    "runs merged with one that has it)")
@@ -103,6 +162,10 @@ def main() -> None:
     if args.merge:
         merge(args.merge, args.out)
         return
+    keys = [k for k in args.only.split(",") if k] or list(RUNS)
+    bad = [k for k in keys if k not in RUNS]
+    if bad:
+        raise SystemExit(f"unknown run(s) {bad}; valid: {sorted(RUNS)}")
     logging.basicConfig(level=logging.WARNING)
     from lowbit.data.corpora import calibration_tokens, evaluation_tokens
     from lowbit.data.models import DEFAULT_MODEL_NOTE, load_model
@@ -126,17 +189,13 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"note": DEFAULT_MODEL_NOTE, "eval_tokens": int(tokens.numel()), "ctx_len": args.ctx_len,
             "calibration": list(calib.shape), "torch": torch.__version__, "smoothquant_alpha": args.sq_alpha,
-            "awq_search_samples": args.awq_search_samples,
+            "awq_search_samples": args.awq_search_samples or None,
             "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
     rows = [] if args.no_base_row else [{"run": "unquantized", "method": "-", **ev.evaluate(base), "seconds": 0.0}]
     print(rows[:1], flush=True)
-    keys = [k for k in args.only.split(",") if k] or list(RUNS)
+    write(rows, meta, out)
     for key in keys:
-        cfg = config_for(key)
-        if cfg.kind == "smoothquant":
-            cfg = cfg.replace(alpha=args.sq_alpha)
-        if cfg.kind == "awq":
-            cfg = cfg.replace(search_samples=args.awq_search_samples)
+        cfg = config_for(key, args.sq_alpha, args.awq_search_samples)
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         quantize_(model, cfg, calibration=calib if cfg.stats else None)
@@ -147,10 +206,7 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
         del model
-        # written after every run, so a run cut short keeps what it measured
-        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        if rows[0]["run"] == "unquantized":
-            out.with_suffix(".md").write_text(render(rows, meta))
+        write(rows, meta, out)  # after every run, so a run cut short keeps what it measured
 
 
 if __name__ == "__main__":

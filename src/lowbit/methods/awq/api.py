@@ -318,4 +318,8 @@ class AWQConfig(MethodConfig):
 
     def describe(self) -> str:
         rounder = self.then.kind if self.then is not None else "rtn"
-        return f"awq({self.format.kind}, {rounder}{', duo' if self.duo_scaling else ''})"
+        f = self.format
+        layout = f"int{f.bits} g{f.group_size}" if isinstance(f, IntAffine) else f.kind
+        search = "" if self.search_samples is None else f", alpha search on {self.search_samples} samples"
+        return (f"awq({layout}, {rounder}{', duo' if self.duo_scaling else ''}{'' if self.clip else ', no clip'}"
+                f"{search})")
