@@ -144,6 +144,34 @@ def test_integer_zero_point_format_gets_rounded_zero():
     assert q["zero_point"].dtype == torch.uint8
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_integer_zero_never_worse_than_rtn_per_group(real_weight, bits):
+    """On an integer-zero grid each group keeps the best rounded zero point: its mean |error| is at most RTN's.
+
+    (On these weights, and on heavy-tailed synthetic ones, no group finds a better rounded zero point than the
+    min/max start, so HQQ on integer grids equals RTN; HQQ's reference storage is the float zero point.)
+    """
+    fmt = IntAffine(bits=bits, group_size=64)
+    Wh = HQQConfig(format=fmt).quantize_weight(real_weight).dequantize()
+    Wr = RTNConfig(format=fmt).quantize_weight(real_weight).dequantize()
+    per_group = lambda Wq: (real_weight - Wq).abs().reshape(real_weight.shape[0], -1, 64).mean(-1)  # noqa: E731
+    assert bool((per_group(Wh) <= per_group(Wr) + 1e-12).all())
+
+
+def test_integer_zero_improves_on_rounding_the_float_solution_afterwards():
+    """Judging candidates by their rounded zero point beats casting the float optimum (the old behaviour)."""
+    W = _student_t((64, 256), seed=11)
+    fmt = IntAffine(bits=3, group_size=64)
+    p = fmt.params(W)
+    G = W.reshape(-1, 64)
+    s, z0 = p["scale"].float().reshape(-1, 1), p["zero_point"].float().reshape(-1, 1)
+    z_float, _ = optimize_zero(G, s, z0, fmt.qmax)
+    z_int, _ = optimize_zero(G, s, z0, fmt.qmax, integer_zero=True)
+    err = lambda z: ((torch.clamp(torch.round(G / s + z), 0, 7) - z) * s - G).abs().mean(1)  # noqa: E731
+    assert torch.equal(z_int, z_int.round())
+    assert bool((err(z_int) <= err(z_float.round().clamp(0, 7)) + 1e-12).all())
+
+
 def test_for_bits_registry_and_roundtrip():
     assert get_method("hqq") is HQQConfig
     cfg = HQQConfig.for_bits(3)

@@ -42,7 +42,8 @@ def hqq_params(W: torch.Tensor, fmt: IntAffine, cfg: "HQQConfig") -> dict[str, t
     z_new = zero.clone()
     if fmt.per_tensor:
         z, _ = optimize_zero(Wf.reshape(1, -1), scale, zero, fmt.qmax, p=cfg.lp_norm, beta=cfg.beta,
-                             kappa=cfg.kappa, iters=cfg.iters, early_stop=cfg.early_stop)
+                             kappa=cfg.kappa, iters=cfg.iters, early_stop=cfg.early_stop,
+                             integer_zero=not fmt.float_zero_point)
         z_new = z.reshape(1, 1)
     else:
         for c0, width, g0 in _split_groups(fmt, n):
@@ -52,7 +53,8 @@ def hqq_params(W: torch.Tensor, fmt: IntAffine, cfg: "HQQConfig") -> dict[str, t
             s = scale[:, g0:g0 + ng].reshape(-1, 1)
             z0 = zero[:, g0:g0 + ng].reshape(-1, 1)
             z, _ = optimize_zero(G, s, z0, fmt.qmax, p=cfg.lp_norm, beta=cfg.beta, kappa=cfg.kappa,
-                                 iters=cfg.iters, early_stop=cfg.early_stop)
+                                 iters=cfg.iters, early_stop=cfg.early_stop,
+                                 integer_zero=not fmt.float_zero_point)
             z_new[:, g0:g0 + ng] = z.reshape(out, ng)
     if fmt.float_zero_point:
         return {"scale": p["scale"], "zero_point": z_new.to(fmt.scale_dtype)}
@@ -64,8 +66,9 @@ class HQQConfig(MethodConfig):
     """HQQ with the reference's defaults.
 
     Attributes:
-        format: an asymmetric ``IntAffine`` (any grouping); a float zero point keeps the solver's result
-            exactly, an integer one gets it rounded.
+        format: an asymmetric ``IntAffine`` (any grouping); a float zero point (the reference's storage)
+            keeps the solver's result exactly; with an integer one, each group keeps the best rounded zero
+            point the solver visits, never worse than the min/max start (see ``core``).
         lp_norm: ``p`` of the ``l_p`` error (< 1 promotes sparse errors).
         beta: initial half-quadratic penalty ``β``.
         kappa: ``β`` growth per step.

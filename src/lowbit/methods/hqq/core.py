@@ -20,6 +20,12 @@ Iteration ``t``:
     z   = mean_row(W_q - (W - W_e)/s);  β = κ·β
 With early stopping, the loop ends once ``mean |W - W_r|`` stops decreasing, and the zero point that gave
 the smallest error is returned (the reference returns the one computed after the non-improving step).
+
+Integer zero points (``integer_zero=True``, for formats that store the zero point as a code): the solver still
+runs on a float ``z``, but every candidate is judged by the error of the grid it will actually be stored as,
+``round(z)``; the start counts as a candidate, and each group keeps its own best. So the stored result is never
+worse, in ``mean |W - W_r|`` per group, than the min/max start (RTN); rounding the reference's float result
+afterwards, as a plain cast would, can be worse.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ def lp_error(W: torch.Tensor, W_r: torch.Tensor, p: float) -> torch.Tensor:
 
 def optimize_zero(W: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, *, p: float = 0.7,
                   beta: float = 10.0, kappa: float = 1.01, iters: int = 20,
-                  early_stop: bool = True) -> tuple[torch.Tensor, int]:
+                  early_stop: bool = True, integer_zero: bool = False) -> tuple[torch.Tensor, int]:
     """Run HQQ's half-quadratic solver on the zero point.
 
     Args:
@@ -52,10 +58,14 @@ def optimize_zero(W: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, 
         z: ``(G, 1)`` initial zero points (min/max init: ``-min/s``).
         qmax: largest code, ``2^bits - 1``.
         p, beta, kappa, iters, early_stop: the solver's options (see module docstring).
+        integer_zero: judge candidates by their rounded zero point and return integer-valued ``z`` (see
+            module docstring); ``early_stop`` is then implied per group.
 
     Returns:
         ``(z, steps)``: the optimized zero points ``(G, 1)`` and the number of steps run.
     """
+    if integer_zero:
+        return _optimize_integer_zero(W, s, z, qmax, p=p, beta=beta, kappa=kappa, iters=iters)
     s = s.to(W.dtype)
     z = z.to(W.dtype)
     best_err = torch.tensor(float("inf"), dtype=W.dtype)
@@ -74,3 +84,29 @@ def optimize_zero(W: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, 
         beta *= kappa
         steps += 1
     return (best_z if early_stop else z), steps
+
+
+def _grid_error(W: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per-group ``mean |W - W_r|`` ``(G, 1)`` of the grid with step ``s`` and zero point ``z``."""
+    W_r = (torch.clamp(torch.round(W / s + z), 0, qmax) - z) * s
+    return (W - W_r).abs().mean(dim=1, keepdim=True)
+
+
+def _optimize_integer_zero(W: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, *, p: float,
+                           beta: float, kappa: float, iters: int) -> tuple[torch.Tensor, int]:
+    """HQQ's iteration on a float ``z``, keeping per group the best ``round(z)`` (the start included)."""
+    s = s.to(W.dtype)
+    z = z.to(W.dtype)
+    best_z = z.round().clamp(0, qmax)
+    best_err = _grid_error(W, s, best_z, qmax)
+    for _ in range(iters):
+        W_q = torch.clamp(torch.round(W / s + z), 0, qmax)
+        W_e = shrink_lp(W - (W_q - z) * s, beta, p)
+        z = (W_q - (W - W_e) / s).mean(dim=1, keepdim=True)
+        beta *= kappa
+        z_int = z.round().clamp(0, qmax)
+        err = _grid_error(W, s, z_int, qmax)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_z = torch.where(better, z_int, best_z)
+    return best_z, iters
