@@ -352,3 +352,15 @@ def test_qwen2_with_biases_round_trips_through_transformers(tmp_path, tok):
     ids = _ids(tok)
     with torch.no_grad():
         torch.testing.assert_close(m2(ids).logits, m(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_mix_module_types_are_the_types_export_writes(tmp_path, small, tok):
+    """``mix_module_types`` (what AWQ/GPTQ runs target to store their own blocks in a mix) names, per module, the
+    type ``export_gguf`` then writes for that module's weight."""
+    from lowbit.io.gguf_export import mix_module_types
+
+    for mix in ("Q4_K_M", "Q3_K_M", "Q8_0"):
+        by_module = mix_module_types(small, mix)
+        written = export_gguf(small, tok, tmp_path / f"{mix}.gguf", type=mix).tensor_types
+        assert by_module == {m: written[f"{hf_to_gguf_name(m)}.weight"] for m in by_module}
+        assert {f"{hf_to_gguf_name(m)}.weight" for m in by_module} == {n for n in written if n.endswith(".weight")}

@@ -277,6 +277,34 @@ def _load_imatrix(imatrix: Any, module_names: Mapping[str, str]) -> dict[str, np
     raise TypeError(f"imatrix must be an Imatrix, a path or a mapping, got {type(imatrix).__name__}")
 
 
+
+def _geometry(model: torch.nn.Module) -> tuple[str, bool, int, int, int, bool]:
+    """``(arch, permute, n_head, n_kv, n_layer, tied)`` of a supported transformers model."""
+    config = model.config
+    mtype = getattr(config, "model_type", None)
+    if mtype not in ARCHITECTURES:
+        raise ValueError(f"model_type {mtype!r} is not supported for GGUF export; supported: {sorted(ARCHITECTURES)}")
+    arch, permute = ARCHITECTURES[mtype]
+    n_head = int(config.num_attention_heads)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
+    emb = model.get_input_embeddings().weight
+    lm_head = model.get_output_embeddings()
+    tied = bool(getattr(config, "tie_word_embeddings", False)) or (
+        lm_head is not None and getattr(lm_head, "weight", None) is emb)
+    return arch, permute, n_head, n_kv, int(config.num_hidden_layers), tied
+
+
+def mix_module_types(model: torch.nn.Module, type: str = "Q4_K_M", *, has_imatrix: bool = False,
+                     pure: bool = False) -> dict[str, str]:
+    """The GGML type ``export_gguf(model, ..., type=type)`` gives each module's weight, by module name
+    (``model.layers.0.mlp.down_proj`` → ``Q4_K``): what a method must target to store its own blocks in a mix."""
+    arch, permute, n_head, n_kv, n_layer, tied = _geometry(model)
+    sources = _module_tensors(model, arch, permute, n_head, n_kv, tied)
+    types = tensor_types([(s.name, s.shape) for s in sources], type, n_layer, n_head, n_kv,
+                         has_imatrix=has_imatrix, pure=pure)
+    return {m: types[f"{g}.weight"] for m, _ in model.named_modules()
+            if (g := hf_to_gguf_name(m)) and f"{g}.weight" in types}
+
 def export_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike[str], type: str = "Q4_K_M",
                 imatrix: Any = None, progress: Callable[[int, int, str], None] | None = None, *,
                 pure: bool = False, tokenizer_pre: str | None = None, overwrite: bool = True,
@@ -305,17 +333,10 @@ def export_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike[
         ValueError: unsupported architecture/tokenizer, unknown type.
     """
     config = model.config
-    mtype = getattr(config, "model_type", None)
-    if mtype not in ARCHITECTURES:
-        raise ValueError(f"model_type {mtype!r} is not supported for GGUF export; supported: {sorted(ARCHITECTURES)}")
-    arch, permute = ARCHITECTURES[mtype]
-    n_head, n_kv = int(config.num_attention_heads), int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    hidden, n_layer = int(config.hidden_size), int(config.num_hidden_layers)
+    arch, permute, n_head, n_kv, n_layer, tied = _geometry(model)
+    hidden = int(config.hidden_size)
     head_dim = int(getattr(config, "head_dim", None) or hidden // n_head)
     emb = model.get_input_embeddings().weight
-    lm_head = model.get_output_embeddings()
-    tied = bool(getattr(config, "tie_word_embeddings", False)) or (
-        lm_head is not None and getattr(lm_head, "weight", None) is emb)
     sources = _module_tensors(model, arch, permute, n_head, n_kv, tied)
     module_names = {m: f"{hf_to_gguf_name(m)}.weight" for m, _ in model.named_modules() if hf_to_gguf_name(m)}
     qws = _load_imatrix(imatrix, module_names)
