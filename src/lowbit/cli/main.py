@@ -59,6 +59,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from lowbit.calibration.distributed import init_from_env
     from lowbit.cli.options import build_method_config
     from lowbit.data.corpora import calibration_tokens
     from lowbit.io import checkpoint
@@ -67,22 +68,39 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.quantize import quantize_
 
     cfg = build_method_config(args.method, args.bits, args.group_size, args)
+    ranked = init_from_env()  # under torchrun: calibration batches split over the ranks, rank 0 writes
+    if ranked and (args.stream or args.resume):
+        raise ValueError("--stream/--resume run in one process; launch them without torchrun")
     if args.stream or args.resume:  # block by block from safetensors shards; resumable (lowbit.io.streaming)
         return _quantize_streaming(args, cfg)
     check_writable(args.out, args.overwrite)
     model, tok = load_with_tokenizer(args.model, dtype=_dtype(args.dtype))
+    rank = _to_rank_device(model) if ranked else 0
     calib = None
     if cfg.stats:
         text = _read_text(args.calib_data)
         calib = calibration_tokens(tok, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=args.seed,
                                    text=text)
     t0 = time.perf_counter()
-    quantize_(model, cfg, calibration=calib, progress=_progress(), ignore=args.ignore or ())
+    quantize_(model, cfg, calibration=calib, progress=_progress() if rank == 0 else None, ignore=args.ignore or ())
     dt = time.perf_counter() - t0
+    if rank != 0:
+        return 0
+    model.to("cpu")
     checkpoint.save(model, args.out, tokenizer=tok, method=cfg, overwrite=args.overwrite,
                     extra={"source": args.model or "default", "seconds": round(dt, 2)})
     print(f"quantized with {cfg.describe()} in {dt:.1f}s -> {args.out}")
     return 0
+
+
+def _to_rank_device(model: Any) -> int:
+    """Under torch.distributed: this rank's GPU (if any) for the model; returns the rank."""
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+    return dist.get_rank()
 
 
 def _quantize_streaming(args: argparse.Namespace, cfg) -> int:  # type: ignore[no-untyped-def]
