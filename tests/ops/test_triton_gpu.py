@@ -140,3 +140,16 @@ def test_first_guess_table_brackets_the_nearest_code(signed):
     want = torch.searchsorted(mid, x)
     assert bool(((lo <= want) & (want <= lo + D)).all())
     assert D <= 2  # the point of the table: at most two compares after one look-up
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_lut_row_gemv_default_tiles_at_model_width(bits):
+    """Per-row look-up tables at a realistic width (some larger tiles mis-summed on the H100; defaults must not)."""
+    torch.manual_seed(11)
+    N, K = 2048, 4096
+    codes = torch.randint(0, 1 << bits, (N, K), device="cuda", dtype=torch.uint8)
+    lut = (torch.randn(N, 1 << bits, device="cuda") * 0.02).half()
+    pw = R.repack_lut(codes, lut, bits)
+    W = R.dequantize_packed(pw, torch.float32)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    assert rel(wq.packed_linear(x, pw, None, path="gemv"), x.float() @ W.t()) < TOL

@@ -29,6 +29,7 @@ from lowbit.ops.repack import PackedWeight
 MODE_ID = {"affine": 0, "lut": 1, "lut_row": 2}
 GEMV_MAX_M = 4
 BIG_M = 1024
+GEMV_PREFETCH = True  # v3 affine 2/4-bit: next tile's words loaded before this tile is computed
 MM_MAGIC = True  # mm path, affine 2/4-bit: bf16(128 + c) from the bits, zero point and scale after the dot
 DEQUANT_CHUNK = 2048  # H100 sweep: 1563 µs vs 1591 µs unchunked at 2048×8192×28672
 
@@ -192,8 +193,17 @@ def _gemv_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, K
 
 
 @triton.jit
-def _hm_plane(q_ptr, xr, perm, k0, offs_n, mask_n, N, K, KW, NW: tl.constexpr, B: tl.constexpr,
-              HAS_PERM: tl.constexpr):
+def _hm_load(q_ptr, k0, k_end, offs_n, mask_n, N, KW, NW: tl.constexpr, B: tl.constexpr):
+    """Words ``(NW, BN)`` of one bit plane for the K-tile at ``k0`` (zero past ``k_end`` or the plane's end)."""
+    PER: tl.constexpr = 32 // B
+    rows = k0 // PER + tl.arange(0, NW)
+    ok = (rows < KW) & (rows * PER < k_end)
+    return tl.load(q_ptr + rows[:, None] * N + offs_n[None, :], mask=ok[:, None] & mask_n[None, :], other=0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _hm_dot(w, xr, perm, k0, K, NW: tl.constexpr, B: tl.constexpr, HAS_PERM: tl.constexpr):
     """One bit plane of a K-tile against x, without integer-to-float conversion or a float subtract.
 
     Code ``i`` of a word is moved to mantissa bits ``[23 - B, 23)`` of 1.0, giving ``f = 1 + c / 2^B`` with one
@@ -201,11 +211,8 @@ def _hm_plane(q_ptr, xr, perm, k0, offs_n, mask_n, N, K, KW, NW: tl.constexpr, B
     Returns ``A (NW, BN)`` and ``X (NW,)`` in fp32.
     """
     PER: tl.constexpr = 32 // B
-    BN: tl.constexpr = offs_n.shape[0]
     rows = k0 // PER + tl.arange(0, NW)
-    w = tl.load(q_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW) & mask_n[None, :], other=0,
-                eviction_policy="evict_first")
-    A = tl.zeros((NW, BN), dtype=tl.float32)
+    A = tl.zeros(w.shape, dtype=tl.float32)
     X = tl.zeros((NW,), dtype=tl.float32)
     MASK: tl.constexpr = ((1 << B) - 1) << (23 - B)
     for i in tl.static_range(PER):
@@ -224,6 +231,13 @@ def _hm_plane(q_ptr, xr, perm, k0, offs_n, mask_n, N, K, KW, NW: tl.constexpr, B
         A += f * xi[:, None]
         X += xi
     return A, X
+
+
+@triton.jit
+def _hm_plane(q_ptr, xr, perm, k0, offs_n, mask_n, N, K, KW, NW: tl.constexpr, B: tl.constexpr,
+              HAS_PERM: tl.constexpr):
+    w = _hm_load(q_ptr, k0, K, offs_n, mask_n, N, KW, NW, B)
+    return _hm_dot(w, xr, perm, k0, K, NW, B, HAS_PERM)
 
 
 @triton.jit
@@ -362,7 +376,8 @@ def _table_lookup(c, cb, offs_n, mask_n, BITS: tl.constexpr, ROW: tl.constexpr):
 @triton.jit
 def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, KW2, KW1, stride_xm,
                   BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_PERM: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr):
+                  BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr,
+                  PF: tl.constexpr = False):
     """GEMV v3: codes unpacked with constant shifts (``tl.static_range``), affine codes decoded by
     :func:`_hm_plane`, look-up tables held in registers (:func:`_select16`) instead of gathered from memory."""
     pid_n = tl.program_id(0)
@@ -375,11 +390,25 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
     acc = tl.zeros((BK // P0, BN), dtype=tl.float32)
     acc1 = tl.zeros((BK // 32, BN), dtype=tl.float32)
     kstart = pid_k * K_PER_PROG
+    k_end = kstart + K_PER_PROG
+    QP = q4 if BITS == 4 else q2
+    KWP = KW4 if BITS == 4 else KW2
+    BP: tl.constexpr = 4 if BITS == 4 else 2
+    PFX: tl.constexpr = PF and MODE == 0 and BITS != 3
+    if PFX:  # software prefetch: the next tile's words are in flight while this tile is computed
+        w_next = _hm_load(QP, kstart, k_end, offs_n, mask_n, N, KWP, BK // P0, BP)
     for kt in range(0, K_PER_PROG, BK):
         k0 = kstart + kt
         g = k0 // GROUP
         ms = mask_n & (k0 < K)  # a split may end past K: never read a group that does not exist
-        if MODE == 0:
+        if PFX:
+            w = w_next
+            w_next = _hm_load(QP, k0 + BK, k_end, offs_n, mask_n, N, KWP, BK // P0, BP)
+            s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+            z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+            A, X = _hm_dot(w, xr, perm, k0, K, BK // P0, BP, HAS_PERM)
+            acc += s[None, :] * ((1 << BP) * A - ((1 << BP) + z[None, :]) * X[:, None])
+        elif MODE == 0:
             s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
             z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
             if BITS == 4:
@@ -501,7 +530,7 @@ def _bk_for(group: int, want: int) -> int:
 @functools.lru_cache(maxsize=1024)
 def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
                 BN: int | None = None, BK: int | None = None, split: int | None = None,
-                num_warps: int | None = None, v: int = 3, waves: int = 4) -> dict:
+                num_warps: int | None = None, v: int = 3, waves: int = 4, pf: bool = GEMV_PREFETCH) -> dict:
     """Tile sizes for the GEMV path: enough programs to cover the SMs ``waves`` times (split-K when N is small).
 
     ``v=3`` is :func:`_gemv3_kernel` (the default), ``v=2`` the earlier kernel (kept for the benchmark).
@@ -510,6 +539,8 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
     BN = BN or (64 if mode != "affine" else 128)
     if v == 3 and mode != "affine":
         BK = max(32, (BK or 128) // 32 * 32)
+        if mode == "lut_row" and bits == 4:  # H100: BN64·BK256 and BN128·BK128 gave wrong sums (err 8e-2)
+            BN, BK = min(BN, 64), min(BK, 128)  # with sixteen per-column table vectors live; smaller tiles are right
     else:
         BK = _bk_for(group, BK or (128 if bits != 3 or mode == "affine" else 64))
     n_tiles = -(-N // BN)
@@ -520,7 +551,7 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
             split *= 2
     k_per = -(-k_tiles // split) * BK
     split = -(-K // k_per)
-    return dict(BN=BN, BK=BK, split=split, k_per=k_per, num_warps=num_warps or 4, v=v)
+    return dict(BN=BN, BK=BK, split=split, k_per=k_per, num_warps=num_warps or 4, v=v, pf=pf)
 
 
 def _args(pw: PackedWeight, dummy: torch.Tensor):
@@ -540,11 +571,12 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
     q4, q2, q1, sc, zp, cb = _args(pw, out)
     grid = (triton.cdiv(N, cfg["BN"]), cfg["split"], M)
     kernel = _gemv3_kernel if cfg.get("v", 3) == 3 else _gemv_kernel
+    pf = {"PF": bool(cfg.get("pf")) and pw.mode == "affine" and pw.bits != 3} if kernel is _gemv3_kernel else {}
     kernel[grid](x2, out, q4, q2, q1, sc, zp, cb, pw.perm if pw.perm is not None else out,
                        N, K, pw.q4.shape[0], pw.q2.shape[0], pw.q1.shape[0], x2.stride(0),
                        BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode], HAS_PERM=pw.perm is not None,
                        BN=cfg["BN"], BK=cfg["BK"], K_PER_PROG=cfg["k_per"], SPLIT_ATOMIC=atomic,
-                       num_warps=cfg["num_warps"])
+                       num_warps=cfg["num_warps"], **pf)
     return out
 
 
