@@ -127,11 +127,14 @@ def sweep(pws, x, path, M, N, K, quick_names):
     res = {}
     Wd = R.dequantize_packed(pw, torch.float32)
     if path == "gemv":
-        cands = [dict(v=2)] + [dict(BN=bn, BK=bk, num_warps=4 if bn < 256 else 8, split=sp)
-                               for bn in (32, 64, 128, 256) for bk in (128, 256) for sp in (None, 1)]
+        if pw.mode == "affine":
+            cands = [dict(v=2)] + [dict(BN=bn, BK=128, waves=wv, pf=pf) for bn in (32, 64, 128) for wv in (4, 8)
+                                   for pf in (True, False)]
+        else:
+            cands = [dict(BN=bn, BK=bk) for bn in (32, 64, 128) for bk in (128, 256)]
         for c in cands:
             cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, **c)
-            lab = f"v{cfg['v']} BN{cfg['BN']} BK{cfg['BK']} w{cfg['num_warps']} split{cfg['split']}"
+            lab = f"v{cfg['v']} BN{cfg['BN']} BK{cfg['BK']} w{cfg['num_warps']} split{cfg['split']} pf{int(cfg['pf'])}"
             if lab in res:
                 continue
             try:
@@ -148,7 +151,7 @@ def sweep(pws, x, path, M, N, K, quick_names):
         Wp = Wd if pw.perm is None else Wd[:, pw.perm.long()]
         magics = (True, False) if pw.mode == "affine" and pw.bits in (2, 4) else (False,)
         if M <= 64:
-            cands = [(16, bn, bk, sp, w, st, mg) for bn in (64, 128) for bk in (64, 128) for sp in (1, 2, 4)
+            cands = [(16, bn, bk, sp, w, st, mg) for bn in (64, 128) for bk in (64, 128) for sp in (2, 4)
                      for w, st in ((4, 4),) for mg in magics]
         else:
             cands = [(128, 128, 64, 1, 8, 3, mg) for mg in magics]
@@ -179,7 +182,7 @@ def sweep(pws, x, path, M, N, K, quick_names):
     return res
 
 
-SWEEP_NAMES = ("int4 g128 asym", "nf4 g64 dq", "lut4 per-row (SqueezeLLM)", "int3 g128", "lut3 per-row (SqueezeLLM)")
+SWEEP_NAMES = ("int4 g128 asym", "nf4 g64 dq", "lut3 per-row (SqueezeLLM)")
 args_sweep = False
 
 
