@@ -1,5 +1,12 @@
-"""GGUF exports of the default model: llama-quantize mixes, importance matrices and AWQ-through-GGML, compared
-at (about) the same file size.
+"""GGUF exports of the default model: llama-quantize mixes, importance matrices and AWQ/GPTQ-through-GGML,
+compared at (about) the same file size.
+
+AWQ/GPTQ in a mix (``awq_q4_k_m``, ``gptq_q4_k_m``): the file has exactly plain Q4_K_M's tensor types.
+AWQ searches its scales and clipping with every layer simulated in the type the mix gives most layers of its row
+width (here Q5_0 for 576-wide rows, Q4_K for 1536-wide), folds them into the float weights, and the export then
+quantizes those weights with the mix. GPTQ runs once per block type of the mix that has per-32 parameters
+(Q5_0, Q8_0 here) on exactly the layers the mix gives that type and stores its own blocks; the K-quant layers
+(down_proj: Q4_K/Q6_K) are quantized by the mix's reference quantizer (GGML's K-quants have no GPTQ path in lowbit).
 
 Each run exports SmolLM2-135M (dequantized from its Q4_1 GGUF) with ``lowbit.io.gguf_export.export_gguf``,
 loads the file back with ``lowbit.io.gguf_model.load_gguf_model`` (so what is scored is exactly what the file
@@ -33,6 +40,8 @@ RUNS = {
     "gptq_q4_0": ("Q4_0", False, "gptq:Q4_0"),
     "iq4_nl_imatrix": ("IQ4_NL", True, None),
     "awq_iq4_nl": ("IQ4_NL", False, "IQ4_NL"),
+    "awq_q4_k_m": ("Q4_K_M", False, "awq-mix"),
+    "gptq_q4_k_m": ("Q4_K_M", False, "gptq-mix"),
     "q3_k_m": ("Q3_K_M", False, None),
     "q2_k": ("Q2_K", False, None),
 }
@@ -76,7 +85,10 @@ def main() -> None:
         model = base
         t0 = time.perf_counter()
         method = f"llama-quantize mix {mix}" + (" + imatrix" if use_im else "")
-        if awq is not None:
+        if awq in ("awq-mix", "gptq-mix"):
+            model = copy.deepcopy(base)
+            method = (awq_into_mix if awq == "awq-mix" else gptq_into_mix)(model, mix, calib)
+        elif awq is not None:
             model = copy.deepcopy(base)
             if awq.startswith("gptq:"):
                 from lowbit.methods.gptq.api import GPTQConfig
@@ -100,6 +112,91 @@ def main() -> None:
         path.unlink()
         del loaded
         write(args, rows, tokens, n_params)
+
+
+class _WidthTypes:
+    """Stand-in format for AWQ's searches in a mix: fake-quantizes a weight in the GGML type the mix gives most
+    layers of its row width (hashable by identity, as AWQ's quantizer cache needs)."""
+
+    group_size = 32  # Q5_0 blocks / Q4_K sub-blocks: AWQ's clipping groups
+
+    def __init__(self, by_width: dict[int, str]) -> None:
+        from lowbit.formats.ggml.format import ggml_format
+
+        self.formats = {w: ggml_format(t) for w, t in by_width.items()}
+
+    def fake_quantize(self, W: torch.Tensor) -> torch.Tensor:
+        return self.formats[W.shape[1]].fake_quantize(W)
+
+
+def _linear_types(model, mix: str) -> dict[str, str]:
+    from lowbit.io.gguf_export import mix_module_types
+
+    return {n: t for n, t in mix_module_types(model, mix).items()
+            if isinstance(model.get_submodule(n), torch.nn.Linear) and n != "lm_head"}
+
+
+def awq_into_mix(model, mix: str, calib) -> str:
+    """AWQ scales and clipping searched through the mix's types, folded into float weights (export quantizes)."""
+    from collections import Counter
+    from dataclasses import dataclass
+
+    from lowbit.formats.ggml.format import ggml_format
+    from lowbit.methods.awq.api import AWQConfig, awq_block
+    from lowbit.model.walk import set_submodule
+    from lowbit.nn.linear import QuantLinear
+    from lowbit.quantize import quantize_
+
+    types = _linear_types(model, mix)
+    widths: dict[int, Counter] = {}
+    for n, t in types.items():
+        widths.setdefault(model.get_submodule(n).in_features, Counter())[t] += 1
+    by_width = {w: c.most_common(1)[0][0] for w, c in widths.items()}
+    search = _WidthTypes(by_width)
+
+    @dataclass(frozen=True)
+    class AWQThroughMix(AWQConfig):
+        def prepare_block(self, block, calls, stats_by_layer) -> None:
+            x_mean = {n: st["act_mean_abs"] for n, st in stats_by_layer.items() if "act_mean_abs" in st}
+            awq_block(block, calls, x_mean, search, n_grid=self.n_grid, duo_scaling=self.duo_scaling, clip=self.clip,
+                      max_clip_tokens=self.max_clip_tokens, search_samples=self.search_samples,
+                      only=set(stats_by_layer))
+
+        def quantize_weight(self, W, stats=None):
+            return self.format.quantize(W)  # F32: the scaled, clipped float weight, exactly
+
+    quantize_(model, AWQThroughMix(format=ggml_format("F32")), calibration=calib, ignore=["lm_head"])
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLinear):
+            lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(mod.qweight.dequantize())
+                if mod.bias is not None:
+                    lin.bias.copy_(mod.bias)
+            set_submodule(model, name, lin)
+    search_types = ", ".join(f"{t} for {w}-wide rows" for w, t in sorted(by_width.items()))
+    return f"AWQ (searched as {search_types}) → mix {mix}"
+
+
+def gptq_into_mix(model, mix: str, calib) -> str:
+    """GPTQ through each per-32-block type of the mix, on the layers the mix gives that type."""
+    import re
+
+    from lowbit.formats.ggml.format import ggml_format
+    from lowbit.methods.gptq.api import GPTQConfig
+    from lowbit.quantize import quantize_
+
+    types = _linear_types(model, mix)
+    done = []
+    for t in sorted(set(types.values())):
+        fmt = ggml_format(t)
+        if fmt.group_size is None:  # K-quants/IQ4_XS: no per-group parameters for GPTQ; the mix rounds them
+            continue
+        names = [n for n, tt in types.items() if tt == t]
+        quantize_(model, GPTQConfig(format=fmt), targets=[f"^{re.escape(n)}$" for n in names], calibration=calib)
+        done.append(f"{t}×{len(names)}")
+    rest = sorted({t for t in types.values() if ggml_format(t).group_size is None})
+    return f"GPTQ → {', '.join(done)} blocks; {', '.join(rest)} layers by mix {mix}"
 
 
 def write(args, rows, tokens, n_params) -> None:
