@@ -29,8 +29,9 @@ from lowbit.ops.repack import PackedWeight
 MODE_ID = {"affine": 0, "lut": 1, "lut_row": 2}
 GEMV_MAX_M = 4
 BIG_M = 1024
-GEMV_PREFETCH = True  # v3 affine 2/4-bit: next tile's words loaded before this tile is computed
-MM_MAGIC = True  # mm path, affine 2/4-bit: bf16(128 + c) from the bits, zero point and scale after the dot
+GEMV_PREFETCH = False  # v3 affine 2/4-bit prefetch of the next tile: no gain on the H100 (88.0 vs 92.5 µs)
+MM_MAGIC = False  # mm path, affine 2/4-bit: bf16(128 + c) from the bits, scale after the dot: slower on the H100
+DEQUANT_SEL = False  # large-M dequantize: select-tree tables were slower than L1 gathers there (NF4 0.76x vs 0.88x)
 DEQUANT_CHUNK = 2048  # H100 sweep: 1563 µs vs 1591 µs unchunked at 2048×8192×28672
 
 
@@ -536,7 +537,8 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
     ``v=3`` is :func:`_gemv3_kernel` (the default), ``v=2`` the earlier kernel (kept for the benchmark).
     v3's look-up-table modes read one scale per 32 codes, so their K-tile need not lie in one group.
     """
-    BN = BN or (64 if mode != "affine" else 128)
+    if BN is None:  # H100 sweep (8192×28672): v3 affine BN64 split-K 4 88 µs; v3 tables BN128 BK128
+        BN = (64 if mode == "affine" else 128) if v == 3 else (128 if mode == "affine" else 64)
     if v == 3 and mode != "affine":
         BK = max(32, (BK or 128) // 32 * 32)
         if mode == "lut_row" and bits == 4:  # H100: BN64·BK256 and BN128·BK128 gave wrong sums (err 8e-2)
@@ -623,7 +625,7 @@ def mm(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Ten
 
 def dequantize_t(pw: PackedWeight, dtype: torch.dtype, n_off: int = 0, n_end: int | None = None,
                  out: torch.Tensor | None = None, RS: bool = True, unpermute: bool = False,
-                 SEL: bool = True) -> torch.Tensor:
+                 SEL: bool | None = None) -> torch.Tensor:
     """Columns ``[n_off, n_end)`` of ``W^T`` as ``(K, n_end - n_off)`` in ``dtype``: rows in kernel order, or in
     the weight's own column order with ``unpermute`` (act-order rows scattered back through ``perm``)."""
     K, N = pw.in_features, pw.out_features
@@ -635,7 +637,8 @@ def dequantize_t(pw: PackedWeight, dtype: torch.dtype, n_off: int = 0, n_end: in
     BN = 128
     _dequant_kernel[(triton.cdiv(K, BK), triton.cdiv(n_end - n_off, BN))](
         out, q4, q2, q1, sc, zp, cb, pw.perm if unpermute and pw.perm is not None else out, N, K, n_off, n_end,
-        out.stride(0), BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode], BN=BN, BK=BK, RS=RS, SEL=SEL,
+        out.stride(0), BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode], BN=BN, BK=BK, RS=RS,
+        SEL=DEQUANT_SEL if SEL is None else SEL,
         HAS_PERM=unpermute and pw.perm is not None, num_warps=4)
     return out
 
