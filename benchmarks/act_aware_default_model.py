@@ -53,6 +53,11 @@ RUNS: dict[str, tuple[str, int, int | None, dict[str, Any]]] = {
     "fp8_e5m2": ("fp8", 8, None, {"dtype": "e5m2"}),
     "zqfp_w4a8_lorc8": ("zeroquant_fp", 4, 128, {"lorc_rank": 8}),
     "zqfp_w4a8": ("zeroquant_fp", 4, 128, {"lorc_rank": 0}),
+    # diagnostics: where the W8A8 error comes from (weights alone; other thresholds / scale search)
+    "llm_int8_w8a16": ("llm_int8", 8, None, {"threshold": 1e-30}),  # every nonzero input in float: int8 weights only
+    "llm_int8_t2": ("llm_int8", 8, None, {"threshold": 2.0}),
+    "fp8_e4m3_w8a16": ("fp8", 8, None, {"dtype": "e4m3", "act_dtype": None}),
+    "fp8_e4m3_search": ("fp8", 8, None, {"dtype": "e4m3", "scale_search": True}),
 }
 
 
@@ -93,7 +98,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows[1:]:
-        w8a8 = r["run"].startswith(("sq_", "w8a8", "llm_int8", "fp8", "zqfp"))
+        w8a8 = r["run"].startswith(("sq_", "w8a8", "llm_int8", "fp8", "zqfp")) and "w8a16" not in r["run"]
         ax.scatter(r["bits_per_weight"], r["ppl"], marker="s" if w8a8 else "o", color="C1" if w8a8 else "C0")
         ax.annotate(r["run"], (r["bits_per_weight"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(rows[0]["ppl"], color="gray", ls="--", lw=1, label=f"unquantized (publisher's Q4_1) {rows[0]['ppl']:.3f}")
