@@ -296,3 +296,31 @@ def test_no_pickle_at_run_time(tmp_path: Path, source: Path, word_tokenizer, mon
     finally:
         _ARMED[0] = False
     assert _PICKLE_EVENTS == []
+
+
+@pytest.fixture(scope="module")
+def sharded_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = tiny_llama()
+    lowbit.quantize_(model, RTN)
+    return checkpoint.save(model, tmp_path_factory.mktemp("sck") / "ck", method=RTN, max_shard_size=20_000)
+
+
+@pytest.mark.parametrize("target", ["model.safetensors.index.json", "model-00002-of-{n}.safetensors", "config.json"])
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "noverify"])
+def test_fuzz_sharded_checkpoint_loader(tmp_path: Path, sharded_ckpt: Path, target: str, verify: bool) -> None:
+    """Sharded checkpoints: mutated index, shard or config gives CheckpointError/ValueError, nothing else."""
+    n = len(list(sharded_ckpt.glob("model-*.safetensors")))
+    target = target.format(n=f"{n:05d}")
+    ck = copy_ck(sharded_ckpt, tmp_path)
+    original = (sharded_ckpt / target).read_bytes()
+    rng = random.Random(f"sharded-{target}-{verify}")
+    rejected = 0
+    for _ in range(30):
+        (ck / target).write_bytes(_mutate(original, rng))
+        try:
+            checkpoint.load(ck, verify=verify)
+        except (CheckpointError, ValueError):
+            rejected += 1
+    assert rejected > 0
+    if verify:  # every recorded file is hashed: no mutation gets through
+        assert rejected == 30
