@@ -1,7 +1,7 @@
 """Scaling of distributed calibration (GPTQ) and QLoRA (FSDP2) over 1, 2, 4 GPUs, with bit-identity checks.
 
-For each world size N (1, 2, and 4 when that many devices exist) this script launches
-``torchrun --standalone --nproc_per_node N benchmarks/multigpu.py --worker ...``. Each launch:
+For each world size N (1, 2, and 4 when that many devices exist) this script launches, once per phase,
+``torchrun --standalone --nproc_per_node N benchmarks/multigpu.py --worker --phase calib|qlora ...``:
 
 1. builds the same random-weight Llama on every rank (default ~1.0 B parameters: hidden 2048, MLP 5632,
    16 layers, vocab 32000, bf16) and quantizes it with ``GPTQConfig(IntAffine(4, group_size=128))`` on
@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -83,10 +84,6 @@ def worker(a: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from lowbit.calibration.distributed import ShardedCalibration, init_from_env
-    from lowbit.calibration.sequential import quantize_sequential
-    from lowbit.formats.affine import IntAffine
-    from lowbit.methods.gptq.api import GPTQConfig
-    from lowbit.train.distributed import prepare_qlora, train_qlora
 
     init_from_env()
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -131,7 +128,31 @@ def worker(a: argparse.Namespace) -> None:
 
     result: dict[str, Any] = {"world_size": world, "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
                               "torch": torch.__version__}
-    # 1. calibration
+    if a.phase == "calib":
+        result.update(calibrate(a, dev, say, sync, HashingShards()))
+    else:
+        result.update(qlora(a, dev, say, sync))
+    if rank == 0:
+        tmp = a.result + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, a.result)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def calibrate(a: argparse.Namespace, dev: Any, say: Any, sync: Any, shards: Any) -> dict[str, Any]:
+    """GPTQ through the distributed runner; wall time, peak memory, weight hashes of every rank."""
+    import torch
+    import torch.distributed as dist
+
+    from lowbit.calibration.sequential import quantize_sequential
+    from lowbit.formats.affine import IntAffine
+    from lowbit.methods.gptq.api import GPTQConfig
+
+    cuda, world = dev.type == "cuda", shards.world_size
+    result: dict[str, Any] = {}
     t = time.perf_counter()
     model = build_model(a, dev, torch.bfloat16 if cuda else torch.float32)
     calib = torch.randint(0, a.vocab, (a.samples, a.seq_len), generator=torch.Generator().manual_seed(1))
@@ -139,7 +160,6 @@ def worker(a: argparse.Namespace) -> None:
         f"{time.perf_counter() - t:.1f}s); GPTQ over {a.samples}x{a.seq_len} tokens")
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
-    shards = HashingShards()
     t_blocks = time.perf_counter()
 
     def progress(it: Any, total: int | None = None, desc: str = "") -> Any:
@@ -163,11 +183,19 @@ def worker(a: argparse.Namespace) -> None:
     result["weight_hashes"] = hashes
     result["stats_hash"] = shards.digest()
     say(f"calibration {result['calib_seconds']:.1f}s, weights {hashes}")
-    del model
-    if cuda:
-        torch.cuda.empty_cache()  # the benchmark's own phase boundary, not inside an algorithm
+    return result
 
-    # 2. QLoRA with FSDP2
+
+def qlora(a: argparse.Namespace, dev: Any, say: Any, sync: Any) -> dict[str, Any]:
+    """QLoRA steps with FSDP2; per-step time after warm-up, losses (mean over ranks), peak memory."""
+    import torch
+    import torch.distributed as dist
+
+    from lowbit.train.distributed import prepare_qlora, train_qlora
+
+    cuda = dev.type == "cuda"
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    result: dict[str, Any] = {}
     t = time.perf_counter()
     qm = build_model(a, dev, torch.float32)
     prepare_qlora(qm, r=16, alpha=16.0, seed=0)
@@ -189,14 +217,7 @@ def worker(a: argparse.Namespace) -> None:
     result["qlora_step_seconds"] = statistics.median(run.step_seconds[warm:])
     result["qlora_tokens_per_step"] = run.tokens_per_step
     result["qlora_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None
-    if rank == 0:
-        tmp = a.result + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, a.result)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    return result
 
 
 # ------------------------------------------------------------------------------------------------- driver
@@ -207,20 +228,29 @@ def model_args(a: argparse.Namespace) -> list[str]:
     return [x for k in keys for x in (f"--{k.replace('_', '-')}", str(getattr(a, k)))] + ["--device", a.device]
 
 
-def launch(a: argparse.Namespace, n: int, result: Path, timeout: float) -> tuple[dict[str, Any] | None, str]:
+def launch(a: argparse.Namespace, n: int, phase: str, result: Path, timeout: float
+           ) -> tuple[dict[str, Any] | None, str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           str(Path(__file__).resolve()), "--worker", "--result", str(result), *model_args(a)]
+           str(Path(__file__).resolve()), "--worker", "--phase", phase, "--result", str(result), *model_args(a)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     if a.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
-    log(f"launch N={n}: {' '.join(cmd[1:6])} ... (timeout {timeout:.0f}s)")
+    log(f"launch N={n} {phase}: {' '.join(cmd[1:6])} ... (timeout {timeout:.0f}s)")
+    p = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
-        p = subprocess.run(cmd, env=env, timeout=timeout)
+        rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout:.0f}s"
-    if p.returncode != 0:
-        return None, f"exit status {p.returncode} (see the output above)"
+        # torchrun runs its ranks in sessions of their own; on SIGTERM it terminates them (then kills them)
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        return None, f"{phase} timed out after {timeout:.0f}s"
+    if rc != 0:
+        return None, f"{phase} exit status {rc} (see the output above)"
     if not result.exists():
         return None, "finished without writing a result"
     return json.loads(result.read_text()), ""
@@ -228,32 +258,41 @@ def launch(a: argparse.Namespace, n: int, result: Path, timeout: float) -> tuple
 
 def table(a: argparse.Namespace, runs: dict[int, dict[str, Any]], failed: dict[int, str],
           skipped: list[int]) -> tuple[str, bool]:
-    base = runs.get(1)
-    ok = not failed
-    lines = [f"| {'GPUs' if a.device == 'cuda' else 'CPU ranks'} | GPTQ calibration s | speed-up | weights = N=1 | ranks agree | stats = N=1 | peak GiB/rank "
-             "| QLoRA s/step | speed-up | tokens/s | max abs Δloss vs N=1 | peak GiB/rank |",
+    """The markdown table; ``ok`` only if every launch ran and every identity check passed."""
+    base = runs.get(1, {})
+    ok = not failed and not skipped
+    lines = [f"| {'GPUs' if a.device == 'cuda' else 'CPU ranks'} | GPTQ calibration s | speed-up | weights = N=1 "
+             "| ranks agree | stats = N=1 | peak GiB/rank | QLoRA s/step | speed-up | tokens/s "
+             "| max abs Δloss vs N=1 | peak GiB/rank |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    gib = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for n in sorted({*runs, *failed, *skipped}):
-        if n in failed:
-            lines.append(f"| {n} | FAILED: {failed[n]} |" + " |" * 10)
-            continue
-        if n in skipped:
-            lines.append(f"| {n} | not run (time budget) |" + " |" * 10)
-            continue
-        r = runs[n]
-        agree = len(set(r["weight_hashes"])) == 1
-        same_w = base is not None and r["weight_hashes"][0] == base["weight_hashes"][0]
-        same_s = base is not None and r["stats_hash"] == base["stats_hash"]
-        dloss = (max(abs(x - y) for x, y in zip(r["qlora_losses"], base["qlora_losses"])) if base else float("nan"))
-        ok &= agree and same_w and same_s
-        gib = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-        lines.append(
-            f"| {n} | {r['calib_seconds']:.1f} | {base['calib_seconds'] / r['calib_seconds']:.2f}x | "
-            f"{'yes' if same_w else 'NO'} ({r['weight_hashes'][0]}) | {'yes' if agree else 'NO'} | "
-            f"{'yes' if same_s else 'NO'} | {gib(r['calib_peak_gib'])} | {r['qlora_step_seconds']:.3f} | "
-            f"{base['qlora_step_seconds'] / r['qlora_step_seconds']:.2f}x | "
-            f"{r['qlora_tokens_per_step'] / r['qlora_step_seconds']:.0f} | {dloss:.2e} | {gib(r['qlora_peak_gib'])} |"
-            if base else f"| {n} | {r['calib_seconds']:.1f} | (no N=1 baseline) |" + " |" * 9)
+        r = runs.get(n, {})
+        missing = "FAILED" if n in failed else "not run (time budget)"
+        if "calib_seconds" in r:
+            agree = len(set(r["weight_hashes"])) == 1
+            same_w = "weight_hashes" in base and r["weight_hashes"][0] == base["weight_hashes"][0]
+            same_s = "stats_hash" in base and r["stats_hash"] == base["stats_hash"]
+            ok &= agree and same_w and same_s
+            speed = f"{base['calib_seconds'] / r['calib_seconds']:.2f}x" if "calib_seconds" in base else "no N=1"
+            calib = [f"{r['calib_seconds']:.1f}", speed, f"{'yes' if same_w else 'NO'} ({r['weight_hashes'][0]})",
+                     "yes" if agree else "NO", "yes" if same_s else "NO", gib(r["calib_peak_gib"])]
+        else:
+            calib = [missing, "", "", "", "", ""]
+            ok = False
+        if "qlora_step_seconds" in r:
+            sp = r["qlora_step_seconds"]
+            has_base = "qlora_step_seconds" in base
+            dloss = max(abs(x - y) for x, y in zip(r["qlora_losses"], base["qlora_losses"])) if has_base else None
+            q = [f"{sp:.3f}", f"{base['qlora_step_seconds'] / sp:.2f}x" if has_base else "no N=1",
+                 f"{r['qlora_tokens_per_step'] / sp:.0f}", "-" if dloss is None else f"{dloss:.2e}",
+                 gib(r["qlora_peak_gib"])]
+        else:
+            q = [missing, "", "", "", ""]
+            ok = False
+        lines.append("| " + " | ".join([str(n), *calib, *q]) + " |")
+    if failed:
+        lines += ["", *(f"N={n} failed: {err}" for n, err in sorted(failed.items()))]
     dev = next(iter(runs.values()))["device"] if runs else a.device
     tv = next(iter(runs.values()))["torch"] if runs else "?"
     n_params = (a.vocab * a.hidden * 2 + a.layers * (4 * a.hidden ** 2 + 3 * a.hidden * a.intermediate)) / 1e9
@@ -285,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world-sizes", default=None, help="comma list (default: 1,2,4 up to the GPUs present)")
     ap.add_argument("--out", default=None, help="table path (default: $OUT/multigpu.md, else ./multigpu.md)")
     ap.add_argument("--budget", type=float, default=450.0, help="seconds for all launches together")
+    ap.add_argument("--launch-timeout", type=float, default=240.0, help="seconds for one launch at most")
+    ap.add_argument("--phase", choices=["calib", "qlora"], default="calib", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     for k, v in SIZES["1b"].items():
@@ -317,20 +358,21 @@ def main(argv: list[str] | None = None) -> int:
     failed: dict[int, str] = {}
     skipped: list[int] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in sizes:
-            left = deadline - time.monotonic()
-            if left < 30:
-                skipped.append(n)
-                log(f"N={n}: not run, {left:.0f}s of the budget left")
-                continue
-            t = time.perf_counter()
-            res, err = launch(a, n, Path(tmp) / f"n{n}.json", left)
-            if res is None:
-                failed[n] = err
-                log(f"N={n}: FAILED: {err}")
-            else:
-                runs[n] = res
-                log(f"N={n}: done in {time.perf_counter() - t:.0f}s")
+        for n in sizes:  # both phases of N before N+1: a short budget still gives complete rows
+            for phase in ("calib", "qlora"):
+                left = deadline - time.monotonic()
+                if left < 30:
+                    skipped.append(n)
+                    log(f"N={n} {phase}: not run, {left:.0f}s of the budget left")
+                    break
+                t = time.perf_counter()
+                res, err = launch(a, n, phase, Path(tmp) / f"n{n}-{phase}.json", min(left, a.launch_timeout))
+                if res is None:
+                    failed[n] = "; ".join(x for x in (failed.get(n), err) if x)
+                    log(f"N={n}: FAILED: {err}")
+                    continue
+                runs.setdefault(n, {}).update(res)
+                log(f"N={n} {phase}: done in {time.perf_counter() - t:.0f}s")
     text, ok = table(a, runs, failed, skipped)
     print(text, flush=True)
     from lowbit.io.atomic import atomic_file
@@ -338,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     with atomic_file(out, overwrite=True, mode="w") as f:
         f.write(text)  # type: ignore[attr-defined]
     log(f"wrote {out}; {'all checks passed' if ok else 'SOME CHECKS FAILED or runs missing'}")
-    return 0 if ok and not skipped else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
