@@ -29,6 +29,7 @@ CONFIGS = {
     "hqq": HQQConfig(format=IntAffine(bits=3, group_size=32, float_zero_point=True)),
     "gptq": GPTQConfig(format=IntAffine(bits=4, group_size=32), act_order=True),
 }
+CONFIGS_CT = {"rtn_ct": RTNConfig(format=IntAffine(bits=4, group_size=32, symmetric=False))}
 
 
 def run(method: str, seed: int, out: Path) -> dict[str, bytes]:
@@ -57,3 +58,68 @@ def test_streaming_byte_identical_across_runs(tmp_path: Path) -> None:
     files = [{p.name: p.read_bytes() for p in sorted(o.iterdir())} for o in outs]
     assert sum(n.startswith("model-") for n in files[0]) == 3 and "lowbit.json" in files[0]
     assert files[0] == files[1]
+
+
+@pytest.mark.parametrize("method", ["gptq-w4a16-g32-actorder", "awq-w4a16-g32", "smoothquant-w8a8-int8"])
+def test_compressed_tensors_export_byte_identical_across_runs(tmp_path: Path, method: str) -> None:
+    """Quantize + export twice from the same seed: the same bytes in every file; another seed changes them."""
+    pytest.importorskip("compressed_tensors")
+    import sys
+
+    from lowbit.io.compressed_tensors import export_compressed_tensors
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_compressed_tensors import _method_configs
+
+    cfg = _method_configs()[method]
+
+    def export(seed: int, out: Path) -> dict[str, bytes]:
+        model = tiny_llama(seed)
+        calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(seed))
+        lowbit.quantize_(model, cfg, calibration=calib)  # type: ignore[arg-type]
+        export_compressed_tensors(model, out)
+        return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+    a, b = export(0, tmp_path / "a"), export(0, tmp_path / "b")
+    assert set(a) == {"config.json", "model.safetensors"}
+    assert a == b
+    assert export(1, tmp_path / "c")["model.safetensors"] != a["model.safetensors"]
+
+
+_CHILD = """
+import sys, torch
+sys.path.insert(0, {testdir!r})
+import lowbit
+from lowbit.io import checkpoint
+from lowbit.io.compressed_tensors import export_compressed_tensors
+from test_determinism import CONFIGS, CONFIGS_CT, tiny_llama
+model = tiny_llama(0)
+calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+lowbit.quantize_(model, CONFIGS["gptq"], calibration=calib)
+out = sys.argv[1]
+checkpoint.save(model, out + "/ck", method=CONFIGS["gptq"])
+model = tiny_llama(0)
+lowbit.quantize_(model, CONFIGS_CT["rtn_ct"])
+export_compressed_tensors(model, out + "/ct")
+"""
+
+
+def test_byte_identical_across_processes(tmp_path: Path) -> None:
+    """Two interpreters with different hash seeds (set/dict-order hazards) write the same bytes."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("compressed_tensors")
+    script = _CHILD.format(testdir=str(Path(__file__).parent))
+    trees = []
+    for seed in ("1", "2"):
+        d = tmp_path / f"run{seed}"
+        d.mkdir()
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        p = subprocess.run([sys.executable, "-c", script, str(d)], capture_output=True, text=True, env=env,
+                           timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        trees.append({str(f.relative_to(d)): f.read_bytes() for f in sorted(d.rglob("*")) if f.is_file()})
+    assert {"ck/model.safetensors", "ck/lowbit.json", "ct/model.safetensors", "ct/config.json"} <= set(trees[0])
+    assert trees[0] == trees[1]
