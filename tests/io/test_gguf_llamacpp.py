@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit.io.gguf_llamacpp import VEC_DOT_TYPE, emulate_llamacpp_cpu, quantize_activations
+from lowbit.io.gguf_llamacpp import VEC_DOT_TYPE, quantize_activations
 
 
 def _inputs(n: int = 64, width: int = 512, seed: int = 0) -> torch.Tensor:
@@ -95,8 +95,7 @@ def test_q4_1_layers_follow_ggmls_q8_1_dot_product(tmp_path, module):
     tok = tiny_tokenizer()
     path = tmp_path / "q41.gguf"
     export_gguf(tiny_llama(len(tok)), tok, path, type="Q4_1")
-    model, _ = load_gguf_model(path)
-    emulate_llamacpp_cpu(model, path)
+    model, _ = load_gguf_model(path, llamacpp_cpu_numerics=True)
     mod = model.model.layers[0].get_submodule(module)
     x = _inputs(16, mod.in_features, seed=1)
     with torch.no_grad():

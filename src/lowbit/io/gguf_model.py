@@ -164,7 +164,8 @@ def _state_dict(g: GGUFFile, n_head: int, n_kv: int, dtype: torch.dtype) -> tupl
     return sd, rope_freqs
 
 
-def load_gguf_model(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_gguf_model(path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, *,
+                    llamacpp_cpu_numerics: bool = False) -> tuple[Any, Any]:
     """Load a Llama-family GGUF file as ``(LlamaForCausalLM, PreTrainedTokenizerFast)``.
 
     Every tensor is dequantized to ``dtype``: the returned model is a plain float model whose weights equal the
@@ -173,6 +174,10 @@ def load_gguf_model(path: str | os.PathLike[str], dtype: torch.dtype = torch.flo
     Args:
         path: a ``.gguf`` file with ``general.architecture`` in :data:`SUPPORTED_ARCHITECTURES`.
         dtype: parameter dtype of the returned model.
+        llamacpp_cpu_numerics: also round every matmul input as llama.cpp's x86 CPU backend does for that weight's
+            type (Q8_0/Q8_1/Q8_K activations; :func:`lowbit.io.gguf_llamacpp.emulate_llamacpp_cpu`), so the
+            model evaluates like ``llama.cpp`` on a CPU rather than like the dequantized weights (llama.cpp's
+            BLAS/GPU paths).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode on the CPU.
@@ -212,6 +217,10 @@ def load_gguf_model(path: str | os.PathLike[str], dtype: torch.dtype = torch.flo
     if bad:
         raise ValueError(f"parameters left in {bad} after loading, expected {dtype}")
     model.eval()
+    if llamacpp_cpu_numerics:
+        from lowbit.io.gguf_llamacpp import emulate_llamacpp_cpu
+
+        emulate_llamacpp_cpu(model, path)
     if tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     logger.info("loaded %s: %d layers, hidden %d, vocab %d, %s", os.fspath(path), config.num_hidden_layers,
