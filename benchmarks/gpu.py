@@ -51,6 +51,21 @@ def bench(fn, rep: int = 100) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median") * 1000.0  # µs
 
 
+def bench_graph(fn, n: int = 20) -> float:
+    """µs per call with ``n`` calls captured in one CUDA graph and replayed (no host launch cost in the time)."""
+    st = torch.cuda.Stream()
+    st.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(st):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(st)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    return bench(g.replay) / n
+
+
 def copy_bandwidth() -> float:
     a = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda").normal_()
     b = torch.empty_like(a)
@@ -184,6 +199,8 @@ def sweep(pws, x, path, M, N, K, quick_names):
 
 SWEEP_NAMES = ("int4 g128 asym", "nf4 g64 dq", "lut3 per-row (SqueezeLLM)")
 args_sweep = False
+args_graph = False
+args_graph_only = False
 
 
 def run_matmuls(rows, out_rows, bw, bnb, quick):
@@ -196,7 +213,9 @@ def run_matmuls(rows, out_rows, bw, bnb, quick):
         row = {"K": K, "N": N, "M": M, "copies": ncopy}
         nW = cycler(Ws)
         row["bf16"] = bench(lambda: torch.nn.functional.linear(x, nW()))
-        if bnb is not None:
+        if args_graph and M <= 16:
+            row["bf16 graph"] = bench_graph(lambda: torch.nn.functional.linear(x, nW()))
+        if bnb is not None and not args_graph_only:
             try:
                 import bitsandbytes.functional as F
 
@@ -246,6 +265,8 @@ def run_matmuls(rows, out_rows, bw, bnb, quick):
                     y = wq.packed_linear(xx, pws[0], None, path=path)
                     row[key + " err"] = rel(y, xx.float() @ Wd.t())
                     row[key] = bench(lowbit_fn(pws, x, path))
+                    if args_graph and M <= 16:
+                        row[key + " graph"] = bench_graph(lowbit_fn(pws, x, path))
                 except Exception as e:
                     row[key + " error"] = repr(e)[:300]
                     traceback.print_exc()
@@ -254,7 +275,7 @@ def run_matmuls(rows, out_rows, bw, bnb, quick):
                     row[f"sweep {name} [{path}]"] = sweep(pws, x, path, M, N, K, None)
                     print(name, path, json.dumps(row[f"sweep {name} [{path}]"]), flush=True)
             del pws, Wd, ref
-        if M >= 16:
+        if M >= 16 and not args_graph_only:
             w8 = []
             for kind in ("int8", "fp8"):
                 try:
@@ -426,9 +447,9 @@ def fmt_table(rows, bw, adam, dev) -> str:
         lines.append("")
         lines.append("| kernel | µs | × bf16 | × bnb nf4 | err |")
         lines.append("|---|---|---|---|---|")
-        bf = r["bf16"]
         bn = r.get("bnb nf4")
         for k, v in r.items():
+            bf = r["bf16 graph"] if k.endswith(" graph") else r["bf16"]
             if k in ("K", "N", "M", "copies") or k.startswith("floor") or k.endswith(" err") \
                     or k.endswith("exact") or k.endswith("differing") or not isinstance(v, (int, float)):
                 continue
@@ -437,7 +458,8 @@ def fmt_table(rows, bw, adam, dev) -> str:
             ex = r.get(k + " codes exact")
             if ex is not None:
                 err = f"{err} (int8 codes bit-exact: {ex})"
-            lines.append(f"| {k} | {v:.1f} | {bf / v:.2f} | {'' if not bn else f'{bn / v:.2f}'} | {err} |")
+            bnr = '' if not bn or k.endswith(" graph") else f'{bn / v:.2f}'
+            lines.append(f"| {k} | {v:.1f} | {bf / v:.2f} | {bnr} | {err} |")
         errs = [f"{k}: {v}" for k, v in r.items() if k.endswith("error")]
         for e in errs:
             lines.append(f"| ERROR {e} | | | | |")
@@ -457,9 +479,15 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-adam", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of tile configurations")
+    ap.add_argument("--graph", action="store_true",
+                    help="also time M <= 16 rows as CUDA-graph replays (bf16 too; the ' graph' rows compare with it)")
+    ap.add_argument("--graph-only", action="store_true",
+                    help="M <= 16 rows only, with --graph, no bitsandbytes/W8A8/AdamW/opcheck (a short run)")
     args = ap.parse_args()
-    global args_sweep
+    global args_sweep, args_graph, args_graph_only
     args_sweep = args.sweep
+    args_graph = args.graph or args.graph_only
+    args_graph_only = args.graph_only
     dev = torch.cuda.get_device_name()
     print("device", dev, "sms", torch.cuda.get_device_properties(0).multi_processor_count, flush=True)
     try:
@@ -469,16 +497,18 @@ def main() -> None:
         print("no bitsandbytes:", e, flush=True)
         bnb = None
     t0 = time.time()
-    oc = opchecks()
+    oc = {} if args.graph_only else opchecks()
     print("opcheck", json.dumps(oc, indent=1), flush=True)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.3f} TB/s", flush=True)
     rows = [(4096, 4096, 1), (4096, 11008, 1), (8192, 28672, 1), (8192, 28672, 16), (8192, 28672, 2048)]
     if args.quick:
         rows = [(4096, 11008, 1), (8192, 28672, 1), (8192, 28672, 16), (8192, 28672, 2048)]
+    if args.graph_only:
+        rows = [r for r in rows if r[2] <= 16]
     out_rows: list = []
     run_matmuls(rows, out_rows, bw, bnb, args.quick)
-    adam = None if args.skip_adam else run_adam(268 * 2**20 if not args.quick else 64 * 2**20, bnb)
+    adam = None if args.skip_adam or args.graph_only else run_adam(268 * 2**20 if not args.quick else 64 * 2**20, bnb)
     print("adam", json.dumps(adam), flush=True)
     table = fmt_table(out_rows, bw, adam, dev)
     table += "\n\n## opcheck (CUDA)\n\n" + "\n".join(f"- {k}: {v}" for k, v in oc.items()) + "\n"
