@@ -174,3 +174,44 @@ def test_qlora_nf4_base_intact_under_fsdp2(ranks: list[dict[str, Any]]) -> None:
         # the packed base is neither sharded nor changed by training, and equals the one-process base
         assert differences(q["base_after"], q["base_before"]) == []
         assert differences(q["base_before"], ranks[0]["ws1"]["qlora"]["base_before"]) == []
+
+
+# -- in-process checks (world size 1), no processes -------------------------------------------------------
+
+def test_reduced_statistics_equal_float64_textbook_values() -> None:
+    from lowbit.calibration.distributed import ShardedCalibration
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 8)
+    batches = [torch.randn(3, 5, 24) * 4 for _ in range(7)]
+    shards = ShardedCalibration(local=True)
+    shards.n_batches = len(batches)
+    with torch.no_grad():
+        got = shards.collect({"fc": lin}, ["hessian", "act_absmax", "act_mean_abs", "act_sq_mean"],
+                             [lambda x=x: lin(x) for x in batches], stop_early=True)["fc"]
+    X = torch.cat([x.reshape(-1, 24) for x in batches]).double()
+    n = X.shape[0]
+    want = {"hessian": 2.0 / n * X.T @ X, "act_absmax": X.abs().amax(0), "act_mean_abs": X.abs().mean(0),
+            "act_sq_mean": X.square().mean(0)}
+    for k, v in want.items():
+        assert got[k].dtype == torch.float32
+        torch.testing.assert_close(got[k].double(), v, rtol=1e-5, atol=1e-5, msg=k)
+    assert torch.equal(got["act_absmax"].double(), want["act_absmax"])  # a max is exact
+
+
+def test_too_few_batches_for_the_ranks_is_refused() -> None:
+    from lowbit.calibration.distributed import ShardedCalibration
+
+    shards = ShardedCalibration(local=True)
+    shards.world_size = 3  # as if 3 ranks
+    with pytest.raises(ValueError, match="4 calibration samples make 2 batches of 2, fewer than the 3 ranks"):
+        shards.shard(torch.zeros(4, 8, dtype=torch.long), 2)
+
+
+def test_bad_distributed_argument_is_refused() -> None:
+    from lowbit.calibration.distributed import ShardedCalibration
+
+    with pytest.raises(TypeError, match="distributed must be a ShardedCalibration, True, False or None"):
+        ShardedCalibration.resolve("yes")  # type: ignore[arg-type]
+    assert ShardedCalibration.resolve(False) is None
+    assert ShardedCalibration.resolve(True).world_size == 1  # type: ignore[union-attr]
