@@ -4,14 +4,19 @@ Layout: :mod:`lowbit.ops.repack` (bit planes packed along K, N contiguous; scale
 
 Three paths, chosen by the number of activation rows ``M``:
 
-- ``M <= GEMV_MAX_M``: GEMV with split-K. Each program reduces a ``BK``-slice of K for ``BN`` outputs and
-  ``tl.atomic_add``-s its partial sums into an fp32 output (many CTAs even for small N: the M = 1 case is
-  memory-bound, so the grid must cover every SM several times). For the affine mode the group scale
-  and zero point are applied once per (group, column) after the inner product:
-  ``Σ_k x_k (c_k − z) s = s (Σ_k x_k c_k − z Σ_k x_k)``; codes become floats through the exponent trick
-  (``float_bits(c | 0x4B000000) − 2^23``), which avoids the slow integer-to-float conversion.
+- ``M <= GEMV_MAX_M``: GEMV with split-K (:func:`_gemv3_kernel`). Each program reduces a ``BK``-slice of K
+  for ``BN`` outputs and ``tl.atomic_add``-s its partial sums into an fp32 output (many CTAs even for small N:
+  the M = 1 case is memory-bound, so the grid must cover every SM several times). The codes of a word are
+  unpacked with constant shifts; an affine code is moved into the mantissa of 1.0 (``f = 1 + c/2^B``), so
+  ``Σ_k x_k c_k = 2^B (Σ x f − Σ x)`` costs one shift, one and-or and one FMA per weight, and the group scale
+  and zero point are applied once per (word, column): ``Σ_k x_k (c_k − z) s = s (Σ_k x_k c_k − z Σ_k x_k)``.
+  Look-up tables (NF4/FP4 shared, SqueezeLLM per column) are held in registers and read by a select tree on
+  the code bits. The earlier ``_gemv_kernel`` (``gemv_config(v=2)``) is kept for the benchmark's comparison.
 - ``GEMV_MAX_M < M < BIG_M``: tiled ``tl.dot`` kernel that dequantizes a ``(BK, BN)`` tile in registers.
-- ``M >= BIG_M``: dequantize to a bf16 ``(K, N)`` buffer with a Triton kernel, then cuBLAS.
+- ``M >= BIG_M``: dequantize to a bf16 ``(K, N)`` buffer with a Triton kernel (act-order rows scattered back
+  to the weight's column order), then cuBLAS, in column chunks that stay in L2.
+
+Measured choices and what they gained: ``benchmarks/NOTES_gpu.md``; numbers: ``results/gpu_kernels.md``.
 
 Nothing here is compiled at import; Triton compiles on first call.
 """
