@@ -83,6 +83,23 @@ def test_perplexity_equals_float64_textbook_tiny_llama() -> None:
         _textbook_ppl(lambda w: ref64(w).logits, tokens, [(0, 32)]), rel=1e-5)
 
 
+def test_equal_windows_are_batched_up_to_batch_tokens_with_the_same_result() -> None:
+    model = _tiny_llama()
+    shapes = []
+    model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)) if args else None)
+    tokens = torch.randint(0, 64, (1, 170), generator=torch.Generator().manual_seed(5))
+    one_by_one = perplexity(model, tokens, ctx_len=32, batch_tokens=1)
+    assert shapes == [(1, 32)] * 5
+    shapes.clear()
+    batched = perplexity(model, tokens, ctx_len=32, batch_tokens=96, drop_last=False)
+    assert shapes == [(3, 32), (2, 32), (1, 10)]  # equal-length windows stacked; the short tail alone
+    shapes.clear()
+    assert perplexity(model, tokens, ctx_len=32, batch_tokens=96) == pytest.approx(one_by_one, rel=1e-6)
+    assert batched != one_by_one  # the kept tail changes it: the tail really was evaluated
+    with pytest.raises(ValueError, match="batch_tokens"):
+        perplexity(model, tokens, ctx_len=32, batch_tokens=0)
+
+
 def test_perplexity_rejects_bad_input() -> None:
     model = Bigram(5, 0)
     with pytest.raises(ValueError, match="ctx_len"):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.eval.perplexity import _check_tokens, model_logits, window_nll, windows
+from lowbit.eval.perplexity import BATCH_TOKENS, _check_tokens, window_logits, window_nll, windows
 
 __all__ = ["ReferenceLogits", "CompareResult", "ModelSize", "reference_logits", "compare", "model_size"]
 
@@ -83,7 +83,8 @@ class CompareResult:
 @torch.no_grad()
 def reference_logits(model: torch.nn.Module, tokens: torch.Tensor, ctx_len: int = 2048,
                      max_windows: int | None = None, dtype: torch.dtype = torch.float32,
-                     drop_last: bool = True, progress: Callable[[int, int], None] | None = None) -> ReferenceLogits:
+                     drop_last: bool = True, progress: Callable[[int, int], None] | None = None,
+                     batch_tokens: int = BATCH_TOKENS) -> ReferenceLogits:
     """Run the reference (unquantized) model once and cache what :func:`compare` needs.
 
     Args:
@@ -92,6 +93,7 @@ def reference_logits(model: torch.nn.Module, tokens: torch.Tensor, ctx_len: int 
         ctx_len, max_windows, drop_last: the windows, as in :func:`lowbit.eval.perplexity.perplexity`.
         dtype: storage dtype of the cached log-probabilities (float32, bfloat16 or float16).
         progress: called as ``progress(done, total)``.
+        batch_tokens: stack equal-length windows into forward passes of at most this many tokens.
     """
     if dtype not in _CACHE_DTYPES:
         raise ValueError(f"cache dtype {dtype} not supported; valid: {_CACHE_DTYPES}")
@@ -101,14 +103,12 @@ def reference_logits(model: torch.nn.Module, tokens: torch.Tensor, ctx_len: int 
     model.eval()
     log_probs, top1, nll, n = [], [], 0.0, 0
     try:
-        for i, (s, e) in enumerate(spans):
-            window = tokens[:, s:e]
-            logits = model_logits(model, window)
+        for i, window, logits in window_logits(model, tokens, spans, batch_tokens):
             nll += window_nll(logits, window).item()
             lp = torch.log_softmax(logits[:-1], dim=-1)
             top1.append(lp.argmax(-1).cpu())
             log_probs.append(lp.to(dtype).cpu())
-            n += e - s - 1
+            n += window.shape[1] - 1
             if progress is not None:
                 progress(i + 1, len(spans))
     finally:
@@ -119,7 +119,7 @@ def reference_logits(model: torch.nn.Module, tokens: torch.Tensor, ctx_len: int 
 @torch.no_grad()
 def compare(model: torch.nn.Module, reference: ReferenceLogits | torch.nn.Module, tokens: torch.Tensor | None = None,
             ctx_len: int = 2048, max_windows: int | None = None,
-            progress: Callable[[int, int], None] | None = None) -> CompareResult:
+            progress: Callable[[int, int], None] | None = None, batch_tokens: int = BATCH_TOKENS) -> CompareResult:
     """KL divergence and top-1 agreement of ``model`` against a reference, on the same windows.
 
     Args:
@@ -129,6 +129,7 @@ def compare(model: torch.nn.Module, reference: ReferenceLogits | torch.nn.Module
         tokens: ``(1, T)`` token ids; required when ``reference`` is a model.
         ctx_len, max_windows: the windows when ``reference`` is a model.
         progress: called as ``progress(done, total)``.
+        batch_tokens: stack equal-length windows into forward passes of at most this many tokens.
 
     Returns:
         A :class:`CompareResult`; ``kl`` is ``mean_t sum_v p_ref(v|t) (log p_ref(v|t) - log p_model(v|t))``.
@@ -145,9 +146,8 @@ def compare(model: torch.nn.Module, reference: ReferenceLogits | torch.nn.Module
     model.eval()
     kl_sum, kl_max, agree, nll, n = 0.0, 0.0, 0, 0.0, 0
     try:
-        for i, ((s, e), ref_lp, ref_top1) in enumerate(zip(reference.spans, reference.log_probs, reference.top1)):
-            window = reference.tokens[:, s:e]
-            logits = model_logits(model, window)
+        for i, window, logits in window_logits(model, reference.tokens, reference.spans, batch_tokens):
+            ref_lp, ref_top1 = reference.log_probs[i], reference.top1[i]
             nll += window_nll(logits, window).item()
             lp = torch.log_softmax(logits[:-1], dim=-1)
             ref = ref_lp.to(lp.device, torch.float32)
@@ -156,7 +156,7 @@ def compare(model: torch.nn.Module, reference: ReferenceLogits | torch.nn.Module
             kl_sum += kl.double().sum().item()
             kl_max = max(kl_max, kl.max().item())
             agree += int((lp.argmax(-1).cpu() == ref_top1).sum())
-            n += e - s - 1
+            n += window.shape[1] - 1
             if progress is not None:
                 progress(i + 1, len(reference.spans))
     finally:

@@ -11,18 +11,24 @@ log) are summed over all predicted tokens of all windows and
 A shorter final window (``T % ctx_len`` leftover tokens) is **dropped** by default, as GPTQ/AWQ do
 (``nsamples = T // ctx_len``), so published numbers are comparable; ``drop_last=False`` keeps it (when it has at
 least 2 tokens). A text shorter than one window is evaluated as a single window of all its tokens.
+
+Windows of equal length run as one batch of up to ``batch_tokens`` tokens (default 2048; windows are
+independent, so this changes only float summation order, not the protocol): a quantized layer then
+dequantizes its weight once per batch rather than once per window.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["perplexity", "windows", "window_nll"]
+__all__ = ["perplexity", "windows", "window_nll", "window_logits"]
+
+BATCH_TOKENS = 2048
 
 
 def _check_tokens(tokens: torch.Tensor) -> torch.Tensor:
@@ -71,11 +77,29 @@ def _device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def model_logits(model: torch.nn.Module, window: torch.Tensor) -> torch.Tensor:
-    """``(L, V)`` float32 logits of a ``(1, L)`` window (``model`` returns an object with ``.logits`` or a tensor)."""
-    out: Any = model(window.to(_device(model)))
-    logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
-    return logits[0].float()
+def window_logits(model: torch.nn.Module, tokens: torch.Tensor, spans: list[tuple[int, int]],
+                  batch_tokens: int = BATCH_TOKENS) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(index, window (1, L), logits (L, V) float32)`` for each span, in order.
+
+    Consecutive spans of equal length are stacked into one forward pass of at most ``batch_tokens`` tokens
+    (always at least one window).
+    """
+    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be a positive int, got {batch_tokens!r}")
+    i = 0
+    while i < len(spans):
+        length = spans[i][1] - spans[i][0]
+        j = i + 1
+        while j < len(spans) and spans[j][1] - spans[j][0] == length and (j - i + 1) * length <= batch_tokens:
+            j += 1
+        batch = torch.cat([tokens[:, s:e] for s, e in spans[i:j]], dim=0)
+        out: Any = model(batch.to(_device(model)))
+        logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
+        for k in range(j - i):
+            s, e = spans[i + k]
+            yield i + k, tokens[:, s:e], logits[k].float()
+        del out, logits
+        i = j
 
 
 def window_nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -86,7 +110,8 @@ def window_nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, tokens: torch.Tensor, ctx_len: int = 2048, max_windows: int | None = None,
-               progress: Callable[[int, int], None] | None = None, drop_last: bool = True) -> float:
+               progress: Callable[[int, int], None] | None = None, drop_last: bool = True,
+               batch_tokens: int = BATCH_TOKENS) -> float:
     """Perplexity of ``model`` on ``tokens`` (GPTQ/AWQ protocol, see the module docstring).
 
     Args:
@@ -96,6 +121,7 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, ctx_len: int = 2048
         max_windows: evaluate only the first ``max_windows`` windows.
         progress: called as ``progress(done, total)`` after each window.
         drop_last: drop a shorter final window (default, as GPTQ/AWQ).
+        batch_tokens: stack equal-length windows into forward passes of at most this many tokens.
 
     Returns:
         ``exp(mean NLL)`` over all predicted tokens.
@@ -106,10 +132,9 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, ctx_len: int = 2048
     model.eval()
     nll, count = torch.zeros((), dtype=torch.float64), 0
     try:
-        for i, (s, e) in enumerate(spans):
-            window = tokens[:, s:e]
-            nll += window_nll(model_logits(model, window), window).cpu()
-            count += e - s - 1
+        for i, window, logits in window_logits(model, tokens, spans, batch_tokens):
+            nll += window_nll(logits, window).cpu()
+            count += window.shape[1] - 1
             if progress is not None:
                 progress(i + 1, len(spans))
     finally:
