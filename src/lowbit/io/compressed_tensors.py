@@ -22,6 +22,12 @@ when symmetric); compressed-tensors stores signed ``q = u - 2^(b-1)`` with zero 
 ``(q - zp)·s`` is the same number. Scales are written in the model's dtype (a widening cast, exact).
 compressed-tensors cannot store a shorter last group, HQQ's float zero points, or outliers: those raise a
 ``ValueError`` naming what it can store.
+
+Loading in transformers (checked with transformers 5.24.0 + compressed-tensors 0.20.0): symmetric schemes load
+with plain ``from_pretrained``. Asymmetric ``pack-quantized`` ones (packed zero points) fail on the default
+compressed load with a size mismatch on every ``weight_zero_point`` (llm-compressor issue #1618: the skeleton
+expects unpacked zero points); ``from_pretrained(..., quantization_config=CompressedTensorsConfig(
+run_compressed=False))`` decompresses them on load and gives lowbit's logits exactly.
 """
 
 from __future__ import annotations
@@ -193,6 +199,9 @@ def export_compressed_tensors(model: nn.Module, path: str | os.PathLike[str], *,
         quantized.append(name)
     if not quantized:
         raise ValueError("the model has no quantized (QuantLinear) layers to export; run lowbit.quantize_ first")
+    if any(g["format"] == "pack-quantized" and not g["weights"]["symmetric"] for g in groups.values()):
+        log.warning("asymmetric pack-quantized layers: transformers (5.24, compressed-tensors 0.20) loads them only "
+                    "with quantization_config=CompressedTensorsConfig(run_compressed=False) (llm-compressor #1618)")
     prefixes = tuple(f"{n}." for n in quantized)
     seen: set[int] = set()
     for k, v in model.state_dict().items():
