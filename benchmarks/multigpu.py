@@ -1,14 +1,16 @@
 """Scaling of distributed calibration (GPTQ) and QLoRA (FSDP2) over 1, 2, 4 GPUs, with bit-identity checks.
 
 For each world size N (1, 2, and 4 when that many devices exist) this script launches, once per phase,
-``torchrun --standalone --nproc_per_node N benchmarks/multigpu.py --worker --phase calib|qlora ...``:
+``torchrun --standalone --nproc_per_node N benchmarks/multigpu.py --worker --phase calib|calib1|qlora ...``:
 
 1. builds the same random-weight Llama on every rank (default ~1.0 B parameters: hidden 2048, MLP 5632,
    16 layers, vocab 32000, bf16) and quantizes it with ``GPTQConfig(IntAffine(4, group_size=128))`` on
    random calibration tokens (default 128 × 512) through ``lowbit.calibration.sequential`` with the
    samples split over the ranks (:mod:`lowbit.calibration.distributed`); records the wall time and a
    SHA-256 of the quantized model (every rank) and of every reduced statistic (rank 0);
-2. builds the model again in fp32, quantizes its base to NF4, adds LoRA r=16 and trains the adapters with
+2. (``calib1``) the same with ``true_sequential=False`` (all seven layers of a block quantized from one
+   statistics pass, so up to seven in parallel), run after both phases of every N;
+3. builds the model again in fp32, quantizes its base to NF4, adds LoRA r=16 and trains the adapters with
    FSDP2 (:mod:`lowbit.train.distributed`), global batch 8 × 512, reporting per-step time after warm-up and
    the loss curve.
 
@@ -50,6 +52,10 @@ SIZES = {  # model shape, calibration samples × seq_len in batches, QLoRA seq_l
     "tiny": dict(hidden=64, intermediate=128, layers=2, heads=4, vocab=256, samples=8, seq_len=32,
                  qlora_seq=32, qlora_steps=4, calib_batch=2, qlora_batch=4),
 }
+
+
+CALIB_PHASES = {"calib": "GPTQ, true-sequential stages (default)",
+                "calib1": "GPTQ, one statistics pass per block (true_sequential=False)"}
 
 
 def log(msg: str) -> None:
@@ -128,8 +134,8 @@ def worker(a: argparse.Namespace) -> None:
 
     result: dict[str, Any] = {"world_size": world, "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
                               "torch": torch.__version__}
-    if a.phase == "calib":
-        result.update(calibrate(a, dev, say, sync, HashingShards()))
+    if a.phase in CALIB_PHASES:
+        result.update(calibrate(a, dev, say, sync, HashingShards(), a.phase))
     else:
         result.update(qlora(a, dev, say, sync))
     if rank == 0:
@@ -142,8 +148,9 @@ def worker(a: argparse.Namespace) -> None:
         dist.destroy_process_group()
 
 
-def calibrate(a: argparse.Namespace, dev: Any, say: Any, sync: Any, shards: Any) -> dict[str, Any]:
-    """GPTQ through the distributed runner; wall time, peak memory, weight hashes of every rank."""
+def calibrate(a: argparse.Namespace, dev: Any, say: Any, sync: Any, shards: Any, phase: str) -> dict[str, Any]:
+    """GPTQ through the distributed runner (``phase``: true-sequential stages or one pass per block); wall
+    time, peak memory, weight hashes of every rank, statistics checksum; keys prefixed with ``phase``."""
     import torch
     import torch.distributed as dist
 
@@ -170,10 +177,11 @@ def calibrate(a: argparse.Namespace, dev: Any, say: Any, sync: Any, shards: Any)
     sync()
     t0 = time.perf_counter()
     cfg = GPTQConfig(format=IntAffine(bits=4, group_size=128 if a.hidden % 128 == 0 else 32))
-    quantize_sequential(model, cfg, calib, batch_size=a.calib_batch, distributed=shards, progress=progress)
+    quantize_sequential(model, cfg, calib, batch_size=a.calib_batch, distributed=shards, progress=progress,
+                        true_sequential=phase == "calib")
     sync()
-    result["calib_seconds"] = time.perf_counter() - t0
-    result["calib_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None
+    result["seconds"] = time.perf_counter() - t0
+    result["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None
     mine = state_hash(model)
     hashes = [None] * world
     if world > 1:
@@ -182,8 +190,8 @@ def calibrate(a: argparse.Namespace, dev: Any, say: Any, sync: Any, shards: Any)
         hashes = [mine]
     result["weight_hashes"] = hashes
     result["stats_hash"] = shards.digest()
-    say(f"calibration {result['calib_seconds']:.1f}s, weights {hashes}")
-    return result
+    say(f"{CALIB_PHASES[phase]}: {result['seconds']:.1f}s, weights {hashes}")
+    return {f"{phase}_{k}": v for k, v in result.items()}
 
 
 def qlora(a: argparse.Namespace, dev: Any, say: Any, sync: Any) -> dict[str, Any]:
@@ -256,30 +264,37 @@ def launch(a: argparse.Namespace, n: int, phase: str, result: Path, timeout: flo
     return json.loads(result.read_text()), ""
 
 
-def table(a: argparse.Namespace, runs: dict[int, dict[str, Any]], failed: dict[int, str],
-          skipped: list[int]) -> tuple[str, bool]:
-    """The markdown table; ``ok`` only if every launch ran and every identity check passed."""
+def table(a: argparse.Namespace, runs: dict[int, dict[str, Any]], failed: dict[tuple[int, str], str],
+          skipped: list[tuple[int, str]]) -> tuple[str, bool]:
+    """Two markdown tables (calibration, QLoRA); ``ok`` only if every launch ran and every check passed."""
     base = runs.get(1, {})
     ok = not failed and not skipped
-    lines = [f"| {'GPUs' if a.device == 'cuda' else 'CPU ranks'} | GPTQ calibration s | speed-up | weights = N=1 "
-             "| ranks agree | stats = N=1 | peak GiB/rank | QLoRA s/step | speed-up | tokens/s "
-             "| max abs Δloss vs N=1 | peak GiB/rank |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    unit = "GPUs" if a.device == "cuda" else "CPU ranks"
     gib = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
-    for n in sorted({*runs, *failed, *skipped}):
+    sizes = sorted({*runs, *(n for n, _ in failed), *(n for n, _ in skipped)})
+
+    def missing(n: int, phase: str) -> str:
+        return "FAILED" if (n, phase) in failed else "not run (time budget)"
+
+    cal = [f"| {unit} | " + " | ".join(f"{h} s | speed-up | weights = N=1 | ranks agree | stats = N=1 | peak GiB/rank"
+                                      for h in ("true-sequential", "one-pass")) + " |", "|---" * 13 + "|"]
+    qlo = [f"| {unit} | QLoRA s/step | speed-up | tokens/s | max abs Δloss vs N=1 | peak GiB/rank |", "|---" * 6 + "|"]
+    for n in sizes:
         r = runs.get(n, {})
-        missing = "FAILED" if n in failed else "not run (time budget)"
-        if "calib_seconds" in r:
-            agree = len(set(r["weight_hashes"])) == 1
-            same_w = "weight_hashes" in base and r["weight_hashes"][0] == base["weight_hashes"][0]
-            same_s = "stats_hash" in base and r["stats_hash"] == base["stats_hash"]
+        cells = [str(n)]
+        for ph in CALIB_PHASES:
+            if f"{ph}_seconds" not in r:
+                cells += [missing(n, ph), "", "", "", "", ""]
+                continue
+            hashes, b = r[f"{ph}_weight_hashes"], base.get(f"{ph}_weight_hashes")
+            agree = len(set(hashes)) == 1
+            same_w = b is not None and hashes[0] == b[0]
+            same_s = base.get(f"{ph}_stats_hash") == r[f"{ph}_stats_hash"]
             ok &= agree and same_w and same_s
-            speed = f"{base['calib_seconds'] / r['calib_seconds']:.2f}x" if "calib_seconds" in base else "no N=1"
-            calib = [f"{r['calib_seconds']:.1f}", speed, f"{'yes' if same_w else 'NO'} ({r['weight_hashes'][0]})",
-                     "yes" if agree else "NO", "yes" if same_s else "NO", gib(r["calib_peak_gib"])]
-        else:
-            calib = [missing, "", "", "", "", ""]
-            ok = False
+            speed = f"{base[f'{ph}_seconds'] / r[f'{ph}_seconds']:.2f}x" if f"{ph}_seconds" in base else "no N=1"
+            cells += [f"{r[f'{ph}_seconds']:.1f}", speed, f"{'yes' if same_w else 'NO'} ({hashes[0]})",
+                      "yes" if agree else "NO", "yes" if same_s else "NO", gib(r[f"{ph}_peak_gib"])]
+        cal.append("| " + " | ".join(cells) + " |")
         if "qlora_step_seconds" in r:
             sp = r["qlora_step_seconds"]
             has_base = "qlora_step_seconds" in base
@@ -288,23 +303,26 @@ def table(a: argparse.Namespace, runs: dict[int, dict[str, Any]], failed: dict[i
                  f"{r['qlora_tokens_per_step'] / sp:.0f}", "-" if dloss is None else f"{dloss:.2e}",
                  gib(r["qlora_peak_gib"])]
         else:
-            q = [missing, "", "", "", ""]
-            ok = False
-        lines.append("| " + " | ".join([str(n), *calib, *q]) + " |")
+            q = [missing(n, "qlora"), "", "", "", ""]
+        qlo.append("| " + " | ".join([str(n), *q]) + " |")
+    lines = ["## Calibration (GPTQ)", "", *cal, "", "## QLoRA (FSDP2)", "", *qlo]
     if failed:
-        lines += ["", *(f"N={n} failed: {err}" for n, err in sorted(failed.items()))]
+        lines += ["", *(f"N={n} {ph} failed: {err}  " for (n, ph), err in sorted(failed.items()))]
     dev = next(iter(runs.values()))["device"] if runs else a.device
     tv = next(iter(runs.values()))["torch"] if runs else "?"
     n_params = (a.vocab * a.hidden * 2 + a.layers * (4 * a.hidden ** 2 + 3 * a.hidden * a.intermediate)) / 1e9
     head = [
         "# Multi-GPU scaling: distributed GPTQ calibration and FSDP2 QLoRA", "",
         f"Command: `python benchmarks/multigpu.py {' '.join(sys.argv[1:])}`  ",
-        f"Machine: {dev} × up to {max([*runs, *failed, *skipped], default=0)}, torch {tv}, {platform.node()}  ",
+        f"Machine: {dev} × up to {max(sizes, default=0)}, torch {tv}, {platform.node()}  ",
         f"Model: random-weight Llama, hidden {a.hidden}, MLP {a.intermediate}, {a.layers} layers, vocab {a.vocab} "
         f"(~{n_params:.2f} B parameters).  ",
         f"Calibration: GPTQ 4-bit IntAffine, {a.samples} samples × {a.seq_len} tokens in batches of "
         f"{a.calib_batch}, samples split over ranks, statistics in a fixed pairwise tree "
-        f"(lowbit.calibration.distributed), {'bf16 model' if a.device == 'cuda' else 'fp32 model, 1 thread/rank'}.  ",
+        f"(lowbit.calibration.distributed), {'bf16 model' if a.device == 'cuda' else 'fp32 model, 1 thread/rank'}; "
+        "true-sequential: statistics re-collected after each stage (q/k/v, o, gate/up, down), the stage's layers "
+        "quantized in parallel over ranks; one-pass: all seven layers of a block from one statistics pass, in "
+        "parallel.  ",
         f"QLoRA: fp32 model, NF4 base (unsharded buffers), LoRA r=16 on every Linear, FSDP2, global batch "
         f"{a.qlora_batch} × {a.qlora_seq}, {a.qlora_steps} steps; s/step is the median after 2 warm-up steps.  ",
         "Bit-identity: SHA-256 of the whole quantized state dict (every rank) and a checksum of the bits of "
@@ -325,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="table path (default: $OUT/multigpu.md, else ./multigpu.md)")
     ap.add_argument("--budget", type=float, default=450.0, help="seconds for all launches together")
     ap.add_argument("--launch-timeout", type=float, default=240.0, help="seconds for one launch at most")
-    ap.add_argument("--phase", choices=["calib", "qlora"], default="calib", help=argparse.SUPPRESS)
+    ap.add_argument("--phase", choices=[*CALIB_PHASES, "qlora"], default="calib", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     for k, v in SIZES["1b"].items():
@@ -355,24 +373,26 @@ def main(argv: list[str] | None = None) -> int:
     log(f"world sizes {sizes}, device {a.device}, budget {a.budget:.0f}s, table -> {out}")
     deadline = time.monotonic() + a.budget
     runs: dict[int, dict[str, Any]] = {}
-    failed: dict[int, str] = {}
-    skipped: list[int] = []
+    failed: dict[tuple[int, str], str] = {}
+    skipped: list[tuple[int, str]] = []
+    # the default path's two phases for every N first (a short budget still gives complete rows), then the
+    # one-pass calibration variant
+    order = [(n, ph) for n in sizes for ph in ("calib", "qlora")] + [(n, "calib1") for n in sizes]
     with tempfile.TemporaryDirectory() as tmp:
-        for n in sizes:  # both phases of N before N+1: a short budget still gives complete rows
-            for phase in ("calib", "qlora"):
-                left = deadline - time.monotonic()
-                if left < 30:
-                    skipped.append(n)
-                    log(f"N={n} {phase}: not run, {left:.0f}s of the budget left")
-                    break
-                t = time.perf_counter()
-                res, err = launch(a, n, phase, Path(tmp) / f"n{n}-{phase}.json", min(left, a.launch_timeout))
-                if res is None:
-                    failed[n] = "; ".join(x for x in (failed.get(n), err) if x)
-                    log(f"N={n}: FAILED: {err}")
-                    continue
-                runs.setdefault(n, {}).update(res)
-                log(f"N={n} {phase}: done in {time.perf_counter() - t:.0f}s")
+        for n, phase in order:
+            left = deadline - time.monotonic()
+            if left < 30:
+                skipped.append((n, phase))
+                log(f"N={n} {phase}: not run, {left:.0f}s of the budget left")
+                continue
+            t = time.perf_counter()
+            res, err = launch(a, n, phase, Path(tmp) / f"n{n}-{phase}.json", min(left, a.launch_timeout))
+            if res is None:
+                failed[(n, phase)] = err
+                log(f"N={n}: FAILED: {err}")
+                continue
+            runs.setdefault(n, {}).update(res)
+            log(f"N={n} {phase}: done in {time.perf_counter() - t:.0f}s")
     text, ok = table(a, runs, failed, skipped)
     print(text, flush=True)
     from lowbit.io.atomic import atomic_file

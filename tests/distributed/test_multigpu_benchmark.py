@@ -19,12 +19,17 @@ def test_multigpu_benchmark_tiny_cpu(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--world-sizes", "1,2",
                         "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    rows = [line for line in out.read_text().splitlines() if line.startswith(("| 1 |", "| 2 |"))]
-    assert len(rows) == 2
-    for row in rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[3].startswith("yes") and cells[4] == "yes" and cells[5] == "yes", row  # bit-identity
-        assert float(cells[10]) < 1e-4, row  # QLoRA loss vs N=1
+    text = out.read_text()
+    calib, qlora = text.split("## QLoRA")
+    cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+    crows = [cells(x) for x in calib.splitlines() if x.startswith(("| 1 |", "| 2 |"))]
+    qrows = [cells(x) for x in qlora.splitlines() if x.startswith(("| 1 |", "| 2 |"))]
+    assert len(crows) == 2 and len(qrows) == 2
+    for c in crows:  # both calibration variants: weights = N=1, ranks agree, statistics = N=1
+        assert c[3].startswith("yes") and c[4] == "yes" and c[5] == "yes", c
+        assert c[9].startswith("yes") and c[10] == "yes" and c[11] == "yes", c
+    for q in qrows:
+        assert float(q[4]) < 1e-4, q  # QLoRA loss vs N=1
     assert "Not measured" in out.read_text()
 
 

@@ -15,8 +15,9 @@ The sequential runner (:func:`lowbit.calibration.sequential.quantize_sequential`
    result is bit-identical for N = 1, 2, 4, ... (an all-reduce of per-rank partial sums is not). The mean
    (``/n``, ``·2/n`` for the Hessian) is taken once at the end from the exact token count.
 3. **Quantizing.** Every rank holds the same statistics; the layers of a true-sequential stage are dealt
-   round-robin to the ranks, each rank quantizes its layers, and the owner broadcasts the quantized tensors
-   (GPTQ's column sweeps of q/k/v or gate/up run in parallel).
+   to the ranks (longest first), each rank quantizes its layers, and the owner broadcasts the quantized
+   tensors (GPTQ's column sweeps of q/k/v or gate/up run in parallel; with ``true_sequential=False`` all
+   seven layers of a block form one stage, so more of them do).
 4. **Block transforms** (AWQ/SmoothQuant ``prepare_block``) search over all calibration batches, so before
    ``prepare_block`` every rank receives the block inputs of all batches (broadcast by their owners); the
    search itself is repeated on every rank (deterministic, so the edited weights agree). Its statistics are
@@ -369,10 +370,15 @@ class ShardedCalibration:
 
     def quantize_stage(self, block: nn.Module, stage_layers: Mapping[str, nn.Module], stats: Stats,
                        quantize_layer: Callable[[str, nn.Module, dict[str, torch.Tensor]], None]) -> None:
-        """Deal the stage's layers round-robin to the ranks; each quantizes its own (``quantize_layer``
+        """Deal the stage's layers to the ranks (longest first to the least loaded rank, the cost of a layer
+        being its input width: GPTQ's sequential column loop); each rank quantizes its own (``quantize_layer``
         swaps the ``QuantLinear`` in), then every owner broadcasts its layers to the others."""
         names = list(stage_layers)
-        owner = {n: j % self.world_size for j, n in enumerate(names)}
+        owner, load = {}, [0] * self.world_size
+        for n in sorted(names, key=lambda n: -int(getattr(stage_layers[n], "in_features", 1))):
+            r = min(range(self.world_size), key=lambda r: (load[r], r))
+            owner[n] = r
+            load[r] += int(getattr(stage_layers[n], "in_features", 1))
         for n in names:
             if owner[n] == self.rank:
                 quantize_layer(n, stage_layers[n], dict(stats[n]))
