@@ -41,6 +41,12 @@ def launch(script: Path, args: list[str], world_size: int, timeout: float = 300)
     try:
         for p in procs:
             outs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        outs = [p.communicate()[0] for p in procs]
+        pytest.fail(f"ranks still running after {timeout}s:\n" +
+                    "\n".join(f"--- rank {r}\n{o[-4000:]}" for r, o in enumerate(outs)))
     finally:
         for p in procs:
             if p.poll() is None:
