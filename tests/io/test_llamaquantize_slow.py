@@ -3,7 +3,8 @@ tensor types and the same bytes as lowbit's export of the same mix — with and 
 (lowbit's imatrix file, GGUF and legacy .dat, read by llama-quantize).
 
 Needs ``LOWBIT_LLAMA_QUANTIZE`` = a llama-quantize binary built from llama.cpp source (see
-tests/io/test_llamacpp_slow.py for the source). Runs it in a subprocess.
+tests/io/test_llamacpp_slow.py for the source; ``llamacpp/build_llama_quantize.sh`` builds the tool against an
+existing libllama). Runs it in a subprocess.
 """
 
 from __future__ import annotations
