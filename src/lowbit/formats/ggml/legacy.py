@@ -48,9 +48,8 @@ def unpack_nibbles(qs: np.ndarray) -> np.ndarray:
 
 def _pack_qh(L: np.ndarray) -> np.ndarray:
     """5th bit of each of 32 levels → little-endian uint32 ``qh`` as ``(B, 4)`` bytes."""
-    bits = ((L.astype(np.uint32) >> 4) & 1) << np.arange(32, dtype=np.uint32)
-    qh = np.bitwise_or.reduce(bits, axis=1).astype("<u4")
-    return qh.view(np.uint8).reshape(-1, 4)
+    # bit j of the little-endian uint32 = bit j%8 of byte j//8: packbits in little bit order
+    return np.packbits((L & 16) != 0, axis=1, bitorder="little")
 
 
 def _unpack_qh(b: np.ndarray) -> np.ndarray:
@@ -68,9 +67,9 @@ def _sym_ref(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     xb = _blocks(x)
     _, mx = first_absmax(xb)
     d = (mx / F32(-nmax)).astype(F32)
-    idd = safe_recip(d)
-    v = (xb * idd[:, None]) + F32(nmax + 0.5)
-    L = np.minimum(np.trunc(v).astype(np.int32), 2 * nmax - 1)
+    v = xb * safe_recip(d)[:, None]
+    v += F32(nmax + 0.5)
+    L = np.minimum(v.astype(np.int32), 2 * nmax - 1)  # float→int truncates toward zero, as the C cast does
     return d, L
 
 
@@ -80,9 +79,10 @@ def _asym_ref(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     mn = xb.min(axis=1)
     mx = xb.max(axis=1)
     d = ((mx - mn) / F32(nmax)).astype(F32)
-    idd = safe_recip(d)
-    v = ((xb - mn[:, None]) * idd[:, None]) + F32(0.5)
-    L = np.minimum(np.trunc(v).astype(np.int32), nmax)
+    v = xb - mn[:, None]
+    v *= safe_recip(d)[:, None]
+    v += F32(0.5)
+    L = np.minimum(v.astype(np.int32), nmax)
     return d, mn, L
 
 
