@@ -213,13 +213,24 @@ def write(args, rows, tokens, n_params) -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     ref = rows[0]["reference_ppl"]
     lines = ["# GGUF exports of the default model", "",
-             "SmolLM2-135M-Instruct as shipped (Q4_1 weights, dequantized to float32) is the reference; every run is "
-             "exported with `export_gguf`, read back with `load_gguf_model` and scored on "
-             f"{meta['eval_tokens']} held-out docs-topics tokens (windows of {args.ctx_len}). Calibration for the "
-             f"imatrix and AWQ: {args.calib_samples} x {args.calib_seq_len} tokens of the calibration split. "
-             "576-wide rows do not fit 256-blocks, so the K mixes fall back as llama-quantize does (Q4_K → Q5_0, "
-             "Q6_K → Q8_0, Q2_K/Q3_K → Q4_0). CPU, torch " + torch.__version__ + ". "
-             "Produced by `python benchmarks/gguf_default_model.py`.", "",
+             "SmolLM2-135M-Instruct as shipped (its publisher's Q4_1 weights, dequantized to float32) is the reference; "
+             "every run is exported with `export_gguf`, read back with `load_gguf_model` (what is scored is what the "
+             f"file holds) and scored against the reference on {meta['eval_tokens']} held-out docs-topics tokens "
+             f"(windows of {args.ctx_len}). Calibration for the imatrix, AWQ and GPTQ: {args.calib_samples} x "
+             f"{args.calib_seq_len} tokens of the calibration split. The model's 576-wide rows do not fit 256-blocks, "
+             "so the K mixes fall back as llama-quantize does (Q4_K → Q5_0, Q6_K → Q8_0, Q2_K/Q3_K → Q4_0): on this "
+             "model Q4_K_M is mostly Q5_0. `awq_q4_k_m` / `gptq_q4_k_m` have exactly plain Q4_K_M's tensor types "
+             "(same file size): AWQ's scales and clipping are searched with each layer simulated in the type the mix "
+             "gives its row width (Q5_0 for 576-wide rows, Q4_K for 1536-wide), folded into the float weights, and "
+             "the export quantizes them with the mix; GPTQ stores its own Q5_0/Q8_0 blocks in the layers the mix "
+             "gives those types, and the K-quant layers (down_proj: Q4_K/Q6_K) are rounded by the mix's reference "
+             "quantizer (lowbit has no GPTQ path for K-quant super-blocks). Older rows (`awq_q4_0`...) store their "
+             "linear layers in one GGML type. CPU, torch " + torch.__version__ + ", shared 2-core machine under "
+             "heavy load (seconds are wall time and inflated). Produced by `python benchmarks/gguf_default_model.py "
+             f"--max-eval-tokens {meta['eval_tokens']} --calib-samples {args.calib_samples} --calib-seq-len "
+             f"{args.calib_seq_len} --only RUNS` (rows from several invocations with these settings merged; "
+             "bits/weight = file bytes × 8 / parameters, tied embedding counted once). Not measured: speed of the "
+             "exported files, other models.", "",
              f"Reference perplexity: {ref:.4f}.", "",
              "| run | method | file bits/weight | file MB | PPL | PPL / ref | KL (nats) | top-1 | s | tensor types |",
              "|---|---|---|---|---|---|---|---|---|---|"]
