@@ -7,6 +7,18 @@ llama-cpp-python's PyPI sdist vendors the source: ``pip download --no-binary :al
 ``cmake -S vendor/llama.cpp -B build -DGGML_NATIVE=OFF -DLLAMA_BUILD_TOOLS=OFF && cmake --build build --target
 llama``. The client runs in a subprocess (a bad file can abort it). The last result is recorded in
 ``results/llamacpp_check.md``.
+
+Two llama.cpp configurations are compared, because llama.cpp's default CPU matmuls are not "the dequantized
+weights": they round every matmul input to 8 bits (Q8_0/Q8_K blocks, see ``lowbit.io.gguf_llamacpp``). On this
+model that rounding makes the logits a chaotic function of float rounding: a 1e-7 relative change of the input
+embeddings moves ~4 % of the top-1 tokens, and llama.cpp disagrees with itself (flash attention on vs off) on ~4 %.
+
+- BLAS: the same libllama with ggml's BLAS backend (``LOWBIT_LLAMA_BLAS_LIBS`` = a directory with a BLAS-enabled
+  ``libggml.so.0``, made by ``llamacpp/build_blas_ggml.sh`` or a ``-DGGML_BLAS=ON`` build) and weights not repacked:
+  llama.cpp dequantizes the blocks with its own code and multiplies in f32 — the 99 % top-1 / 1 % PPL target.
+- CPU (default backend): compared with lowbit's evaluation under ``emulate_llamacpp_cpu``; asserted: the emulation
+  reproduces llama.cpp's quantized matmuls on identical inputs (first layer, dumped from llama.cpp), and the logits
+  agree as closely as llama.cpp agrees with itself.
 """
 
 from __future__ import annotations
