@@ -58,6 +58,8 @@ def prepare_qlora(model: nn.Module, *, r: int = 16, alpha: float = 16.0, dropout
 
     if distributed is not False:
         init_from_env()
+    if device is None:  # new LoRA modules are made on the CPU: bring them to where the model already is
+        device = next(model.parameters()).device
     quantize_base(model, quant_method, bits, group_size)
     torch.manual_seed(seed)
     add_lora(model, LoRASpec(r=r, alpha=alpha, dropout=dropout))
@@ -126,7 +128,8 @@ def train_qlora(model: nn.Module, blocks: torch.Tensor, *, steps: int, batch_siz
     if not params:
         raise ValueError("the model has no LoRA parameters; call prepare_qlora first")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    dev = params[0].device
+    emb = model.get_input_embeddings().weight  # where the token ids must go (the LoRA list may hold CPU copies)
+    dev = emb.to_local().device if hasattr(emb, "to_local") else emb.device
     local = batch_size // world
     g = torch.Generator().manual_seed(seed)
     losses, times = [], []
