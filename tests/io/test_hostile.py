@@ -324,3 +324,20 @@ def test_fuzz_sharded_checkpoint_loader(tmp_path: Path, sharded_ckpt: Path, targ
     assert rejected > 0
     if verify:  # every recorded file is hashed: no mutation gets through
         assert rejected == 30
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.0.mlp.up_proj.scale", "model.norm.weight"])
+def test_non_finite_checkpoint_tensor_with_valid_hashes(tmp_path: Path, ckpt: Path, tensor: str) -> None:
+    """A crafted checkpoint (hashes recomputed, so verification passes) with a NaN scale or weight is refused."""
+    ck = copy_ck(ckpt, tmp_path)
+    t = load_file(str(ck / "model.safetensors"))
+    assert tensor in t
+    t[tensor].view(-1)[0] = float("nan")
+    save_file(t, str(ck / "model.safetensors"), metadata={"format": "pt"})
+    m = json.loads((ck / "lowbit.json").read_text())
+    m["files"]["model.safetensors"] = {"sha256": checkpoint._sha256(ck / "model.safetensors"),
+                                       "bytes": (ck / "model.safetensors").stat().st_size}
+    (ck / "lowbit.json").write_text(json.dumps(m))
+    checkpoint.read_manifest(ck)  # the hashes are consistent
+    with pytest.raises(CheckpointError, match=rf"{re.escape(tensor)}.*NaN/Inf"):
+        checkpoint.load(ck)

@@ -257,6 +257,10 @@ def load_into(model: nn.Module, path: str | os.PathLike[str], *, verify: bool = 
     root = Path(path)
     manifest = read_manifest(root, verify=verify)
     tensors = _read_all_tensors(root)
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"tensor {k} of {root} has {bad} NaN/Inf value(s); refusing to load it")
     for alias, target in manifest.get("tied", {}).items():
         if target not in tensors:
             raise CheckpointError(f"tied tensor {alias} points at {target}, which is not in {WEIGHTS}")
