@@ -341,3 +341,23 @@ def test_non_finite_checkpoint_tensor_with_valid_hashes(tmp_path: Path, ckpt: Pa
     checkpoint.read_manifest(ck)  # the hashes are consistent
     with pytest.raises(CheckpointError, match=rf"{re.escape(tensor)}.*NaN/Inf"):
         checkpoint.load(ck)
+
+
+def test_cli_on_broken_inputs_errors_clearly_and_writes_nothing(tmp_path: Path, ckpt: Path, source: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`lowbit export` from a truncated checkpoint and `lowbit quantize --stream` from a truncated source: exit
+    code 2, a message naming the file, no output."""
+    from lowbit.cli.main import main
+
+    ck = copy_ck(ckpt, tmp_path)
+    f = ck / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-50])
+    assert main(["export", str(ck), "--format", "compressed-tensors", "--out", str(tmp_path / "out")]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+    nothing_written(tmp_path)
+    g = source / "model.safetensors"
+    g.write_bytes(g.read_bytes()[:-50])
+    assert main(["quantize", str(source), "--method", "rtn", "--bits", "4", "--group-size", "32", "--stream",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+    nothing_written(tmp_path)
