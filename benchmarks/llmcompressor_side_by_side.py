@@ -116,6 +116,12 @@ def run_llmc(base: nn.Module, tokenizer: Any, recipe: list[Any], calib: torch.Te
     from datasets import Dataset
     from llmcompressor import oneshot
 
+    if not torch.cuda.is_available():
+        # llm-compressor 0.14's AWQ pins cached block inputs (pin_memory) even without an accelerator, which
+        # raises "Cannot access accelerator device"; pinning only speeds host-to-GPU copies, so skip it on CPU.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None  # type: ignore[method-assign]
     model = copy.deepcopy(base)
     # oneshot re-reads the model's config from config.name_or_path; the GGUF-loaded model has none on disk
     cfg_dir = tempfile.mkdtemp(prefix="lowbit-llmc-")
