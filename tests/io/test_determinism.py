@@ -104,6 +104,7 @@ export_compressed_tensors(model, out + "/ct")
 """
 
 
+@pytest.mark.slow  # two fresh interpreters (torch + transformers imports): ~75 s on the shared machine
 def test_byte_identical_across_processes(tmp_path: Path) -> None:
     """Two interpreters with different hash seeds (set/dict-order hazards) write the same bytes."""
     import os

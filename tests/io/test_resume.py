@@ -150,7 +150,8 @@ def test_cli_quantize_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert files(out) == files(ref)
 
 
-@pytest.mark.parametrize("target", ["progress.json", "model-00003-of-00005.safetensors"])
+@pytest.mark.parametrize("target", ["progress.json", pytest.param("model-00003-of-00005.safetensors",
+                                                                     marks=pytest.mark.slow)])
 def test_kill_inside_an_atomic_write_resumes_byte_identical(tmp_path: Path, target: str) -> None:
     """SIGKILL between writing a temporary file and moving it into place: the leftover is discarded on resume."""
     src = make_source(tmp_path / "src")
