@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,11 @@ __all__ = ["run_demo", "demo_configs"]
 log = logging.getLogger(__name__)
 
 
-def demo_configs(methods: Sequence[str] | None = None) -> list[tuple[str, int, Any]]:
-    """``(method, bits, config)`` for every registered method (or the named subset) at 4 and 3 bits."""
+def demo_configs(methods: Sequence[str] | None = None, full: bool = False) -> list[tuple[str, int, Any]]:
+    """``(method, bits, config)`` for every registered method (or the named subset) at 4 and 3 bits.
+
+    Each method's ``quick_options`` (cheaper searches, see ``MethodConfig``) apply unless ``full``.
+    """
     from lowbit.methods.base import get_method, method_registry
 
     names = sorted(method_registry()) if not methods else list(methods)
@@ -35,16 +38,18 @@ def demo_configs(methods: Sequence[str] | None = None) -> list[tuple[str, int, A
         cls = get_method(name)
         widths = [b for b in (4, 3) if b in cls.bits_choices] or [min(cls.bits_choices)]
         for bits in widths:
-            out.append((name, bits, cls.for_bits(bits, None)))
+            out.append((name, bits, cls.for_bits(bits, None, **({} if full else dict(cls.quick_options)))))
     return out
 
 
 def run_demo(out_dir: Path, methods: Sequence[str] | None = None, *, max_eval_tokens: int = 4096,
              ctx_len: int = 1024, calib_samples: int = 16, calib_seq_len: int = 256, seed: int = 0,
-             progress: Progress | None = None, echo: Callable[[str], Any] = log.info) -> list[dict[str, Any]]:
+             full: bool = False, progress: Progress | None = None,
+             echo: Callable[[str], Any] = log.info) -> list[dict[str, Any]]:
     """Run the demo; write ``results.md``, ``results.json`` and ``ppl_vs_bits.png`` into ``out_dir``.
 
     Returns the table rows. A method that fails is reported in its row (``error``) and the demo goes on.
+    ``full`` runs every method with its default options instead of its ``quick_options``.
     """
     from lowbit.data.corpora import calibration_tokens, evaluation_tokens
     from lowbit.data.models import DEFAULT_MODEL_NOTE, load_model
@@ -53,7 +58,8 @@ def run_demo(out_dir: Path, methods: Sequence[str] | None = None, *, max_eval_to
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    configs = demo_configs(methods)
+    configs = demo_configs(methods, full=full)
+    quick = {} if full else _quick_options(name for name, _, _ in configs)
     echo(f"lowbit demo: {len(configs)} runs on the default model. Note: {DEFAULT_MODEL_NOTE}")
     base, tok = load_model(None, dtype=torch.float32)
     base.eval()
@@ -63,6 +69,8 @@ def run_demo(out_dir: Path, methods: Sequence[str] | None = None, *, max_eval_to
     ev = Evaluator(base, tokens, ctx_len=ctx_len, progress=progress)
     rows: list[dict[str, Any]] = [{"method": "unquantized", "bits": 32, **ev.evaluate(base),
                                    "seconds": round(time.perf_counter() - t0, 1), "config": None}]
+    if quick:
+        echo("quick settings (lowbit demo --full for the defaults): " + _quick_note(quick))
     echo(_header())
     echo(_fmt(rows[0]))
     for name, bits, cfg in configs:
@@ -81,11 +89,23 @@ def run_demo(out_dir: Path, methods: Sequence[str] | None = None, *, max_eval_to
         echo(_fmt(row))
         del model
     (out_dir / "results.json").write_text(json.dumps({"note": DEFAULT_MODEL_NOTE, "ctx_len": ctx_len,
-                                                      "eval_tokens": int(tokens.numel()), "rows": rows}, indent=1))
-    (out_dir / "results.md").write_text(_markdown(rows, DEFAULT_MODEL_NOTE, ctx_len, int(tokens.numel())))
+                                                      "eval_tokens": int(tokens.numel()), "quick_options": quick,
+                                                      "calibration": [calib_samples, calib_seq_len],
+                                                      "rows": rows}, indent=1))
+    (out_dir / "results.md").write_text(_markdown(rows, DEFAULT_MODEL_NOTE, ctx_len, int(tokens.numel()), quick))
     _plot(rows, out_dir / "ppl_vs_bits.png")
     echo(f"table: {out_dir / 'results.md'}  plot: {out_dir / 'ppl_vs_bits.png'}")
     return rows
+
+
+def _quick_options(names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    from lowbit.methods.base import get_method
+
+    return {n: dict(get_method(n).quick_options) for n in dict.fromkeys(names) if get_method(n).quick_options}
+
+
+def _quick_note(quick: dict[str, dict[str, Any]]) -> str:
+    return "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for n, o in quick.items())
 
 
 _COLS = ("method", "bits", "bits_per_weight", "bytes", "ppl", "kl", "top1", "seconds")
@@ -118,11 +138,15 @@ def _fmt(row: dict[str, Any]) -> str:
     return " ".join(f"{_cell(row, c):>15}" for c in _COLS)
 
 
-def _markdown(rows: list[dict[str, Any]], note: str, ctx_len: int, n_tokens: int) -> str:
-    lines = [f"Default model, {n_tokens} evaluation tokens, windows of {ctx_len}. {note}", "",
-             "size = bytes of the quantized linear layers (float layers and embeddings excluded); bits/weight over those layers.", "",
-             "| " + " | ".join(c if c != "bytes" else "size" for c in _COLS) + " |",
-             "|" + "---|" * len(_COLS)]
+def _markdown(rows: list[dict[str, Any]], note: str, ctx_len: int, n_tokens: int,
+              quick: dict[str, dict[str, Any]]) -> str:
+    lines = [f"Default model, {n_tokens} evaluation tokens, windows of {ctx_len}. {note}", ""]
+    if quick:
+        lines += [f"Quick settings (`lowbit demo --full` for each method's defaults): {_quick_note(quick)}.", ""]
+    lines += ["size = bytes of the quantized linear layers (float layers and embeddings excluded); "
+              "bits/weight over those layers.", "",
+              "| " + " | ".join(c if c != "bytes" else "size" for c in _COLS) + " |",
+              "|" + "---|" * len(_COLS)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['bits']} | failed: {r['error']} |" + " |" * (len(_COLS) - 3))

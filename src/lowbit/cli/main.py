@@ -177,7 +177,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(out_dir=Path(args.out), methods=args.methods, max_eval_tokens=args.max_eval_tokens,
              ctx_len=args.ctx_len, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-             progress=_progress(), echo=print)
+             full=args.full, progress=_progress(), echo=print)
     return 0
 
 
@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ctx-len", type=int, default=512)
     s.add_argument("--calib-samples", type=int, default=8)
     s.add_argument("--calib-seq-len", type=int, default=256)
+    s.add_argument("--full", action="store_true",
+                   help="each method's default search settings instead of its quick_options (slower)")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("export-gguf", help="write a GGUF file llama.cpp runs")

@@ -1,0 +1,43 @@
+"""``lowbit demo``: every registered method appears, quick options apply unless --full, files are written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lowbit.demo import demo_configs, run_demo
+from lowbit.methods.base import get_method, method_registry
+
+
+def test_demo_covers_every_registered_method_at_4_and_3_bits_where_supported() -> None:
+    runs = demo_configs()
+    for name in method_registry():
+        cls = get_method(name)
+        want = [b for b in (4, 3) if b in cls.bits_choices] or [min(cls.bits_choices)]
+        assert [b for n, b, _ in runs if n == name] == want, name
+    for name, bits, cfg in runs:
+        assert cfg.kind == name
+
+
+def test_quick_options_apply_unless_full(monkeypatch) -> None:
+    cls = get_method("rtn")  # RTN's for_bits options go to its format: stand one in as the "quick" setting
+    monkeypatch.setattr(cls, "quick_options", {"symmetric": True})
+    (_, _, quick), = [r for r in demo_configs(["rtn"]) if r[1] == 4]
+    (_, _, full), = [r for r in demo_configs(["rtn"], full=True) if r[1] == 4]
+    assert quick.format.symmetric and not full.format.symmetric
+    assert full == cls.for_bits(4, None)
+
+
+def test_run_demo_writes_table_json_and_plot(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    lines: list[str] = []
+    rows = run_demo(tmp_path, ["rtn"], max_eval_tokens=256, ctx_len=128, calib_samples=1, calib_seq_len=32,
+                    echo=lines.append)
+    assert [r["method"] for r in rows] == ["unquantized", "rtn", "rtn"]
+    assert rows[0]["ppl"] < rows[1]["ppl"] < rows[2]["ppl"]  # 4 bits beats 3 bits; both above the base
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["eval_tokens"] == 256 and len(data["rows"]) == 3
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("| rtn |") == 2 and "already quantized" in md.lower()
+    assert (tmp_path / "ppl_vs_bits.png").stat().st_size > 1000
