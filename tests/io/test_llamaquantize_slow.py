@@ -45,7 +45,8 @@ def base(tmp_path_factory):
 
 
 @pytest.mark.parametrize("mix,imatrix", [("Q4_K_M", None), ("Q8_0", None), ("Q4_0", None), ("Q2_K", None),
-                                         ("Q3_K_M", None), ("Q6_K", None), ("Q4_K_M", "im.gguf"),
+                                         ("Q3_K_M", None), ("Q6_K", None), ("Q4_K_S", None), ("Q5_K_M", None),
+                                         ("Q4_K_M", "im.gguf"),
                                          ("Q4_0", "im.dat"), ("IQ4_XS", "im.gguf")])
 def test_llama_quantize_writes_the_same_file_contents(exe, base, mix, imatrix):
     from lowbit.io.gguf_export import export_gguf
