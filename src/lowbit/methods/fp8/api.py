@@ -70,4 +70,5 @@ class FP8Config(MethodConfig):
     def describe(self) -> str:
         f = self.format
         a = "A16" if f.act is None else f"A8:{f.act.dtype}/{f.act.granularity}"
-        return f"fp8(W:E{f.exponent_bits}M{f.mantissa_bits}/{f.granularity}, {a})"
+        search = ", max-value search" if f.scale_search else ""
+        return f"fp8(W:E{f.exponent_bits}M{f.mantissa_bits}/{f.granularity}{search}, {a})"
