@@ -22,13 +22,17 @@ from lowbit.quantize import Progress, quantize_
 
 __all__ = ["run_demo", "demo_configs"]
 
+PUBLISHER_GROUP = 32  # the default model's weights are Q4_1 in groups of 32
+
 log = logging.getLogger(__name__)
 
 
 def demo_configs(methods: Sequence[str] | None = None, full: bool = False) -> list[tuple[str, int, Any]]:
     """``(method, bits, config)`` for every registered method (or the named subset) at 4 and 3 bits.
 
-    Each method's ``quick_options`` (cheaper searches, see ``MethodConfig``) apply unless ``full``.
+    Each method's ``quick_options`` (cheaper searches, see ``MethodConfig``) apply unless ``full``. A method
+    whose default group size is the publisher's (32) gets 64: on the default model's Q4_1 weights a 4-bit
+    group-32 grid would only reproduce the publisher's own rounding.
     """
     from lowbit.methods.base import get_method, method_registry
 
@@ -38,7 +42,11 @@ def demo_configs(methods: Sequence[str] | None = None, full: bool = False) -> li
         cls = get_method(name)
         widths = [b for b in (4, 3) if b in cls.bits_choices] or [min(cls.bits_choices)]
         for bits in widths:
-            out.append((name, bits, cls.for_bits(bits, None, **({} if full else dict(cls.quick_options)))))
+            options = {} if full else dict(cls.quick_options)
+            cfg = cls.for_bits(bits, None, **options)
+            if getattr(cfg.format, "group_size", None) == PUBLISHER_GROUP:
+                cfg = cls.for_bits(bits, 2 * PUBLISHER_GROUP, **options)
+            out.append((name, bits, cfg))
     return out
 
 

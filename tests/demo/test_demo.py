@@ -18,6 +18,7 @@ def test_demo_covers_every_registered_method_at_4_and_3_bits_where_supported() -
         assert [b for n, b, _ in runs if n == name] == want, name
     for name, bits, cfg in runs:
         assert cfg.kind == name
+        assert getattr(cfg.format, "group_size", None) != 32, (name, bits)  # the publisher's Q4_1 grid
 
 
 def test_quick_options_apply_unless_full(monkeypatch) -> None:
