@@ -197,11 +197,15 @@ def q8bert_run(epochs: int = 3, per_class: int = 400, seed: int = 0) -> list[str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("which", choices=["loftq", "qlora", "qft", "q8bert"])
+    p.add_argument("--seed", type=int, default=0, help="q8bert only: task split, head init and batch order")
     a = p.parse_args(argv)
+    if a.seed != 0 and a.which != "q8bert":
+        p.error(f"--seed applies to q8bert only, not {a.which!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    rows = {"loftq": loftq_table, "qlora": qlora_run, "qft": qft_run, "q8bert": q8bert_run}[a.which]()
+    runs = {"loftq": loftq_table, "qlora": qlora_run, "qft": qft_run, "q8bert": lambda: q8bert_run(seed=a.seed)}
+    rows = runs[a.which]()
     sys.stdout.write("\n".join(rows) + f"\n\n({a.which}: {time.perf_counter() - t0:.0f} s, torch {torch.__version__}, "
                      f"{torch.get_num_threads()} threads)\n")
     return 0
