@@ -84,32 +84,50 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "| run | method | bits/weight (linears) | PPL | PPL / unquantized | KL (nats) | top-1 | quantize s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['method']} | {r['bits_per_weight']:.3f} | {r['ppl']:.4f} | "
+        method = r["method"].replace("|", "\\|")
+        lines.append(f"| {r['run']} | {method} | {r['bits_per_weight']:.3f} | {r['ppl']:.4f} | "
                      f"{r['ppl'] / ref:.4f} | {r['kl']:.5f} | {r['top1']:.4f} | {r['seconds']} |")
+    if meta.get("notes"):
+        lines += ["", meta["notes"].rstrip()]
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Perplexity against bits per weight (linears), one labelled point per run, the unquantized as a line."""
+    """Left: perplexity against bits per weight (linears), one point per run below 8 bits. Right: the 8-bit runs
+    as PPL / unquantized bars, with the issue's 1 % and 2 % lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows[1:]:
-        w8a8 = r["run"].startswith(("sq_", "w8a8", "llm_int8", "fp8", "zqfp")) and "w8a16" not in r["run"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1.2, 1]})
+    ref = rows[0]["ppl"]
+    low = [r for r in rows[1:] if r["bits_per_weight"] < 7.5]
+    high = [r for r in rows[1:] if r["bits_per_weight"] >= 7.5]
+    for r in low:
+        w8a8 = r["run"].startswith("zqfp")
         ax.scatter(r["bits_per_weight"], r["ppl"], marker="s" if w8a8 else "o", color="C1" if w8a8 else "C0")
         ax.annotate(r["run"], (r["bits_per_weight"], r["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(rows[0]["ppl"], color="gray", ls="--", lw=1, label=f"unquantized (publisher's Q4_1) {rows[0]['ppl']:.3f}")
-    ax.scatter([], [], marker="o", color="C0", label="weight-only")
-    ax.scatter([], [], marker="s", color="C1", label="weights + activations quantized")
+    ax.axhline(ref, color="gray", ls="--", lw=1, label=f"unquantized (publisher's Q4_1) {ref:.3f}")
+    ax.scatter([], [], marker="o", color="C0", label="weights quantized")
+    ax.scatter([], [], marker="s", color="C1", label="weights + activations (W4A8)")
     ax.set_xlabel("bits per weight (quantized linear layers, all stored bytes)")
     ax.set_ylabel("perplexity (held-out docs-topics text)")
     ax.set_yscale("log")
-    ax.set_title("AWQ / SmoothQuant / LLM.int8() / FP8 / ZeroQuant-FP, SmolLM2-135M-Instruct")
+    ax.set_title("4 and 3 bits")
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
+    ratios = [r["ppl"] / ref for r in high]
+    colors = ["C0" if "w8a16" in r["run"] else "C1" for r in high]
+    bx.barh([r["run"] for r in high], [100 * (x - 1) for x in ratios], color=colors)
+    for lim, lab in ((1, "1 %"), (2, "2 %")):
+        bx.axvline(lim, color="gray", ls=":", lw=1)
+        bx.annotate(lab, (lim, len(high) - 0.5), fontsize=7, xytext=(2, 0), textcoords="offset points")
+    bx.invert_yaxis()
+    bx.set_xlabel("perplexity increase over unquantized (%)")
+    bx.set_title("8-bit weights (blue: weights only; orange: W8A8)")
+    bx.grid(True, axis="x", alpha=0.3)
+    fig.suptitle("AWQ / SmoothQuant / LLM.int8() / FP8 / ZeroQuant-FP on SmolLM2-135M-Instruct")
     fig.tight_layout()
     with atomic_file(path, overwrite=True) as f:
         fig.savefig(f, format="png", dpi=120)
@@ -127,10 +145,13 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
             plot(rows, out.with_suffix(".png"))
 
 
-def merge(paths: list[str], out: str) -> None:
-    """Merge result JSONs of partial runs (same meta) into one table at ``out`` (.json, .md, .png)."""
+def merge(paths: list[str], out: str, notes: str | None = None) -> None:
+    """Merge result JSONs of partial runs (same meta) into one table at ``out`` (.json, .md, .png); ``notes``: a
+    markdown file appended under the table (what the runs show, what was not measured)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    meta = parts[0]["meta"]
+    meta = dict(parts[0]["meta"])
+    if notes:
+        meta["notes"] = Path(notes).read_text()
     by: dict[str, dict[str, Any]] = {}
     for part in parts:
         same = ("eval_tokens", "ctx_len", "calibration", "torch", "smoothquant_alpha")
@@ -138,6 +159,8 @@ def merge(paths: list[str], out: str) -> None:
             raise SystemExit(f"cannot merge runs with different settings: {part['meta']} vs {meta}")
         for r in part["rows"]:
             by.setdefault(r["run"], r)
+        if any(r["run"].startswith("awq") for r in part["rows"]):
+            meta["awq_search_samples"] = part["meta"].get("awq_search_samples")
     if "unquantized" not in by:
         raise SystemExit("none of the merged runs has the unquantized row (run one without --no-base-row)")
     order = ["unquantized", *RUNS]
@@ -158,6 +181,7 @@ def main() -> None:
     p.add_argument("--no-base-row", action="store_true", help="skip evaluating the unquantized model (for partial "
                    "runs merged with one that has it)")
     p.add_argument("--merge", nargs="+", default=None, help="merge these result JSONs into --out and exit")
+    p.add_argument("--notes", default=None, help="with --merge: markdown file appended under the table")
     p.add_argument("--model", default=None, help="GGUF file (default: the default model)")
     p.add_argument("--tokens", default=None, help="pre-tokenized .pt with 'calibration' and 'evaluation' tokens "
                    "(so another machine evaluates the exact same tokens)")
@@ -165,7 +189,7 @@ def main() -> None:
     p.add_argument("--out", default="results/act_aware_default_model")
     args = p.parse_args()
     if args.merge:
-        merge(args.merge, args.out)
+        merge(args.merge, args.out, args.notes)
         return
     keys = [k for k in args.only.split(",") if k] or list(RUNS)
     bad = [k for k in keys if k not in RUNS]
