@@ -9,7 +9,10 @@ the float path as llm-awq does): for each smooth → balance pair of :mod:`lowbi
    by ``Q(W·s)/s`` (:func:`lowbit.methods.awq.core.search_scale`); optional duo scaling;
 3. fold ``s`` into the smooth layer and the balance layers (:func:`lowbit.model.mappings.fold_scale`);
 
-then clip every target Linear except q/k (:func:`lowbit.methods.awq.core.search_clip`). The runner then rounds
+then clip every target Linear except q/k (:func:`lowbit.methods.awq.core.search_clip`). Cost: the searches
+round grouped ``IntAffine`` weights on a group view (:func:`fake_quantizer`, bit-identical to the format's
+``fake_quantize``), a lone Linear's α loss uses its input Gram matrix when that is cheaper, and
+``search_samples`` runs the α search on fewer calibration samples (see :class:`AWQConfig`). The runner then rounds
 each layer with ``format`` (round to nearest) or with ``then`` (``GPTQConfig``, ``HQQConfig``, ... over the same
 format).
 """
@@ -246,7 +249,9 @@ class AWQConfig(MethodConfig):
         clip: run the clipping search.
         max_clip_tokens: input tokens the clipping search uses per layer (llm-awq: 512).
         search_samples: calibration samples in the α search's loss (None: all, as llm-awq does); fewer make the
-            search cheaper on a CPU.
+            search cheaper on a CPU: 4 of 16 samples took 0.31x the time with no loss in held-out error on the
+            default model's first blocks (results/awq_speed.md). The ``mean|X|`` statistics and the clipping
+            search use all samples either way.
     """
 
     kind: ClassVar[str] = "awq"
