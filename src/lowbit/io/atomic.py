@@ -27,12 +27,24 @@ def check_writable(path: str | os.PathLike[str], overwrite: bool) -> Path:
     return p
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_mode(path: str | os.PathLike[str], is_dir: bool) -> None:
+    """Give a temporary file/dir the permissions a plain ``open``/``mkdir`` would (mkstemp makes them 0600/0700)."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str], overwrite: bool = False, mode: str = "wb") -> Iterator[object]:
     """Open a temporary file beside ``path``; on success fsync and move it to ``path``."""
     p = check_writable(path, overwrite)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
+        _plain_mode(tmp, is_dir=False)
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -54,6 +66,7 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
     p = check_writable(path, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent))
     try:
+        _plain_mode(tmp, is_dir=True)
         yield tmp
         old = None
         if p.exists():
