@@ -75,7 +75,7 @@ def run_demo(out_dir: Path, methods: Sequence[str] | None = None, *, max_eval_to
     calib = calibration_tokens(tok, n_samples=calib_samples, seq_len=calib_seq_len, seed=seed)
     t0 = time.perf_counter()
     ev = Evaluator(base, tokens, ctx_len=ctx_len, progress=progress)
-    rows: list[dict[str, Any]] = [{"method": "unquantized", "bits": 32, **ev.evaluate(base),
+    rows: list[dict[str, Any]] = [{"method": "unquantized", "bits": 32, "act": "float", **ev.evaluate(base),
                                    "seconds": round(time.perf_counter() - t0, 1), "config": None}]
     if quick:
         echo("quick settings (lowbit demo --full for the defaults): " + _quick_note(quick))
@@ -87,7 +87,8 @@ def run_demo(out_dir: Path, methods: Sequence[str] | None = None, *, max_eval_to
         try:
             quantize_(model, cfg, calibration=calib if cfg.stats else None, progress=progress)
             dt = time.perf_counter() - t0
-            row = {"method": name, "bits": bits, **ev.evaluate(model), "seconds": round(dt, 1),
+            row = {"method": name, "bits": bits, "act": activation_label(cfg), **ev.evaluate(model),
+                   "seconds": round(dt, 1),
                    "config": cfg.to_dict()}
         except Exception as e:  # one broken method must not hide the others' results
             log.exception("demo: %s at %d bits failed", name, bits)
@@ -106,6 +107,14 @@ def run_demo(out_dir: Path, methods: Sequence[str] | None = None, *, max_eval_to
     return rows
 
 
+def activation_label(cfg: Any) -> str:
+    """How a config's layers see their inputs: ``"int8/token"``, ``"e4m3/token"``, ... or ``"float"``."""
+    act = getattr(cfg.format, "act", None) or getattr(getattr(cfg.format, "base", None), "act", None)
+    if act is None:
+        return "float"
+    return f"{act.dtype}/{act.granularity}" + ("/static" if act.static else "")
+
+
 def _quick_options(names: Iterable[str]) -> dict[str, dict[str, Any]]:
     from lowbit.methods.base import get_method
 
@@ -116,7 +125,7 @@ def _quick_note(quick: dict[str, dict[str, Any]]) -> str:
     return "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in o.items()) for n, o in quick.items())
 
 
-_COLS = ("method", "bits", "bits_per_weight", "bytes", "ppl", "kl", "top1", "seconds")
+_COLS = ("method", "bits", "act", "bits_per_weight", "bytes", "ppl", "kl", "top1", "seconds")
 
 
 def _cell(row: dict[str, Any], col: str) -> str:

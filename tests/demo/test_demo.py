@@ -21,6 +21,15 @@ def test_demo_covers_every_registered_method_at_4_and_3_bits_where_supported() -
         assert getattr(cfg.format, "group_size", None) != 32, (name, bits)  # the publisher's Q4_1 grid
 
 
+def test_w8a8_methods_show_their_activation_quantization() -> None:
+    from lowbit.demo import activation_label
+
+    labels = {(n, b): activation_label(c) for n, b, c in demo_configs()}
+    assert labels[("smoothquant", 8)] == "int8/token" and labels[("llm_int8", 8)] == "int8/token"
+    assert labels[("fp8", 8)] == "e4m3/token" and labels[("zeroquant_fp", 4)] == "e4m3/token"
+    assert labels[("rtn", 4)] == labels[("gptq", 3)] == "float"
+
+
 def test_quick_options_apply_unless_full(monkeypatch) -> None:
     cls = get_method("rtn")  # RTN's for_bits options go to its format: stand one in as the "quick" setting
     monkeypatch.setattr(cls, "quick_options", {"symmetric": True})
@@ -40,5 +49,6 @@ def test_run_demo_writes_table_json_and_plot(tmp_path) -> None:
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["eval_tokens"] == 256 and len(data["rows"]) == 3
     md = (tmp_path / "results.md").read_text()
-    assert md.count("| rtn |") == 2 and "already quantized" in md.lower()
+    assert md.count("| rtn |") == 2 and "already quantized" in md.lower() and "| act |" in md
+    assert [r["act"] for r in rows] == ["float"] * 3
     assert (tmp_path / "ppl_vs_bits.png").stat().st_size > 1000

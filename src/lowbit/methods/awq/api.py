@@ -251,7 +251,7 @@ class AWQConfig(MethodConfig):
         search_samples: calibration samples in the α search's loss (None: all, as llm-awq does); fewer make the
             search cheaper on a CPU: 4 of 16 samples took 0.31x the time with no loss in held-out error on the
             default model's first blocks (results/awq_speed.md). The ``mean|X|`` statistics and the clipping
-            search use all samples either way.
+            search use all samples either way. ``quick_options`` (``lowbit demo``): 2 search samples.
     """
 
     kind: ClassVar[str] = "awq"
@@ -259,6 +259,7 @@ class AWQConfig(MethodConfig):
     sequential_inputs: ClassVar[str] = "fp"
     summary: ClassVar[str] = "AWQ: activation-aware channel scaling (20-point alpha search) + clipping, then any rounding"
     paper: ClassVar[str] = "arXiv:2306.00978"
+    quick_options: ClassVar[Mapping[str, Any]] = {"search_samples": 2}
 
     format: Format
     then: MethodConfig | None = None
