@@ -201,18 +201,25 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """``weight_map`` (tensor name -> shard file) of a safetensors index, or a ``CheckpointError`` naming the file."""
+    try:
+        wm = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index} is not a valid safetensors index ({e!r})") from None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+    return wm
+
+
 def _read_all_tensors(root: Path) -> dict[str, torch.Tensor]:
     """All tensors of ``model.safetensors`` or of the shards named by ``model.safetensors.index.json``."""
     if (root / WEIGHTS).is_file() or not (root / INDEX).is_file():
         return _read_tensors(root / WEIGHTS)
-    try:
-        wm = json.loads((root / INDEX).read_text())["weight_map"]
-        files = sorted(set(wm.values()))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{root / INDEX} is not a valid shard index ({e!r})") from None
+    wm = read_weight_map(root / INDEX)
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        if not isinstance(f, str) or Path(f).name != f:
+    for f in sorted(set(wm.values())):
+        if Path(f).name != f:
             raise CheckpointError(f"{root / INDEX} names an invalid shard file {f!r}")
         part = _read_tensors(root / f)
         tensors.update(part)

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.io.atomic import atomic_file
-from lowbit.io.checkpoint import CHECKPOINT_VERSION, MANIFEST, CheckpointError, _sha256
+from lowbit.io.checkpoint import CHECKPOINT_VERSION, MANIFEST, CheckpointError, _sha256, read_weight_map
 from lowbit.methods.base import MethodConfig
 from lowbit.nn.linear import QuantLinear
 
@@ -75,13 +75,7 @@ class SourceReader:
         self.root = Path(root)
         index, single = self.root / INDEX, self.root / "model.safetensors"
         if index.is_file():
-            try:
-                wm = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index} is not a valid safetensors index ({e!r})") from None
-            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
-            self.weight_map: dict[str, str] = wm
+            self.weight_map: dict[str, str] = read_weight_map(index)
         elif single.is_file():
             self.weight_map = {k: single.name for k in self._keys(single)}
         else:
