@@ -1,10 +1,9 @@
-"""The scale searches of llama.cpp's reference quantizers, vectorized over blocks.
+"""The scale searches of llama.cpp's reference quantizers, compiled per block.
 
-Each function mirrors one routine of ``ggml-quants.c`` (ggml-org/ggml, k-quants PR #1684 and the imatrix
-PR #4861) operation for operation in float32, so that the chosen levels and scales are bit-identical. Every
-per-block loop of the C code becomes an array operation over all blocks at once; sums over the elements of a
-block stay sequential (:func:`seq_sum`), and data-dependent loops (the scale sweeps, coordinate descent)
-become masked updates.
+Each kernel mirrors one routine of ``ggml-quants.c`` (ggml-org/ggml, k-quants PR #1684 and the imatrix
+PR #4861) operation for operation in float32 (see :mod:`lowbit.formats.ggml.jit`), so that the chosen levels
+and scales are bit-identical; it loops over the blocks of a ``(B, n)`` array in one compiled pass, and the
+Python functions below take and return whole arrays.
 
 Symbols (as in the C code):
     x: ``(B, n)`` values of B blocks of n elements.   w: ``(B, n)`` weights of the weighted squared error.
@@ -15,108 +14,164 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.formats.ggml.numerics import F32, first_absmax, nearest_int, safe_div, seq_sum
+from lowbit.formats.ggml.jit import kernel, nearest_int
 
+F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
+_Z = F32(0.0)
+_ONE = F32(1.0)
+_TENTH = F32(0.1)
 
 
-def _f(v: float | int) -> np.float32:
-    return F32(v)
+def _c(a: np.ndarray | None, like: np.ndarray) -> np.ndarray:
+    """Contiguous float32 (one compiled specialization per kernel), or an empty placeholder for None."""
+    if a is None:
+        return np.empty((0, like.shape[1]), dtype=F32)
+    return np.ascontiguousarray(np.broadcast_to(a, like.shape), dtype=F32)
+
+
+@kernel
+def _first_absmax(x):
+    amax = _Z
+    mx = _Z
+    for i in range(x.shape[0]):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    return amax, mx
+
+
+@kernel
+def _qx_kernel(x, qw, nmax, rmse_type, scale, L):
+    B, n = x.shape
+    has_qw = qw.shape[0] > 0
+    w = np.empty(n, dtype=np.float32)
+    for b in range(B):
+        xb = x[b]
+        amax, mx = _first_absmax(xb)
+        if amax < GROUP_MAX_EPS:
+            L[b, :] = 0
+            scale[b] = _Z
+            continue
+        iscale = np.float32(-nmax) / mx
+        if rmse_type == 0:
+            for i in range(n):
+                L[b, i] = nmax + min(max(nearest_int(iscale * xb[i]), -nmax), nmax - 1)
+            scale[b] = _ONE / iscale
+            continue
+        for i in range(n):
+            if has_qw:
+                w[i] = qw[b, i]
+            elif rmse_type == 1:
+                w[i] = xb[i] * xb[i]
+            elif rmse_type == 2:
+                w[i] = _ONE
+            elif rmse_type == 3:
+                w[i] = abs(xb[i])
+            else:
+                w[i] = np.sqrt(abs(xb[i]))
+        sumlx = _Z
+        suml2 = _Z
+        for i in range(n):
+            l = min(max(nearest_int(iscale * xb[i]), -nmax), nmax - 1)
+            L[b, i] = l + nmax
+            lf = np.float32(l)
+            sumlx += w[i] * xb[i] * lf
+            suml2 += w[i] * lf * lf
+        sc = sumlx / suml2 if suml2 != _Z else _Z
+        best = sc * sumlx
+        for it in range(-9, 10):
+            if it == 0:
+                continue
+            isc = -(np.float32(nmax) + _TENTH * np.float32(it)) / mx
+            sumlx = _Z
+            suml2 = _Z
+            for i in range(n):
+                lf = np.float32(min(max(nearest_int(isc * xb[i]), -nmax), nmax - 1))
+                sumlx += w[i] * xb[i] * lf
+                suml2 += w[i] * lf * lf
+            if suml2 > _Z and sumlx * sumlx > best * suml2:
+                for i in range(n):
+                    L[b, i] = nmax + min(max(nearest_int(isc * xb[i]), -nmax), nmax - 1)
+                sc = sumlx / suml2
+                best = sc * sumlx
+        scale[b] = sc
 
 
 def make_qx_quants(x: np.ndarray, nmax: int, rmse_type: int, qw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric scale search (``make_qx_quants``): levels ``l ∈ [-nmax, nmax-1]``, stored ``L = l + nmax``.
 
     Returns:
-        ``(scale (B,), L (B, n) int32)``.
+        ``(scale (B,), L (B, n) int32)``; an all-(near-)zero block gets scale 0 and levels 0.
     """
-    x = np.asarray(x, dtype=F32)
-    amax, mx = first_absmax(x)
-    zero = amax < GROUP_MAX_EPS
-    mx = np.where(zero, F32(1), mx).astype(F32)
-    iscale = (_f(-nmax) / mx).astype(F32)
-
-    def levels(isc: np.ndarray) -> np.ndarray:
-        return np.clip(nearest_int(isc[:, None] * x), -nmax, nmax - 1)
-
-    l = levels(iscale)
-    if rmse_type == 0:
-        L = np.where(zero[:, None], 0, l + nmax)
-        return np.where(zero, F32(0), F32(1) / iscale).astype(F32), L
-    if qw is not None:
-        w = np.asarray(qw, dtype=F32)
-    elif rmse_type == 1:
-        w = x * x
-    elif rmse_type == 2:
-        w = np.ones_like(x)
-    elif rmse_type == 3:
-        w = np.abs(x)
-    else:
-        w = np.sqrt(np.abs(x))
-    wx = w * x
-
-    def sums(l: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        lf = l.astype(F32)
-        return seq_sum(wx * lf), seq_sum((w * lf) * lf)
-
-    sumlx, suml2 = sums(l)
-    scale = safe_div(sumlx, suml2)
-    best = scale * sumlx
-    L = l
-    for i in range(-9, 10):
-        if i == 0:
-            continue
-        isc = (-(_f(nmax) + _f(0.1) * _f(i)) / mx).astype(F32)
-        li = levels(isc)
-        slx, sl2 = sums(li)
-        better = (sl2 > 0) & (slx * slx > best * sl2)
-        if better.any():
-            L = np.where(better[:, None], li, L)
-            scale = np.where(better, safe_div(slx, sl2), scale).astype(F32)
-            best = np.where(better, scale * slx, best).astype(F32)
-    L = np.where(zero[:, None], 0, L + nmax)
-    return np.where(zero, F32(0), scale).astype(F32), L
+    x = np.ascontiguousarray(x, dtype=F32)
+    scale = np.empty(x.shape[0], dtype=F32)
+    L = np.empty(x.shape, dtype=np.int32)
+    _qx_kernel(x, _c(qw, x), int(nmax), int(rmse_type), scale, L)
+    return scale, L
 
 
-def _descend(x: np.ndarray, w: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray,
-             lo: int, hi: int, need_sl2_positive_first: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Five rounds of one-element-at-a-time coordinate descent on ``sumlx² / suml2`` (make_q3/qp_quants).
-
-    The C loop stops a block after a round that accepted no change; a block is deterministic, so each round
-    runs only on the blocks whose previous round changed something (same result, far fewer operations: most
-    blocks settle after one or two rounds).
-    """
-    L, sumlx, suml2 = L.copy(), np.asarray(sumlx, dtype=F32).copy(), np.asarray(suml2, dtype=F32).copy()
-    n = x.shape[1]
-    idx = np.arange(x.shape[0])
-    xa, wa, La, sx, s2 = x, w, L.copy(), sumlx.copy(), suml2.copy()
+@kernel
+def _descend(x, w, L, sumlx, suml2, lo, hi, qp):
+    """Up to five rounds of one-element-at-a-time coordinate descent on ``sumlx² / suml2`` (the end of
+    ``make_q3_quants`` (``qp`` False) and ``make_qp_quants`` (True), which differ in when ``suml2 > 0`` is
+    tested). Updates ``L`` in place and returns the final sums."""
+    n = x.shape[0]
     for _ in range(5):
-        changed = np.zeros(len(idx), dtype=bool)
+        changed = False
         for i in range(n):
-            wi, xi, Li = wa[:, i], xa[:, i], La[:, i].astype(F32)
-            wxi = wi * xi
-            slx = sx - wxi * Li
-            sl2 = s2 - (wi * Li) * Li
-            ok = (slx > 0) & (sl2 > 0) if need_sl2_positive_first else slx > 0
-            new = np.clip(nearest_int(safe_div(xi * sl2, slx)), lo, hi)
-            ok &= new != La[:, i]
-            nf = new.astype(F32)
-            slx2 = slx + wxi * nf
-            sl22 = sl2 + (wi * nf) * nf
-            acc = ok & (slx2 * slx2 * s2 > sx * sx * sl22)
-            if not need_sl2_positive_first:
-                acc &= sl22 > 0
-            if acc.any():
-                La[:, i] = np.where(acc, new, La[:, i])
-                sx = np.where(acc, slx2, sx).astype(F32)
-                s2 = np.where(acc, sl22, s2).astype(F32)
-                changed |= acc
-        L[idx], sumlx[idx], suml2[idx] = La, sx, s2
-        if not changed.any():
+            wi = w[i]
+            xi = x[i]
+            Li = np.float32(L[i])
+            slx = sumlx - wi * xi * Li
+            sl2 = suml2 - wi * Li * Li
+            if qp:
+                if not (slx > _Z and sl2 > _Z):
+                    continue
+            elif not slx > _Z:
+                continue
+            new = min(max(nearest_int(xi * sl2 / slx), lo), hi)
+            if new == L[i]:
+                continue
+            nf = np.float32(new)
+            slx += wi * xi * nf
+            sl2 += wi * nf * nf
+            if (qp or sl2 > _Z) and slx * slx * suml2 > sumlx * sumlx * sl2:
+                L[i] = new
+                sumlx = slx
+                suml2 = sl2
+                changed = True
+        if not changed:
             break
-        idx = idx[changed]
-        xa, wa, La, sx, s2 = xa[changed], wa[changed], La[changed], sx[changed], s2[changed]
-    return L, sumlx, suml2
+    return sumlx, suml2
+
+
+@kernel
+def _q3_kernel(x, nmax, scale, L):
+    B, n = x.shape
+    w = np.empty(n, dtype=np.float32)
+    for b in range(B):
+        xb = x[b]
+        amax, mx = _first_absmax(xb)
+        if amax < GROUP_MAX_EPS:
+            L[b, :] = 0
+            scale[b] = _Z
+            continue
+        iscale = np.float32(-nmax) / mx
+        sumlx = _Z
+        suml2 = _Z
+        for i in range(n):
+            l = min(max(nearest_int(iscale * xb[i]), -nmax), nmax - 1)
+            L[b, i] = l
+            w[i] = xb[i] * xb[i]
+            lf = np.float32(l)
+            sumlx += w[i] * xb[i] * lf
+            suml2 += w[i] * lf * lf
+        sumlx, suml2 = _descend(xb, w, L[b], sumlx, suml2, -nmax, nmax - 1, False)
+        for i in range(n):
+            L[b, i] += nmax
+        scale[b] = sumlx / suml2 if suml2 > _Z else _Z
 
 
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,19 +180,79 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         ``(scale (B,), L (B, n) int32 in [0, 2·nmax-1])``.
     """
-    x = np.asarray(x, dtype=F32)
-    amax, mx = first_absmax(x)
-    zero = amax < GROUP_MAX_EPS
-    mx = np.where(zero, F32(1), mx).astype(F32)
-    iscale = (_f(-nmax) / mx).astype(F32)
-    L = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
-    w = x * x
-    Lf = L.astype(F32)
-    sumlx = seq_sum((w * x) * Lf)
-    suml2 = seq_sum((w * Lf) * Lf)
-    L, sumlx, suml2 = _descend(x, w, L, sumlx, suml2, -nmax, nmax - 1, need_sl2_positive_first=False)
-    scale = np.where(suml2 > 0, safe_div(sumlx, suml2), F32(0)).astype(F32)
-    return np.where(zero, F32(0), scale).astype(F32), np.where(zero[:, None], 0, L + nmax)
+    x = np.ascontiguousarray(x, dtype=F32)
+    scale = np.empty(x.shape[0], dtype=F32)
+    L = np.empty(x.shape, dtype=np.int32)
+    _q3_kernel(x, int(nmax), scale, L)
+    return scale, L
+
+
+@kernel
+def _qkx_kernel(x, w, nmax, rmin, rdelta, nstep, use_mad, strict_degenerate, scale, the_min, L):
+    B, n = x.shape
+    La = np.empty(n, dtype=np.int32)
+    for b in range(B):
+        xb = x[b]
+        wb = w[b]
+        mn = xb[0]
+        mx = xb[0]
+        sum_w = wb[0]
+        sum_x = sum_w * xb[0]
+        for i in range(1, n):
+            if xb[i] < mn:
+                mn = xb[i]
+            if xb[i] > mx:
+                mx = xb[i]
+            sum_w += wb[i]
+            sum_x += wb[i] * xb[i]
+        if mn > _Z:
+            mn = _Z
+        if (mx == mn) if strict_degenerate else (mx <= mn):
+            L[b, :] = 0
+            scale[b] = _Z
+            the_min[b] = -mn
+            continue
+        iscale = np.float32(nmax) / (mx - mn)
+        sc = _ONE / iscale
+        best = _Z
+        for i in range(n):
+            l = min(max(nearest_int(iscale * (xb[i] - mn)), 0), nmax)
+            L[b, i] = l
+            diff = sc * np.float32(l) + mn - xb[i]
+            diff = abs(diff) if use_mad else diff * diff
+            best += wb[i] * diff
+        for it in range(nstep + 1):
+            isc = (rmin + rdelta * np.float32(it) + np.float32(nmax)) / (mx - mn)
+            sum_l = _Z
+            sum_l2 = _Z
+            sum_xl = _Z
+            for i in range(n):
+                l = min(max(nearest_int(isc * (xb[i] - mn)), 0), nmax)
+                La[i] = l
+                lf = np.float32(l)
+                wl = wb[i] * lf
+                sum_l += wl
+                sum_l2 += wl * lf
+                sum_xl += wl * xb[i]
+            D = sum_w * sum_l2 - sum_l * sum_l
+            if D > _Z:
+                this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+                this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+                if this_min > _Z:
+                    this_min = _Z
+                    this_scale = sum_xl / sum_l2 if sum_l2 != _Z else _Z
+                cur = _Z
+                for i in range(n):
+                    diff = this_scale * np.float32(La[i]) + this_min - xb[i]
+                    diff = abs(diff) if use_mad else diff * diff
+                    cur += wb[i] * diff
+                if cur < best:
+                    L[b, :] = La
+                    best = cur
+                    sc = this_scale
+                    mn = this_min
+        scale[b] = sc
+        the_min[b] = -mn
 
 
 def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
@@ -145,57 +260,65 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
     """Asymmetric (scale, min) search: ``make_qkx2_quants`` (``strict_degenerate``) and ``make_qkx3_quants``.
 
     The two differ only in the degenerate test (``max == min`` vs ``max <= min``) and in qkx3 defaulting the
-    weights to x² — callers pass ``w`` explicitly.
+    weights to x² — callers pass ``w`` explicitly. As in C, each trial's inverse scale uses the *current*
+    min, which an accepted trial replaces.
 
     Returns:
         ``(scale (B,), the_min (B,) ≥ 0, L (B, n) int32 in [0, nmax])`` with ``x ≈ scale·L − the_min``.
     """
-    x = np.asarray(x, dtype=F32)
-    w = np.asarray(w, dtype=F32)
-    mn = x.min(axis=1)
-    mx = x.max(axis=1)
-    sum_w = seq_sum(w)
-    sum_x = seq_sum(w * x)
-    mn = np.where(mn > 0, F32(0), mn).astype(F32)
-    degen = (mx == mn) if strict_degenerate else (mx <= mn)
-    rng = np.where(degen, F32(1), mx - mn).astype(F32)
-    xm = x - mn[:, None]
+    x = np.ascontiguousarray(x, dtype=F32)
+    B = x.shape[0]
+    scale, the_min = np.empty(B, dtype=F32), np.empty(B, dtype=F32)
+    L = np.empty(x.shape, dtype=np.int32)
+    _qkx_kernel(x, _c(w, x), int(nmax), F32(rmin), F32(rdelta), int(nstep), bool(use_mad), bool(strict_degenerate),
+                scale, the_min, L)
+    return scale, the_min, L
 
-    def err(d: np.ndarray) -> np.ndarray:
-        return np.abs(d) if use_mad else d * d
 
-    iscale = (_f(nmax) / rng).astype(F32)
-    scale = (F32(1) / iscale).astype(F32)
-    L = np.clip(nearest_int(iscale[:, None] * xm), 0, nmax)
-    best = seq_sum(w * err((scale[:, None] * L.astype(F32) + mn[:, None]) - x))
-    for i in range(nstep + 1):
-        # the C loop keeps using the *current* min, which an accepted step replaces
-        rng = np.where(degen, F32(1), mx - mn).astype(F32)
-        xm = x - mn[:, None]
-        isc = ((_f(rmin) + _f(rdelta) * _f(i) + _f(nmax)) / rng).astype(F32)
-        la = np.clip(nearest_int(isc[:, None] * xm), 0, nmax)
-        lf = la.astype(F32)
-        wl = w * lf
-        sum_l = seq_sum(wl)
-        sum_l2 = seq_sum(wl * lf)
-        sum_xl = seq_sum(wl * x)
-        D = sum_w * sum_l2 - sum_l * sum_l
-        ok = D > 0
-        this_scale = safe_div(sum_w * sum_xl - sum_x * sum_l, D)
-        this_min = safe_div(sum_l2 * sum_x - sum_l * sum_xl, D)
-        pos = this_min > 0
-        this_scale = np.where(pos, safe_div(sum_xl, sum_l2), this_scale).astype(F32)
-        this_min = np.where(pos, F32(0), this_min).astype(F32)
-        cur = seq_sum(w * err((this_scale[:, None] * lf + this_min[:, None]) - x))
-        better = ok & (cur < best)
-        if better.any():
-            L = np.where(better[:, None], la, L)
-            best = np.where(better, cur, best).astype(F32)
-            scale = np.where(better, this_scale, scale).astype(F32)
-            mn = np.where(better, this_min, mn).astype(F32)
-    L = np.where(degen[:, None], 0, L)
-    scale = np.where(degen, F32(0), scale).astype(F32)
-    return scale, (-mn).astype(F32), L
+@kernel
+def _qp_kernel(x, w, nmax, scale, L):
+    B, n = x.shape
+    for b in range(B):
+        xb = x[b]
+        wb = w[b]
+        mx = xb[0]
+        for i in range(1, n):
+            if xb[i] > mx:
+                mx = xb[i]
+        if mx < _Z:
+            mx = _Z
+        if mx < GROUP_MAX_EPS:
+            L[b, :] = 0
+            scale[b] = _Z
+            continue
+        iscale = np.float32(nmax) / mx
+        sc = _ONE / iscale
+        best = _Z
+        for i in range(n):
+            d = xb[i] - sc * np.float32(nearest_int(iscale * xb[i]))
+            best += wb[i] * d * d
+        for it in range(-4, 5):
+            if it == 0:
+                continue
+            isc = (_TENTH * np.float32(it) + np.float32(nmax)) / mx
+            s = _ONE / isc
+            mse = _Z
+            for i in range(n):
+                d = xb[i] - s * np.float32(min(nearest_int(isc * xb[i]), nmax))
+                mse += wb[i] * d * d
+            if mse < best:
+                best = mse
+                iscale = isc
+        sumlx = _Z
+        suml2 = _Z
+        for i in range(n):
+            l = min(nearest_int(iscale * xb[i]), nmax)
+            L[b, i] = l
+            lf = np.float32(l)
+            sumlx += wb[i] * xb[i] * lf
+            suml2 += wb[i] * lf * lf
+        sumlx, suml2 = _descend(xb, wb, L[b], sumlx, suml2, -(2 ** 30), nmax, True)
+        scale[b] = sumlx / suml2 if suml2 > _Z else _Z
 
 
 def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -204,32 +327,8 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
     Returns:
         ``(scale (B,), L (B, n) int32)``.
     """
-    x = np.asarray(x, dtype=F32)
-    w = np.asarray(qw, dtype=F32)
-    mx = x.max(axis=1)
-    mx = np.maximum(mx, F32(0))
-    zero = mx < GROUP_MAX_EPS
-    mx = np.where(zero, F32(1), mx).astype(F32)
-    iscale = (_f(nmax) / mx).astype(F32)
-    L0 = nearest_int(iscale[:, None] * x).astype(F32)
-    scale = F32(1) / iscale
-    d = x - scale[:, None] * L0
-    best = seq_sum((w * d) * d)
-    for i in range(-4, 5):
-        if i == 0:
-            continue
-        isc = ((_f(0.1) * _f(i) + _f(nmax)) / mx).astype(F32)
-        sc = F32(1) / isc
-        l = np.minimum(nearest_int(isc[:, None] * x), nmax).astype(F32)
-        d = x - sc[:, None] * l
-        mse = seq_sum((w * d) * d)
-        better = mse < best
-        best = np.where(better, mse, best).astype(F32)
-        iscale = np.where(better, isc, iscale).astype(F32)
-    L = np.minimum(nearest_int(iscale[:, None] * x), nmax)
-    Lf = L.astype(F32)
-    sumlx = seq_sum((w * x) * Lf)
-    suml2 = seq_sum((w * Lf) * Lf)
-    L, sumlx, suml2 = _descend(x, w, L, sumlx, suml2, -(2**30), nmax, need_sl2_positive_first=True)
-    scale = np.where(suml2 > 0, safe_div(sumlx, suml2), F32(0)).astype(F32)
-    return np.where(zero, F32(0), scale).astype(F32), np.where(zero[:, None], 0, L)
+    x = np.ascontiguousarray(x, dtype=F32)
+    scale = np.empty(x.shape[0], dtype=F32)
+    L = np.empty(x.shape, dtype=np.int32)
+    _qp_kernel(x, _c(qw, x), int(nmax), scale, L)
+    return scale, L

@@ -1,0 +1,60 @@
+"""Compiled scalar primitives of ggml's reference quantizers, and the decorator that compiles the block loops.
+
+The block quantizers loop over blocks in compiled code (numba), one pass per block as ``ggml-quants.c`` does,
+instead of many numpy passes over temporaries. To stay bit-identical with C, kernels keep float32 values in
+float32: every constant is an ``np.float32`` (numba, like numpy, promotes ``float32 op python-float`` to
+float64), operations run in the reference's order, and no fast-math flag lets LLVM reassociate or fuse them.
+
+:func:`kernel` compiles with ``nogil`` (``quantize_raw``'s row threads run in parallel) and caches the machine
+code on disk (``__pycache__`` next to this package, else numba's per-user cache dir, else ``NUMBA_CACHE_DIR``),
+so a process pays the compile time (a few seconds per kernel) only the first time ever; when no cache location
+is writable, kernels compile once per process instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from numba import njit
+
+logger = logging.getLogger(__name__)
+
+F32 = np.float32
+_MAGIC = np.float32(12582912.0)  # 1.5·2^23
+_HALF = np.float32(0.5)
+_ONE = np.float32(1.0)
+
+
+def kernel(fn):
+    """``numba.njit(nogil=True, cache=True)``, falling back to an uncached compile if no cache dir is writable."""
+    try:
+        return njit(nogil=True, cache=True)(fn)
+    except RuntimeError as e:  # numba: "cannot cache function ...: no locator available"
+        logger.debug("numba cannot cache %s (%s); compiling per process", fn.__name__, e)
+        return njit(nogil=True)(fn)
+
+
+@kernel
+def _nearest_int_bits(v):
+    return (np.array([v]).view(np.int32)[0] & 0x7FFFFF) - 0x400000
+
+
+@kernel
+def nearest_int(f):
+    """ggml's ``nearest_int`` of a float32 scalar, bit-exact including its wrap-around outside ±4194303."""
+    v = np.float32(f + _MAGIC)
+    if v >= np.float32(8388608.0) and v < np.float32(16777216.0):  # the exponent is 23: bits = 2^23 + mantissa
+        return np.int32(v) - np.int32(12582912)
+    return _nearest_int_bits(v)
+
+
+@kernel
+def roundf(f):
+    """C ``roundf`` (half away from zero) of a float32 scalar of magnitude < 2^31, as an int."""
+    a = abs(f)
+    r = np.float32(np.int64(a))
+    if a - r >= _HALF:
+        r += _ONE
+    i = np.int64(r)
+    return -i if f < 0 else i
