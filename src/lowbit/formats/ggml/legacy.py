@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.formats.ggml.numerics import (F32, f16_from_bytes, first_absmax, roundf, safe_recip, seq_sum,
-                                          to_f16_bytes)
-from lowbit.formats.ggml.search import make_qkx_quants, make_qx_quants
+from lowbit.formats.ggml.jit import kernel, roundf
+from lowbit.formats.ggml.numerics import F32, f16_from_bytes, seq_sum, to_f16_bytes
+from lowbit.formats.ggml.search import block_absmax, make_qkx_quants, make_qx_quants
 
 QK = 32
 
@@ -35,10 +35,35 @@ def _row_weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     return _blocks(w.astype(F32))
 
 
+@kernel
+def _pack_block(L, out, qh_at, qs_at):
+    """32 levels → ``out[qs_at:qs_at+16]`` (element j low nibble, j+16 high) and, if ``qh_at >= 0``, their 5th
+    bits as the little-endian uint32 ``qh`` at ``out[qh_at:qh_at+4]``."""
+    for j in range(16):
+        out[qs_at + j] = np.uint8((L[j] & 0xF) | ((L[j + 16] & 0xF) << 4))
+    if qh_at >= 0:
+        for k in range(4):
+            byte = 0
+            for t in range(8):
+                byte |= ((L[8 * k + t] >> 4) & 1) << t
+            out[qh_at + k] = np.uint8(byte)
+
+
+@kernel
+def _pack_kernel(L, out, qh_at, qs_at):
+    for b in range(L.shape[0]):
+        _pack_block(L[b], out[b], qh_at, qs_at)
+
+
+def _pack(L: np.ndarray, out: np.ndarray, qh_at: int, qs_at: int) -> None:
+    _pack_kernel(np.ascontiguousarray(L, dtype=np.int32), out, qh_at, qs_at)
+
+
 def pack_nibbles(L: np.ndarray) -> np.ndarray:
     """``(B, 32)`` levels → ``(B, 16)`` bytes: element j in the low nibble, element j+16 in the high one."""
-    L = L.astype(np.uint8)
-    return (L[:, :16] & 0xF) | ((L[:, 16:] & 0xF) << 4)
+    out = np.empty((L.shape[0], 16), dtype=np.uint8)
+    _pack(L, out, -1, 0)
+    return out
 
 
 def unpack_nibbles(qs: np.ndarray) -> np.ndarray:
@@ -46,88 +71,130 @@ def unpack_nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0xF, qs >> 4], axis=1)
 
 
-def _pack_qh(L: np.ndarray) -> np.ndarray:
-    """5th bit of each of 32 levels → little-endian uint32 ``qh`` as ``(B, 4)`` bytes."""
-    # bit j of the little-endian uint32 = bit j%8 of byte j//8: packbits in little bit order
-    return np.packbits((L & 16) != 0, axis=1, bitorder="little")
-
-
 def _unpack_qh(b: np.ndarray) -> np.ndarray:
     qh = np.ascontiguousarray(b).view("<u4")[:, 0]
     return ((qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
 
 
-def _out(R: int, *parts: np.ndarray) -> np.ndarray:
-    b = np.concatenate(parts, axis=1)
-    return b.reshape(R, -1, b.shape[1])
+#: byte layout per type: (type_size, offset of the f16 min or -1, offset of qh or -1, offset of the nibbles)
+_LAYOUT = {"Q4_0": (18, -1, -1, 2), "Q5_0": (22, -1, 2, 6), "Q4_1": (20, 2, -1, 4), "Q5_1": (24, 2, 4, 8)}
 
 
-def _sym_ref(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+def _blocks_out(name: str, R: int, d: np.ndarray, m: np.ndarray | None, L: np.ndarray | None,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """Assemble ``(R, n/32, type_size)`` blocks: f16 ``d`` (and ``m``), and — unless a kernel already wrote
+    them into ``out`` — the packed levels ``L``."""
+    size, m_at, qh_at, qs_at = _LAYOUT[name]
+    if out is None:
+        out = np.empty((d.shape[0], size), dtype=np.uint8)
+        _pack(L, out, qh_at, qs_at)
+    out[:, 0:2] = to_f16_bytes(d)
+    if m_at >= 0:
+        out[:, m_at:m_at + 2] = to_f16_bytes(m)
+    return out.reshape(R, -1, size)
+
+
+@kernel
+def _sym_ref_kernel(x, nmax, qh_at, qs_at, d, out):
     """``quantize_row_q4_0_ref`` / ``q5_0_ref``: d = max/−nmax, levels = trunc(x/d + nmax + 0.5) ≤ 2·nmax−1."""
-    xb = _blocks(x)
-    _, mx = first_absmax(xb)
-    d = (mx / F32(-nmax)).astype(F32)
-    v = xb * safe_recip(d)[:, None]
-    v += F32(nmax + 0.5)
-    L = np.minimum(v.astype(np.int32), 2 * nmax - 1)  # float→int truncates toward zero, as the C cast does
-    return d, L
+    L = np.empty(32, dtype=np.int32)
+    off = np.float32(nmax + 0.5)
+    for b in range(x.shape[0]):
+        _, mx = block_absmax(x[b])
+        db = mx / np.float32(-nmax)
+        idb = np.float32(1.0) / db if db != 0 else np.float32(0.0)
+        for j in range(32):
+            L[j] = min(np.int32(x[b, j] * idb + off), 2 * nmax - 1)  # float→int truncates, as the C cast does
+        d[b] = db
+        _pack_block(L, out[b], qh_at, qs_at)
 
 
-def _asym_ref(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@kernel
+def _asym_ref_kernel(x, nmax, qh_at, qs_at, d, m, out):
     """``quantize_row_q4_1_ref`` / ``q5_1_ref``: d = (max−min)/nmax, levels = trunc((x−min)/d + 0.5)."""
-    xb = _blocks(x)
-    mn = xb.min(axis=1)
-    mx = xb.max(axis=1)
-    d = ((mx - mn) / F32(nmax)).astype(F32)
-    v = xb - mn[:, None]
-    v *= safe_recip(d)[:, None]
-    v += F32(0.5)
-    L = np.minimum(v.astype(np.int32), nmax)
-    return d, mn, L
+    L = np.empty(32, dtype=np.int32)
+    half = np.float32(0.5)
+    for b in range(x.shape[0]):
+        xb = x[b]
+        mn = xb[0]
+        mx = xb[0]
+        for j in range(1, 32):
+            if xb[j] < mn:
+                mn = xb[j]
+            if xb[j] > mx:
+                mx = xb[j]
+        db = (mx - mn) / np.float32(nmax)
+        idb = np.float32(1.0) / db if db != 0 else np.float32(0.0)
+        for j in range(32):
+            L[j] = min(np.int32((xb[j] - mn) * idb + half), nmax)
+        d[b] = db
+        m[b] = mn
+        _pack_block(L, out[b], qh_at, qs_at)
+
+
+@kernel
+def _q8_0_kernel(x, d, out):
+    """``quantize_row_q8_0_ref``: d = max|x|/127, q = roundf(x/d)."""
+    for b in range(x.shape[0]):
+        xb = x[b]
+        amax = np.float32(0.0)
+        for j in range(32):
+            amax = max(amax, abs(xb[j]))
+        db = amax / np.float32(127.0)
+        idb = np.float32(1.0) / db if db != 0 else np.float32(0.0)
+        for j in range(32):
+            out[b, 2 + j] = np.uint8(roundf(xb[j] * idb) & 0xFF)
+        d[b] = db
+
+
+def _sym(name: str, x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
+    R = x.shape[0]
+    if qw is not None:
+        d, L = make_qx_quants(_blocks(x), nmax, 1, _row_weights(x, qw))
+        return _blocks_out(name, R, d, None, L)
+    xb = np.ascontiguousarray(_blocks(x), dtype=F32)
+    size, _, qh_at, qs_at = _LAYOUT[name]
+    d, out = np.empty(xb.shape[0], dtype=F32), np.empty((xb.shape[0], size), dtype=np.uint8)
+    _sym_ref_kernel(xb, nmax, qh_at, qs_at, d, out)
+    return _blocks_out(name, R, d, None, None, out)
+
+
+def _asym(name: str, x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
+    R = x.shape[0]
+    if qw is not None:
+        scale, the_min, L = make_qkx_quants(_blocks(x), _row_weights(x, qw), nmax, -0.9, 0.05, 36, False, False)
+        return _blocks_out(name, R, scale, -the_min, L)
+    xb = np.ascontiguousarray(_blocks(x), dtype=F32)
+    size, _, qh_at, qs_at = _LAYOUT[name]
+    B = xb.shape[0]
+    d, m, out = np.empty(B, dtype=F32), np.empty(B, dtype=F32), np.empty((B, size), dtype=np.uint8)
+    _asym_ref_kernel(xb, nmax, qh_at, qs_at, d, m, out)
+    return _blocks_out(name, R, d, m, None, out)
 
 
 def quantize_q4_0(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
-    R = x.shape[0]
-    if qw is None:
-        d, L = _sym_ref(x, 8)
-    else:
-        d, L = make_qx_quants(_blocks(x), 8, 1, _row_weights(x, qw))
-    return _out(R, to_f16_bytes(d), pack_nibbles(L))
+    return _sym("Q4_0", x, qw, 8)
 
 
 def quantize_q5_0(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
-    R = x.shape[0]
-    if qw is None:
-        d, L = _sym_ref(x, 16)
-    else:
-        d, L = make_qx_quants(_blocks(x), 16, 1, _row_weights(x, qw))
-    return _out(R, to_f16_bytes(d), _pack_qh(L), pack_nibbles(L))
-
-
-def _asym_imatrix(x: np.ndarray, qw: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    scale, the_min, L = make_qkx_quants(_blocks(x), _row_weights(x, qw), nmax, -0.9, 0.05, 36, False, False)
-    return scale, -the_min, L
+    return _sym("Q5_0", x, qw, 16)
 
 
 def quantize_q4_1(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
-    R = x.shape[0]
-    d, m, L = _asym_ref(x, 15) if qw is None else _asym_imatrix(x, qw, 15)
-    return _out(R, to_f16_bytes(d), to_f16_bytes(m), pack_nibbles(L))
+    return _asym("Q4_1", x, qw, 15)
 
 
 def quantize_q5_1(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
-    R = x.shape[0]
-    d, m, L = _asym_ref(x, 31) if qw is None else _asym_imatrix(x, qw, 31)
-    return _out(R, to_f16_bytes(d), to_f16_bytes(m), _pack_qh(L), pack_nibbles(L))
+    return _asym("Q5_1", x, qw, 31)
 
 
 def quantize_q8_0(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     """``quantize_row_q8_0_ref``; the importance matrix is ignored, as in llama.cpp."""
-    R = x.shape[0]
-    xb = _blocks(x)
-    d = (np.abs(xb).max(axis=1) / F32(127)).astype(F32)
-    q = roundf(xb * safe_recip(d)[:, None]).astype(np.int8)
-    return _out(R, to_f16_bytes(d), q.view(np.uint8))
+    xb = np.ascontiguousarray(_blocks(x), dtype=F32)
+    d, out = np.empty(xb.shape[0], dtype=F32), np.empty((xb.shape[0], 34), dtype=np.uint8)
+    _q8_0_kernel(xb, d, out)
+    out[:, 0:2] = to_f16_bytes(d)
+    return out.reshape(x.shape[0], -1, 34)
 
 
 def dequantize_q4_0(b: np.ndarray) -> np.ndarray:
@@ -204,14 +271,7 @@ def pack_with_params(name: str, x: np.ndarray, d: np.ndarray, m: np.ndarray | No
     R = x.shape[0]
     L = levels_with_params(name, x, d, m)
     Lb = L.reshape(-1, QK)
-    db = to_f16_bytes(d.reshape(-1))
     if name == "Q8_0":
-        return _out(R, db, Lb.astype(np.int8).view(np.uint8))
-    if name == "Q4_0":
-        return _out(R, db, pack_nibbles(Lb))
-    if name == "Q5_0":
-        return _out(R, db, _pack_qh(Lb), pack_nibbles(Lb))
-    mb = to_f16_bytes(m.reshape(-1))  # type: ignore[union-attr]
-    if name == "Q4_1":
-        return _out(R, db, mb, pack_nibbles(Lb))
-    return _out(R, db, mb, _pack_qh(Lb), pack_nibbles(Lb))
+        b = np.concatenate([to_f16_bytes(d.reshape(-1)), Lb.astype(np.int8).view(np.uint8)], axis=1)
+        return b.reshape(R, -1, 34)
+    return _blocks_out(name, R, d.reshape(-1), None if m is None else m.reshape(-1), Lb)

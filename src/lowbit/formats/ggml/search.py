@@ -31,7 +31,8 @@ def _c(a: np.ndarray | None, like: np.ndarray) -> np.ndarray:
 
 
 @kernel
-def _first_absmax(x):
+def block_absmax(x):
+    """``(amax, max)`` of one block: the signed value of largest magnitude, first on ties (C's strict ``>``)."""
     amax = _Z
     mx = _Z
     for i in range(x.shape[0]):
@@ -49,7 +50,7 @@ def _qx_kernel(x, qw, nmax, rmse_type, scale, L):
     w = np.empty(n, dtype=np.float32)
     for b in range(B):
         xb = x[b]
-        amax, mx = _first_absmax(xb)
+        amax, mx = block_absmax(xb)
         if amax < GROUP_MAX_EPS:
             L[b, :] = 0
             scale[b] = _Z
@@ -153,7 +154,7 @@ def _q3_kernel(x, nmax, scale, L):
     w = np.empty(n, dtype=np.float32)
     for b in range(B):
         xb = x[b]
-        amax, mx = _first_absmax(xb)
+        amax, mx = block_absmax(xb)
         if amax < GROUP_MAX_EPS:
             L[b, :] = 0
             scale[b] = _Z
