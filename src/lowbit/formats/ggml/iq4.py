@@ -12,52 +12,88 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.formats.ggml.numerics import F32, f16_from_bytes, first_absmax, nearest_int, safe_recip, seq_sum, to_f16_bytes
+from lowbit.formats.ggml.jit import kernel
 from lowbit.formats.ggml.legacy import pack_nibbles, unpack_nibbles
+from lowbit.formats.ggml.numerics import F32, f16_from_bytes, first_absmax, nearest_int, safe_recip, seq_sum, to_f16_bytes
+from lowbit.formats.ggml.search import block_absmax
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 _KV = KVALUES.astype(F32)
+_K0 = int(KVALUES[0])
 NTRY = 7
 
 
-def best_index(v: np.ndarray) -> np.ndarray:
-    """``best_index_int8``: nearest entry of ``KVALUES`` to float32 ``v``; ties go to the upper entry.
+@kernel
+def _best_index(v):
+    """``best_index_int8``: nearest entry of ``KVALUES`` to float32 ``v`` by C's binary search; ties go up."""
+    if v <= _KV[0]:
+        return 0
+    if v >= _KV[15]:
+        return 15
+    lo, hi = 0, 15
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if v < _KV[mid]:
+            hi = mid
+        else:
+            lo = mid
+    return hi - 1 if v - _KV[hi - 1] < _KV[hi] - v else hi
 
-    The C binary search returns ``k+1`` between neighbours ``k, k+1`` exactly when
-    ``(v - K[k]) >= (K[k+1] - v)`` in float32, and that test is monotone in ``k``; counting the true tests
-    gives the same index (and the clamps at both ends) without a search.
-    """
-    v = np.asarray(v, dtype=F32)
-    idx = np.zeros(v.shape, dtype=np.int32)
-    for k in range(15):
-        idx += (v - _KV[k]) >= (_KV[k + 1] - v)
-    return idx
+
+@kernel
+def _levels(x, d, L):
+    """``L = best_index(x / d)`` per block (``1/d``, or 0 for d = 0, as the C code multiplies)."""
+    for b in range(x.shape[0]):
+        idb = np.float32(1.0) / d[b] if d[b] != 0 else np.float32(0.0)
+        for j in range(x.shape[1]):
+            L[b, j] = _best_index(idb * x[b, j])
+
+
+@kernel
+def _search_kernel(x, w, d):
+    """Weighted least-squares scale per block of 32 over 2·NTRY+1 trial inverse scales."""
+    for b in range(x.shape[0]):
+        xb = x[b]
+        wb = w[b]
+        amax, mx = block_absmax(xb)
+        if amax < np.float32(1e-15):
+            d[b] = np.float32(0.0)
+            continue
+        db = -mx / _KV[0]
+        idb = np.float32(1.0) / db
+        sumqx = np.float32(0.0)
+        sumq2 = np.float32(0.0)
+        for j in range(32):
+            q = _KV[_best_index(idb * xb[j])]
+            sumqx += wb[j] * q * xb[j]
+            sumq2 += wb[j] * q * q
+        db = sumqx / sumq2 if sumq2 > 0 else np.float32(0.0)
+        best = db * sumqx
+        for itry in range(-NTRY, NTRY + 1):
+            idb = np.float32(itry + _K0) / mx
+            sumqx = np.float32(0.0)
+            sumq2 = np.float32(0.0)
+            for j in range(32):
+                q = _KV[_best_index(idb * xb[j])]
+                sumqx += wb[j] * q * xb[j]
+                sumq2 += wb[j] * q * q
+            if sumq2 > 0 and sumqx * sumqx > best * sumq2:
+                db = sumqx / sumq2
+                best = db * sumqx
+        d[b] = db
 
 
 def _search(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Weighted least-squares scale per block of 32 over 15 trial inverse scales. Returns ``d (B,)``."""
-    amax, mx = first_absmax(x)
-    zero = amax < F32(1e-15)
-    mx = np.where(zero, F32(1), mx).astype(F32)
+    """Scale per block of 32 (``x``, ``w`` ``(B, 32)``). Returns ``d (B,)`` float32."""
+    d = np.empty(x.shape[0], dtype=F32)
+    _search_kernel(np.ascontiguousarray(x, dtype=F32), np.ascontiguousarray(w, dtype=F32), d)
+    return d
 
-    def sums(inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        q = _KV[best_index(inv[:, None] * x)]
-        wq = w * q
-        return seq_sum(wq * x), seq_sum(wq * q)
 
-    d = (-mx / _KV[0]).astype(F32)
-    sumqx, sumq2 = sums((F32(1) / d).astype(F32))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, F32(1)), F32(0)).astype(F32)
-    best = d * sumqx
-    for itry in range(-NTRY, NTRY + 1):
-        inv = (F32(itry + int(KVALUES[0])) / mx).astype(F32)
-        sqx, sq2 = sums(inv)
-        better = (sq2 > 0) & (sqx * sqx > best * sq2)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            d = np.where(better, sqx / np.where(better, sq2, F32(1)), d).astype(F32)
-        best = np.where(better, d * sqx, best).astype(F32)
-    return np.where(zero, F32(0), d).astype(F32)
+def _best_levels(x: np.ndarray, d: np.ndarray) -> np.ndarray:
+    L = np.empty(x.shape, dtype=np.int32)
+    _levels(np.ascontiguousarray(x, dtype=F32), np.ascontiguousarray(d, dtype=F32), L)
+    return L
 
 
 def _weights(xs: np.ndarray, qw: np.ndarray | None, sub: int) -> np.ndarray:
@@ -80,7 +116,7 @@ def quantize_iq4_nl(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     xb = x.reshape(-1, 32)
     w = _weights(xb, _qw_blocks(qw, R, n, 32), 32)
     d = _search(xb, w)
-    L = best_index(safe_recip(d)[:, None] * xb)
+    L = _best_levels(xb, d)
     out = np.concatenate([to_f16_bytes(d), pack_nibbles(L)], axis=1)
     return out.reshape(R, -1, 18)
 
@@ -96,7 +132,7 @@ def quantize_iq4_xs(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     d = (-max_scale / F32(32)).astype(F32)
     l = np.clip(nearest_int(safe_recip(d)[:, None] * scales), -32, 31)
     dl = (d[:, None] * l.astype(F32)).astype(F32)
-    L = best_index(safe_recip(dl).reshape(-1, 1) * sub).reshape(S, 8, 32)
+    L = _best_levels(sub, dl.reshape(-1)).reshape(S, 8, 32)
     lu = (l + 32).astype(np.uint8)
     scales_l = (lu[:, 0::2] & 0xF) | ((lu[:, 1::2] & 0xF) << 4)
     scales_h = np.bitwise_or.reduce((lu >> 4).astype(np.uint16) << (2 * np.arange(8, dtype=np.uint16)), axis=1)
