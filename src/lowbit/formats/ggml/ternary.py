@@ -9,36 +9,67 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.formats.ggml.numerics import F32, f16_from_bytes, roundf, safe_recip, to_f16_bytes
+from lowbit.formats.ggml.jit import kernel, roundf
+from lowbit.formats.ggml.numerics import F32, f16_from_bytes, to_f16_bytes
 
-_POW3 = np.array([81, 27, 9, 3, 1], dtype=np.int32)
+@kernel
+def _trits(xb, t):
+    """``d = max|x|`` of one 256-block and its trits ``t = roundf(x/d) + 1`` (written into ``t``)."""
+    amax = np.float32(0.0)
+    for j in range(256):
+        amax = max(amax, abs(xb[j]))
+    idb = np.float32(1.0) / amax if amax != 0 else np.float32(0.0)
+    for j in range(256):
+        t[j] = roundf(xb[j] * idb) + 1
+    return amax
 
 
-def _trits(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    xs = x.reshape(-1, 256)
-    d = np.abs(xs).max(axis=1).astype(F32)
-    t = roundf(xs * safe_recip(d)[:, None]).astype(np.int32) + 1
-    return d, t
+@kernel
+def _tq1_0_kernel(x, d, out):
+    """``quantize_row_tq1_0_ref``: 5 trits per byte (base 3, scaled to a byte) for elements 0..239, 4 for the
+    last 16; byte ``m`` of a group holds elements ``m + k·width``."""
+    t = np.empty(256, dtype=np.int64)
+    for b in range(x.shape[0]):
+        d[b] = _trits(x[b], t)
+        o = out[b]
+        for base, width, pos, n in ((0, 32, 0, 5), (160, 16, 32, 5), (240, 4, 48, 4)):
+            for m in range(width):
+                q = 0
+                for k in range(n):
+                    q = q * 3 + t[base + m + k * width]
+                if n == 4:
+                    q *= 3
+                o[pos + m] = np.uint8((q * 256 + 242) // 243)
+
+
+@kernel
+def _tq2_0_kernel(x, d, out):
+    """``quantize_row_tq2_0_ref``: byte ``32h + m`` holds the trits of elements ``128h + m + 32k`` at bits 2k."""
+    t = np.empty(256, dtype=np.int64)
+    for b in range(x.shape[0]):
+        d[b] = _trits(x[b], t)
+        for h in range(2):
+            for m in range(32):
+                q = 0
+                for k in range(4):
+                    q |= (t[128 * h + m + 32 * k] & 3) << (2 * k)
+                out[b, 32 * h + m] = np.uint8(q)
+
+
+def _quantize(x: np.ndarray, size: int, fn) -> np.ndarray:
+    xs = np.ascontiguousarray(x.reshape(-1, 256), dtype=F32)
+    d, out = np.empty(xs.shape[0], dtype=F32), np.empty((xs.shape[0], size), dtype=np.uint8)
+    fn(xs, d, out)
+    out[:, size - 2:] = to_f16_bytes(d)
+    return out.reshape(x.shape[0], -1, size)
 
 
 def quantize_tq1_0(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
-    R = x.shape[0]
-    d, t = _trits(x)
-    S = t.shape[0]
-    q0 = np.einsum("snm,n->sm", t[:, :160].reshape(S, 5, 32), _POW3)
-    q1 = np.einsum("snm,n->sm", t[:, 160:240].reshape(S, 5, 16), _POW3)
-    qh = np.einsum("snm,n->sm", t[:, 240:256].reshape(S, 4, 4), _POW3[1:]) * 3
-    q = np.concatenate([q0, q1, qh], axis=1)
-    q = ((q * 256 + 242) // 243).astype(np.uint8)
-    return np.concatenate([q, to_f16_bytes(d)], axis=1).reshape(R, -1, 54)
+    return _quantize(x, 54, _tq1_0_kernel)
 
 
 def quantize_tq2_0(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
-    R = x.shape[0]
-    d, t = _trits(x)
-    v = t.astype(np.uint8).reshape(-1, 2, 4, 32)
-    qs = (v[:, :, 0] | (v[:, :, 1] << 2) | (v[:, :, 2] << 4) | (v[:, :, 3] << 6)).reshape(-1, 64)
-    return np.concatenate([qs, to_f16_bytes(d)], axis=1).reshape(R, -1, 66)
+    return _quantize(x, 66, _tq2_0_kernel)
 
 
 def dequantize_tq1_0(b: np.ndarray) -> np.ndarray:
