@@ -212,10 +212,28 @@ def qlora(a: argparse.Namespace, dev: Any, say: Any, sync: Any) -> dict[str, Any
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
 
+    prof_dir = os.environ.get("LOWBIT_QLORA_PROFILE")  # a folder: profile steps 3-4, one table per rank
+    prof = None
+    if prof_dir:
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        prof = profile(activities=acts, schedule=schedule(wait=2, warmup=0, active=2, repeat=1))
+        prof.start()
+
     def step_done(step: int, loss: float) -> None:
         if cuda:
             torch.cuda.synchronize()
         say(f"qlora step {step}/{a.qlora_steps} loss {loss:.4f}")
+        if prof is not None:
+            prof.step()
+            if step == 4:
+                prof.stop()
+                rank = dist.get_rank() if dist.is_initialized() else 0
+                key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+                Path(prof_dir, f"qlora_profile_n{world}_rank{rank}.txt").write_text(
+                    prof.key_averages().table(sort_by=key, row_limit=40)
+                    + "\n" + prof.key_averages().table(sort_by="count", row_limit=40))
 
     run = train_qlora(qm, blocks, steps=a.qlora_steps, batch_size=a.qlora_batch, lr=1e-4, seed=0,
                       progress=step_done)

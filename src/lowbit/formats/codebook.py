@@ -20,6 +20,7 @@ Dequantization: ``W = code[qdata] · absmax[block]`` in float32, cast to the wei
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +28,9 @@ import torch
 from lowbit.formats.base import Format, QuantizedTensor, check_weight
 from lowbit.formats.bitpack import pack, packed_len, unpack
 from lowbit.formats.blockwise import dequantize_blockwise, nearest_code, quantize_blockwise
-from lowbit.formats.dynamic_map import create_dynamic_map
+from lowbit.formats.dynamic_map import create_dynamic_map, dynamic_map_on
 
-__all__ = ["Codebook", "RowCodebook", "NF4_CODE", "FP4_CODE", "code_table", "normal_float_values"]
+__all__ = ["Codebook", "RowCodebook", "NF4_CODE", "FP4_CODE", "code_table", "code_table_on", "normal_float_values"]
 
 # The 16 NF4 values of bitsandbytes (create_normal_map(offset=0.9677083, use_extra_value=True)): quantiles of
 # N(0, 1), 7 negative, an exact zero and 8 positive, normalized to [-1, 1]. Index = position (sorted).
@@ -70,6 +71,14 @@ def normal_float_values(bits: int = 4, offset: float = QLORA_OFFSET) -> torch.Te
 
 def code_table(name: str) -> torch.Tensor:
     """The float32 code of ``"nf2"``, ``"nf3"``, ``"nf4"`` or ``"fp4"`` (indexed by the stored value)."""
+    return code_table_on(name, torch.device("cpu")).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def code_table_on(name: str, device: torch.device) -> torch.Tensor:
+    """:func:`code_table` built once per process and device: read-only (never modify it)."""
+    if device.type != "cpu":
+        return code_table_on(name, torch.device("cpu")).to(device)
     if name in _CODES:
         return torch.tensor(_CODES[name], dtype=torch.float32)
     if name in _NAMES:
@@ -161,7 +170,7 @@ class Codebook(Format):
         """The float32 first-level absmax ``(n_blocks,)`` of a stored tensor (undoing double quantization)."""
         if not self.double_quant:
             return q["absmax"].float()
-        a = dequantize_blockwise(q["absmax"], q["absmax_scale"], create_dynamic_map(True, 7, 8),
+        a = dequantize_blockwise(q["absmax"], q["absmax_scale"], dynamic_map_on(q["absmax"].device, True, 7, 8),
                                  self.double_block_size, q["absmax"].numel())
         return a + q["absmax_offset"].float()
 
@@ -186,7 +195,7 @@ class Codebook(Format):
         numel = q.numel
         n_codes = numel + (numel % 2 if self.bits == 4 else 0)
         idx = unpack(q["qdata"].unsqueeze(0), self.bits, n_codes).reshape(-1)[:numel]
-        W = dequantize_blockwise(idx, self.absmax(q), self.code, self.block_size, numel)
+        W = dequantize_blockwise(idx, self.absmax(q), code_table_on(self.name, idx.device), self.block_size, numel)
         return W.reshape(q.shape).to(q.dtype)
 
     def bits_per_weight_formula(self, shape: tuple[int, int]) -> float:

@@ -13,12 +13,32 @@ builds it (including its zero padding to 256 entries for ``total_bits < 8``), so
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-__all__ = ["create_dynamic_map"]
+__all__ = ["create_dynamic_map", "dynamic_map_on"]
 
 
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
+    """A fresh copy of the cached table of :func:`dynamic_map_on` on the CPU (callers may modify it)."""
+    return dynamic_map_on(torch.device("cpu"), signed, max_exponent_bits, total_bits).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def dynamic_map_on(device: torch.device, signed: bool = True, max_exponent_bits: int = 7,
+                   total_bits: int = 8) -> torch.Tensor:
+    """The dynamic map on ``device``, built once per process and device: read-only (never modify it).
+
+    Per-call rebuilding cost a Python loop and, on a GPU, a host-to-device copy that synchronised the stream
+    at every dequantization (QLoRA's forward and backward, the 8-bit optimizers' steps).
+    """
+    if device.type != "cpu":
+        return dynamic_map_on(torch.device("cpu"), signed, max_exponent_bits, total_bits).to(device)
+    return _build(signed, max_exponent_bits, total_bits)
+
+
+def _build(signed: bool, max_exponent_bits: int, total_bits: int) -> torch.Tensor:
     """Sorted float32 table of 256 code values in ``[-1, 1]`` (signed) or ``[0, 1]`` (unsigned).
 
     Args:

@@ -77,8 +77,13 @@ def state_codebook(bits: int, signed: bool, device: torch.device | str | None = 
     """
     if bits not in STATE_BITS:
         raise ValueError(f"bits={bits!r} is not a quantized state width; choose one of {STATE_BITS}")
-    code = _codebook_cpu(bits, bool(signed))
-    return code if device is None else code.to(device)
+    return _codebook_cpu(bits, bool(signed)) if device is None else _codebook_on(bits, bool(signed), torch.device(device))
+
+
+@lru_cache(maxsize=64)
+def _codebook_on(bits: int, signed: bool, device: torch.device) -> torch.Tensor:
+    # one copy per device: a host-to-device copy at every optimizer step would synchronise the stream
+    return _codebook_cpu(bits, signed).to(device)
 
 
 def quantized_nbytes(numel: int, bits: int, block_size: int) -> int:
