@@ -240,10 +240,60 @@ def _hm_dot(w, xr, perm, k0, K, NW: tl.constexpr, B: tl.constexpr, HAS_PERM: tl.
 
 
 @triton.jit
+def _ex_dot(w, xr, perm, k0, K, e23, NW: tl.constexpr, B: tl.constexpr, HAS_PERM: tl.constexpr,
+            EVEN: tl.constexpr):
+    """One bit plane of a K-tile against x with exact float codes and one integer op per code (GEMV v4).
+
+    A code at bits ``[p, p + B)`` with ``p + B <= 23`` is masked in place; OR-ing in the exponent of ``2^(23 - p)``
+    makes a float whose unit in the last place is ``2^-p``, so its value is ``2^(23 - p) + c`` and one float
+    subtract gives ``c`` exactly: no shift per code (one shift per word brings the codes above bit 22 down),
+    and no cancellation.
+    Returns ``A = Σ x_i c_i`` ``(NW, BN)`` and ``X = Σ x_i`` ``(NW,)`` in fp32.
+    """
+    PER: tl.constexpr = 32 // B
+    LOW: tl.constexpr = 23 // B  # codes that lie in bits 0..22 are decoded in place
+    rows = k0 // PER + tl.arange(0, NW)
+    A = tl.zeros(w.shape, dtype=tl.float32)
+    X = tl.zeros((NW,), dtype=tl.float32)
+    hi = w >> (B * LOW)  # the codes above: one shift per word (sign copies land above every mask below)
+    for i in tl.static_range(PER):
+        kk = rows * PER + i
+        if HAS_PERM:
+            src = tl.load(perm + kk) if EVEN else tl.load(perm + kk, mask=kk < K, other=0)
+        else:
+            src = kk
+        if EVEN:
+            xi = tl.load(xr + src).to(tl.float32)
+        else:
+            xi = tl.load(xr + src, mask=kk < K, other=0.0).to(tl.float32)
+        if i < LOW:
+            v = w
+        else:
+            v = hi
+        # code at bit p = B·(i mod LOW); e23 is the runtime bits of 2^23 (the caller's ``E23``): kept in a
+        # register, the mask-and-or is one LOP3 (two immediates would take two)
+        f = ((v & (((1 << B) - 1) << (B * (i % LOW)))) | (e23 - ((B * (i % LOW)) << 23))).to(
+            tl.float32, bitcast=True) - float(1 << (23 - B * (i % LOW)))
+        A += f * xi[:, None]
+        X += xi
+    return A, X
+
+
+@triton.jit
 def _hm_plane(q_ptr, xr, perm, k0, offs_n, mask_n, N, K, KW, NW: tl.constexpr, B: tl.constexpr,
-              HAS_PERM: tl.constexpr):
-    w = _hm_load(q_ptr, k0, K, offs_n, mask_n, N, KW, NW, B)
-    return _hm_dot(w, xr, perm, k0, K, NW, B, HAS_PERM)
+              HAS_PERM: tl.constexpr, DEC: tl.constexpr = 0, EVEN: tl.constexpr = False, e23=0):
+    """Load one bit plane of a K-tile and dot it with x: ``DEC=0`` mantissa decode (v3, ``Σ x c = 2^B (A - X)``),
+    ``DEC=1`` exact exponent decode (v4, ``A = Σ x c``)."""
+    if EVEN:
+        PER: tl.constexpr = 32 // B
+        rows = k0 // PER + tl.arange(0, NW)
+        w = tl.load(q_ptr + rows[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+    else:
+        w = _hm_load(q_ptr, k0, K, offs_n, mask_n, N, KW, NW, B)
+    if DEC == 1:
+        return _ex_dot(w, xr, perm, k0, K, e23, NW, B, HAS_PERM, EVEN)
+    else:
+        return _hm_dot(w, xr, perm, k0, K, NW, B, HAS_PERM)
 
 
 @triton.jit
@@ -380,10 +430,10 @@ def _table_lookup(c, cb, offs_n, mask_n, BITS: tl.constexpr, ROW: tl.constexpr):
 
 
 @triton.jit
-def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, KW2, KW1, stride_xm,
+def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, KW2, KW1, stride_xm, E23,
                   BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_PERM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr,
-                  PF: tl.constexpr = False):
+                  PF: tl.constexpr = False, DEC: tl.constexpr = 0, EVEN: tl.constexpr = False):
     """GEMV v3: codes unpacked with constant shifts (``tl.static_range``), affine codes decoded by
     :func:`_hm_plane`, look-up tables held in registers (:func:`_select16`) instead of gathered from memory."""
     pid_n = tl.program_id(0)
@@ -415,17 +465,31 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
             A, X = _hm_dot(w, xr, perm, k0, K, BK // P0, BP, HAS_PERM)
             acc += s[None, :] * ((1 << BP) * A - ((1 << BP) + z[None, :]) * X[:, None])
         elif MODE == 0:
-            s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
-            z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
-            if BITS == 4:
-                A, X = _hm_plane(q4, xr, perm, k0, offs_n, mask_n, N, K, KW4, BK // 8, 4, HAS_PERM)
-                acc += s[None, :] * (16.0 * A - (16.0 + z[None, :]) * X[:, None])
+            if EVEN:
+                s = tl.load(scale + g * N + offs_n).to(tl.float32)
+                z = tl.load(zero + g * N + offs_n).to(tl.float32)
             else:
-                A, X = _hm_plane(q2, xr, perm, k0, offs_n, mask_n, N, K, KW2, BK // 16, 2, HAS_PERM)
-                acc += s[None, :] * (4.0 * A - (4.0 + z[None, :]) * X[:, None])
+                s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+                z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+            if BITS == 4:
+                A, X = _hm_plane(q4, xr, perm, k0, offs_n, mask_n, N, K, KW4, BK // 8, 4, HAS_PERM, DEC, EVEN, E23)
+                if DEC == 1:
+                    acc += s[None, :] * (A - z[None, :] * X[:, None])
+                else:
+                    acc += s[None, :] * (16.0 * A - (16.0 + z[None, :]) * X[:, None])
+            else:
+                A, X = _hm_plane(q2, xr, perm, k0, offs_n, mask_n, N, K, KW2, BK // 16, 2, HAS_PERM, DEC, EVEN, E23)
+                if DEC == 1:
+                    acc += s[None, :] * (A - z[None, :] * X[:, None])
+                else:
+                    acc += s[None, :] * (4.0 * A - (4.0 + z[None, :]) * X[:, None])
                 if BITS == 3:  # high bit plane: code += 4 · bit
-                    A1, X1 = _hm_plane(q1, xr, perm, k0, offs_n, mask_n, N, K, KW1, BK // 32, 1, HAS_PERM)
-                    acc1 += s[None, :] * (8.0 * (A1 - X1[:, None]))
+                    A1, X1 = _hm_plane(q1, xr, perm, k0, offs_n, mask_n, N, K, KW1, BK // 32, 1, HAS_PERM, DEC,
+                                       EVEN, E23)
+                    if DEC == 1:
+                        acc1 += s[None, :] * (4.0 * A1)
+                    else:
+                        acc1 += s[None, :] * (8.0 * (A1 - X1[:, None]))
         elif MODE == 1:  # scale per 32-code chunk: the tile may span several groups
             chunk = k0 // 32 + tl.arange(0, BK // 32)
             s2 = tl.load(scale + ((chunk * 32) // GROUP)[:, None] * N + offs_n[None, :],
@@ -536,15 +600,17 @@ def _bk_for(group: int, want: int) -> int:
 @functools.lru_cache(maxsize=1024)
 def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
                 BN: int | None = None, BK: int | None = None, split: int | None = None,
-                num_warps: int | None = None, v: int = 3, waves: int = 4, pf: bool = GEMV_PREFETCH) -> dict:
+                num_warps: int | None = None, v: int = 4, waves: int = 4, pf: bool = GEMV_PREFETCH,
+                num_stages: int | None = None) -> dict:
     """Tile sizes for the GEMV path: enough programs to cover the SMs ``waves`` times (split-K when N is small).
 
-    ``v=3`` is :func:`_gemv3_kernel` (the default), ``v=2`` the earlier kernel (kept for the benchmark).
-    v3's look-up-table modes read one scale per 32 codes, so their K-tile need not lie in one group.
+    ``v=4`` is :func:`_gemv3_kernel` with the exact exponent decode (the default), ``v=3`` the same kernel with
+    the mantissa decode, ``v=2`` the earlier kernel (both kept for the benchmark). The look-up-table modes
+    (v3 and v4 alike) read one scale per 32 codes, so their K-tile need not lie in one group.
     """
     if BN is None:  # H100 sweep (8192×28672): v3 affine BN64 split-K 4 88 µs; v3 tables BN128 BK128
-        BN = (64 if mode == "affine" else 128) if v == 3 else (128 if mode == "affine" else 64)
-    if v == 3 and mode != "affine":
+        BN = (64 if mode == "affine" else 128) if v >= 3 else (128 if mode == "affine" else 64)
+    if v >= 3 and mode != "affine":
         BK = max(32, (BK or 128) // 32 * 32)
         if mode == "lut_row" and bits == 4:  # H100: BN64·BK256 and BN128·BK128 gave wrong sums (err 8e-2)
             BN, BK = min(BN, 64), min(BK, 128)  # with sixteen per-column table vectors live; smaller tiles are right
@@ -558,7 +624,10 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
             split *= 2
     k_per = -(-k_tiles // split) * BK
     split = -(-K // k_per)
-    return dict(BN=BN, BK=BK, split=split, k_per=k_per, num_warps=num_warps or 4, v=v, pf=pf)
+    cfg = dict(BN=BN, BK=BK, split=split, k_per=k_per, num_warps=num_warps or 4, v=v, pf=pf)
+    if num_stages is not None:
+        cfg["num_stages"] = num_stages
+    return cfg
 
 
 def _args(pw: PackedWeight, dummy: torch.Tensor):
@@ -577,13 +646,19 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
         torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     q4, q2, q1, sc, zp, cb = _args(pw, out)
     grid = (triton.cdiv(N, cfg["BN"]), cfg["split"], M)
-    kernel = _gemv3_kernel if cfg.get("v", 3) == 3 else _gemv_kernel
-    pf = {"PF": bool(cfg.get("pf")) and pw.mode == "affine" and pw.bits != 3} if kernel is _gemv3_kernel else {}
-    kernel[grid](x2, out, q4, q2, q1, sc, zp, cb, pw.perm if pw.perm is not None else out,
-                       N, K, pw.q4.shape[0], pw.q2.shape[0], pw.q1.shape[0], x2.stride(0),
-                       BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode], HAS_PERM=pw.perm is not None,
-                       BN=cfg["BN"], BK=cfg["BK"], K_PER_PROG=cfg["k_per"], SPLIT_ATOMIC=atomic,
-                       num_warps=cfg["num_warps"], **pf)
+    v = cfg.get("v", 4)
+    args = (x2, out, q4, q2, q1, sc, zp, cb, pw.perm if pw.perm is not None else out,
+            N, K, pw.q4.shape[0], pw.q2.shape[0], pw.q1.shape[0], x2.stride(0))
+    meta = dict(BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode], HAS_PERM=pw.perm is not None,
+                BN=cfg["BN"], BK=cfg["BK"], K_PER_PROG=cfg["k_per"], SPLIT_ATOMIC=atomic, num_warps=cfg["num_warps"])
+    if "num_stages" in cfg:
+        meta["num_stages"] = cfg["num_stages"]
+    if v == 2:
+        _gemv_kernel[grid](*args, **meta)
+    else:  # v3: mantissa decode; v4: exact exponent decode, unmasked when the tiles divide the weight
+        even = v == 4 and N % cfg["BN"] == 0 and K % cfg["k_per"] == 0
+        _gemv3_kernel[grid](*args, 0x4B000000, **meta, PF=bool(cfg.get("pf")) and pw.mode == "affine" and pw.bits != 3,
+                            DEC=1 if v == 4 else 0, EVEN=even)
     return out
 
 
