@@ -105,7 +105,8 @@ def check_imatrix(imatrix: np.ndarray | torch.Tensor | None, cols: int) -> np.nd
     return qw
 
 
-def quantize_raw(x: torch.Tensor | np.ndarray, type_name: str | int, imatrix: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+def quantize_raw(x: torch.Tensor | np.ndarray, type_name: str | int, imatrix: np.ndarray | torch.Tensor | None = None,
+                 threads: int | None = None) -> np.ndarray:
     """Quantize rows exactly as llama.cpp's ``ggml_quantize_chunk`` does.
 
     Args:
@@ -114,6 +115,8 @@ def quantize_raw(x: torch.Tensor | np.ndarray, type_name: str | int, imatrix: np
         type_name: upstream type name or id.
         imatrix: optional ``(cols,)`` importance (per-column mean of squared activations); ignored by
             types whose reference quantizer ignores it (Q8_0, TQ*, float types).
+        threads: row chunks quantized in parallel (the compiled block loops release the GIL); default
+            ``min(8, os.cpu_count())``.
 
     Returns:
         ``(rows, cols / block_size * type_size)`` uint8.
@@ -135,21 +138,27 @@ def quantize_raw(x: torch.Tensor | np.ndarray, type_name: str | int, imatrix: np
     if cols % t.block_size:
         fits = sorted(n for n, o in GGML_TYPES.items() if cols % o.block_size == 0)
         raise ValueError(f"{t.name} needs rows that are a multiple of {t.block_size}; got {cols}. Types that fit: {fits}")
-    if not np.isfinite(xn).all() and t.block_size > 1:
-        raise ValueError(f"x has {int((~np.isfinite(xn)).sum())} NaN/Inf value(s); cannot quantize to {t.name}")
     qw = check_imatrix(imatrix, cols) if t.uses_imatrix else None
+    n_threads = _THREADS if threads is None else int(threads)
+    if n_threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     out = np.empty((rows, t.row_bytes(cols)), dtype=np.uint8)
     step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
     xn = np.ascontiguousarray(xn)
 
-    def work(i: int) -> None:
-        out[i:i + step] = t.quantize(xn[i:i + step], qw).reshape(-1, t.row_bytes(cols))
+    def work(i: int) -> bool:
+        chunk = xn[i:i + step]
+        if t.block_size > 1 and not np.isfinite(chunk).all():
+            return False
+        out[i:i + step] = t.quantize(chunk, qw).reshape(-1, t.row_bytes(cols))
+        return True
 
     starts = range(0, rows, step)
-    if _THREADS > 1 and len(starts) > 1:  # numpy releases the GIL inside ufuncs; row chunks are independent
-        with ThreadPoolExecutor(_THREADS) as ex:
-            list(ex.map(work, starts))
+    if n_threads > 1 and len(starts) > 1:  # the block kernels and numpy release the GIL; chunks are independent
+        with ThreadPoolExecutor(n_threads) as ex:
+            finite = all(list(ex.map(work, starts)))
     else:
-        for i in starts:
-            work(i)
+        finite = all([work(i) for i in starts])
+    if not finite:
+        raise ValueError(f"x has {int((~np.isfinite(xn)).sum())} NaN/Inf value(s); cannot quantize to {t.name}")
     return out

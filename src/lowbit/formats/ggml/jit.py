@@ -26,13 +26,20 @@ _HALF = np.float32(0.5)
 _ONE = np.float32(1.0)
 
 
-def kernel(fn):
-    """``numba.njit(nogil=True, cache=True)``, falling back to an uncached compile if no cache dir is writable."""
+def kernel(fn=None, *, inline: bool = False):
+    """``numba.njit(nogil=True, cache=True)``, falling back to an uncached compile if no cache dir is writable.
+
+    ``inline=True`` for helpers called once per block: numba then inlines them into the caller (a real call
+    that passes arrays costs reference-count updates, more than a 32-element block's arithmetic).
+    """
+    if fn is None:
+        return lambda f: kernel(f, inline=inline)
+    opts = {"nogil": True, "inline": "always" if inline else "never"}
     try:
-        return njit(nogil=True, cache=True)(fn)
+        return njit(cache=True, **opts)(fn)
     except RuntimeError as e:  # numba: "cannot cache function ...: no locator available"
         logger.debug("numba cannot cache %s (%s); compiling per process", fn.__name__, e)
-        return njit(nogil=True)(fn)
+        return njit(**opts)(fn)
 
 
 @kernel
@@ -49,12 +56,49 @@ def nearest_int(f):
     return _nearest_int_bits(v)
 
 
-@kernel
+@kernel(inline=True)
 def roundf(f):
-    """C ``roundf`` (half away from zero) of a float32 scalar of magnitude < 2^31, as an int."""
+    """C ``roundf`` (half away from zero) of a float32 scalar of magnitude < 2^31, as an int32."""
     a = abs(f)
-    r = np.float32(np.int64(a))
-    if a - r >= _HALF:
-        r += _ONE
-    i = np.int64(r)
+    i = np.int32(a)  # truncation = floor for a ≥ 0
+    i = i + np.int32(1) if a - np.float32(i) >= _HALF else i
     return -i if f < 0 else i
+
+
+# Block helpers take the 2-D array and a block index rather than a row view (a view per block costs two
+# atomic reference-count updates, more than the block's arithmetic) and loop to the run-time ``x.shape[1]``.
+
+@kernel(inline=True)
+def block_absmax(x, b):
+    """``max |x[b]|`` (as C's ``MAX(amax, fabsf(v))`` loop)."""
+    amax = np.float32(0.0)
+    for j in range(x.shape[1]):
+        v = abs(x[b, j])
+        amax = v if v > amax else amax
+    return amax
+
+
+@kernel(inline=True)
+def block_minmax(x, b):
+    """``(min, max)`` of block ``x[b]``; the first of equal values (±0) wins, as in C's strict scans."""
+    mn = x[b, 0]
+    mx = x[b, 0]
+    for j in range(1, x.shape[1]):
+        v = x[b, j]
+        mn = v if v < mn else mn
+        mx = v if v > mx else mx
+    return mn, mx
+
+
+@kernel(inline=True)
+def signed_absmax(x, b):
+    """``(amax, max)``: the signed value of largest magnitude of block ``x[b]``, the first one on ties (C's
+    strict ``>`` scan; +0 for an all-zero block)."""
+    amax = np.float32(0.0)
+    mx = np.float32(0.0)
+    for j in range(x.shape[1]):
+        v = abs(x[b, j])
+        if v > amax:
+            amax = v
+            mx = x[b, j]
+    return amax, mx

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.formats.ggml.jit import kernel, roundf
+from lowbit.formats.ggml.jit import block_absmax, block_minmax, kernel, roundf, signed_absmax
 from lowbit.formats.ggml.numerics import F32, f16_from_bytes, seq_sum, to_f16_bytes
-from lowbit.formats.ggml.search import block_absmax, make_qkx_quants, make_qx_quants
+from lowbit.formats.ggml.search import make_qkx_quants, make_qx_quants
 
 QK = 32
 
@@ -35,24 +35,27 @@ def _row_weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     return _blocks(w.astype(F32))
 
 
-@kernel
-def _pack_block(L, out, qh_at, qs_at):
-    """32 levels → ``out[qs_at:qs_at+16]`` (element j low nibble, j+16 high) and, if ``qh_at >= 0``, their 5th
-    bits as the little-endian uint32 ``qh`` at ``out[qh_at:qh_at+4]``."""
-    for j in range(16):
-        out[qs_at + j] = np.uint8((L[j] & 0xF) | ((L[j + 16] & 0xF) << 4))
-    if qh_at >= 0:
-        for k in range(4):
-            byte = 0
-            for t in range(8):
-                byte |= ((L[8 * k + t] >> 4) & 1) << t
-            out[qh_at + k] = np.uint8(byte)
+# The kernels loop to ``x.shape[1]`` (a run-time 32) rather than a literal: LLVM then vectorizes the
+# element loops instead of unrolling them into scalar code.
+
+@kernel(inline=True)
+def _put_qh(out, b, qh_at, L, h):
+    """The 5th bits of the ``2h`` levels ``L(j)`` as a little-endian uint32 at ``out[b, qh_at:qh_at+4]``."""
+    qh = np.uint32(0)
+    for j in range(2 * h):
+        qh |= np.uint32((L[j] >> 4) & 1) << np.uint32(j)
+    for k in range(4):
+        out[b, qh_at + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
 
 
 @kernel
 def _pack_kernel(L, out, qh_at, qs_at):
+    h = L.shape[1] // 2
     for b in range(L.shape[0]):
-        _pack_block(L[b], out[b], qh_at, qs_at)
+        for j in range(h):
+            out[b, qs_at + j] = np.uint8((L[b, j] & 0xF) | ((L[b, j + h] & 0xF) << 4))
+        if qh_at >= 0:
+            _put_qh(out, b, qh_at, L[b], h)
 
 
 def _pack(L: np.ndarray, out: np.ndarray, qh_at: int, qs_at: int) -> None:
@@ -94,56 +97,60 @@ def _blocks_out(name: str, R: int, d: np.ndarray, m: np.ndarray | None, L: np.nd
     return out.reshape(R, -1, size)
 
 
+@kernel(inline=True)
+def _levels_trunc(x, b, x0, idb, off, top, L, out, qs_at):
+    """``L = min(trunc((x[b] − x0)·idb + off), top)`` (clamping before the cast gives the same integer) and
+    the nibble bytes of ``L`` at ``out[b, qs_at:]``."""
+    n = x.shape[1]
+    for j in range(n):
+        t = (x[b, j] - x0) * idb + off
+        L[j] = np.int32(t if t < top else top)
+    for j in range(n // 2):
+        out[b, qs_at + j] = np.uint8((L[j] & 0xF) | ((L[j + n // 2] & 0xF) << 4))
+
+
 @kernel
 def _sym_ref_kernel(x, nmax, qh_at, qs_at, d, out):
     """``quantize_row_q4_0_ref`` / ``q5_0_ref``: d = max/−nmax, levels = trunc(x/d + nmax + 0.5) ≤ 2·nmax−1."""
-    L = np.empty(32, dtype=np.int32)
+    L = np.empty(x.shape[1], dtype=np.int32)
     off = np.float32(nmax + 0.5)
+    top = np.float32(2 * nmax - 1)
+    zero = np.float32(0.0)
     for b in range(x.shape[0]):
-        _, mx = block_absmax(x[b])
+        _, mx = signed_absmax(x, b)
         db = mx / np.float32(-nmax)
-        idb = np.float32(1.0) / db if db != 0 else np.float32(0.0)
-        for j in range(32):
-            L[j] = min(np.int32(x[b, j] * idb + off), 2 * nmax - 1)  # float→int truncates, as the C cast does
+        idb = np.float32(1.0) / db if db != 0 else zero
+        _levels_trunc(x, b, zero, idb, off, top, L, out, qs_at)
+        if qh_at >= 0:
+            _put_qh(out, b, qh_at, L, x.shape[1] // 2)
         d[b] = db
-        _pack_block(L, out[b], qh_at, qs_at)
 
 
 @kernel
 def _asym_ref_kernel(x, nmax, qh_at, qs_at, d, m, out):
     """``quantize_row_q4_1_ref`` / ``q5_1_ref``: d = (max−min)/nmax, levels = trunc((x−min)/d + 0.5)."""
-    L = np.empty(32, dtype=np.int32)
+    L = np.empty(x.shape[1], dtype=np.int32)
     half = np.float32(0.5)
+    top = np.float32(nmax)
     for b in range(x.shape[0]):
-        xb = x[b]
-        mn = xb[0]
-        mx = xb[0]
-        for j in range(1, 32):
-            if xb[j] < mn:
-                mn = xb[j]
-            if xb[j] > mx:
-                mx = xb[j]
+        mn, mx = block_minmax(x, b)
         db = (mx - mn) / np.float32(nmax)
         idb = np.float32(1.0) / db if db != 0 else np.float32(0.0)
-        for j in range(32):
-            L[j] = min(np.int32((xb[j] - mn) * idb + half), nmax)
+        _levels_trunc(x, b, mn, idb, half, top, L, out, qs_at)
+        if qh_at >= 0:
+            _put_qh(out, b, qh_at, L, x.shape[1] // 2)
         d[b] = db
         m[b] = mn
-        _pack_block(L, out[b], qh_at, qs_at)
 
 
 @kernel
 def _q8_0_kernel(x, d, out):
     """``quantize_row_q8_0_ref``: d = max|x|/127, q = roundf(x/d)."""
     for b in range(x.shape[0]):
-        xb = x[b]
-        amax = np.float32(0.0)
-        for j in range(32):
-            amax = max(amax, abs(xb[j]))
-        db = amax / np.float32(127.0)
+        db = block_absmax(x, b) / np.float32(127.0)
         idb = np.float32(1.0) / db if db != 0 else np.float32(0.0)
-        for j in range(32):
-            out[b, 2 + j] = np.uint8(roundf(xb[j] * idb) & 0xFF)
+        for j in range(x.shape[1]):
+            out[b, 2 + j] = np.uint8(roundf(x[b, j] * idb) & 0xFF)
         d[b] = db
 
 
