@@ -105,3 +105,21 @@ def test_registry_and_bad_options() -> None:
         ZeroQuantFPConfig.for_bits(4, rank=4)
     with pytest.raises(ValueError, match="lora"):
         dataclasses.replace(cfg.format, act=None).quantize(torch.randn(16, 32))  # LoRC factors not given
+
+
+def test_lorc_is_the_truncated_svd_for_tall_wide_and_exact_low_rank_errors() -> None:
+    g = torch.Generator().manual_seed(3)
+    for shape in ((40, 96), (96, 40)):
+        W = torch.randn(*shape, generator=g)
+        W_hat = W - torch.randn(shape[0], 2, generator=g) @ torch.randn(2, shape[1], generator=g)  # rank-2 error
+        U, V = lorc(W, W_hat, 4)  # asks for more than the error's rank: the extra pairs must be zero, not NaN
+        assert U.shape == (shape[0], 4) and V.shape == (4, shape[1])
+        assert torch.isfinite(U).all() and torch.isfinite(V).all()
+        E = (W - W_hat).double()
+        assert torch.allclose((U @ V).double(), E, atol=1e-4)
+        W_hat = Minifloat.preset("fp4", granularity="group", group_size=16).fake_quantize(W)
+        U, V = lorc(W, W_hat, 5)
+        E = (W - W_hat).double()
+        S = torch.linalg.svdvals(E)
+        resid = float((E - (U @ V).double()).pow(2).sum())
+        assert resid == pytest.approx(float(S[5:].pow(2).sum()), rel=1e-5)

@@ -162,6 +162,8 @@ def _expand_rows(scale: torch.Tensor, n_in: int, granularity: str, group_size: i
         return scale.reshape(1, 1).expand(-1, n_in)
     if granularity == "channel":
         return scale.reshape(-1, 1).expand(-1, n_in)
+    if scale.dim() == 2 and scale.shape[1] == 1 and n_in <= group_size:  # one group: GPTQ's single columns
+        return scale.expand(-1, n_in)
     return scale.repeat_interleave(group_size, dim=1)[:, :n_in]
 
 
@@ -361,6 +363,20 @@ class Minifloat(Format):
                 raise ValueError("static activation quantization needs act_scale (calibrated); pass act_scale=...")
             data["act_scale"] = params["act_scale"].to(torch.float32).reshape(1)
         return QuantizedTensor(self, (n_out, n_in), W.dtype, data)
+
+    def fake_quantize(self, W: torch.Tensor, **params: torch.Tensor) -> torch.Tensor:
+        """``quantize`` then ``dequantize`` without encoding and packing the codes (GPTQ's per-column hot path).
+
+        Values on the grid survive encode/decode exactly, so this equals the round trip (a property test checks
+        it for every example format); with LoRC or a static activation scale it is the round trip itself.
+        """
+        if self.lorc_rank or (self.act is not None and self.act.static) or set(params) - {"scale"}:
+            return super().fake_quantize(W, **params)
+        check_weight(W)
+        self.validate_shape(tuple(W.shape))
+        scale = params["scale"] if "scale" in params else self.params(W)["scale"]
+        S = _expand_rows(scale.to(torch.float32), W.shape[1], self.granularity, self._gs(W.shape[1]))
+        return (round_to_grid(W.to(torch.float32) / S, self.grid) * S).to(W.dtype)
 
     def codes(self, q: QuantizedTensor) -> torch.Tensor:
         """The ``(out, in)`` integer codes of a quantized weight."""

