@@ -39,11 +39,14 @@ def test_qdata_is_the_raw_blocks_and_bits_per_weight_is_exact(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_fake_quantize_keeps_dtype_and_is_idempotent_where_the_reference_is(name):
     fmt = ggml_format(name)
+    torch.manual_seed(10)  # a seed on which Q2_K's re-quantization moves values (it does for ~2 % of seeds)
     W = torch.randn(4, 256, dtype=torch.float64)
     Y = fmt.fake_quantize(W)
     assert Y.dtype == torch.float64 and Y.shape == W.shape
     if type(fmt).idempotent:
         torch.testing.assert_close(fmt.fake_quantize(Y), Y, rtol=0, atol=0)
+    elif name == "Q2_K":
+        assert not torch.equal(fmt.fake_quantize(Y), Y)  # why Q2_K is flagged: a real counterexample
 
 
 def test_validate_shape_names_block_size_and_fitting_types():

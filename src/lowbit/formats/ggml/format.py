@@ -5,8 +5,9 @@ what a GGUF file holds, so a quantized layer exports without re-quantizing. Quan
 reference quantizer (byte-exact); pass ``act_sq_mean`` (per-input-column mean of squared activations, the
 importance matrix of llama.cpp's imatrix tool) to :meth:`GGMLFormat.quantize` for the imatrix-guided search.
 
-Note: the reference searches of Q3_K, Q5_K, IQ4_NL and IQ4_XS are not projections: re-quantizing their
-dequantized output can pick other scales, so ``fake_quantize`` is idempotent only for the other types.
+Note: the reference searches of Q2_K, Q3_K, Q5_K, IQ4_NL and IQ4_XS are not projections: re-quantizing their
+dequantized output can pick other scales (Q2_K: about 2 % of random 4×256 weights, same as libggml), so
+``fake_quantize`` is idempotent only for the other types.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def _make(name: str) -> type[GGMLFormat]:
            f"({GGML_TYPES[name].bits_per_weight:g} bits per weight), byte-exact with llama.cpp.")
     cls = type(name, (GGMLFormat,), {
         "__doc__": doc, "__module__": __name__, "__qualname__": name, "__annotations__": {},
-        "kind": f"ggml_{name}", "type_name": name, "idempotent": name not in ("Q3_K", "Q5_K", "IQ4_NL", "IQ4_XS"),
+        "kind": f"ggml_{name}", "type_name": name, "idempotent": name not in ("Q2_K", "Q3_K", "Q5_K", "IQ4_NL", "IQ4_XS"),
     })
     return dataclass(frozen=True)(cls)
 
