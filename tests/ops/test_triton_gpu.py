@@ -153,3 +153,36 @@ def test_lut_row_gemv_default_tiles_at_model_width(bits):
     W = R.dequantize_packed(pw, torch.float32)
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
     assert rel(wq.packed_linear(x, pw, None, path="gemv"), x.float() @ W.t()) < TOL
+
+
+@pytest.mark.parametrize("BN,BK", [(64, 256), (128, 128)])
+def test_lut_row_gemv_one_vector_per_thread_tiles_are_right(BN, BK):
+    """The two 4-bit per-row LUT tiles that mis-summed columns 3 mod 4 with 4 warps on the H100 (Triton 3.6):
+    ``gemv_config`` gives them 8 warps, and their sums must match the reference in every column."""
+    torch.manual_seed(12)
+    N, K = 2048, 4096
+    codes = torch.randint(0, 16, (N, K), device="cuda", dtype=torch.uint8)
+    lut = (torch.randn(N, 16, device="cuda") * 0.02).half()
+    pw = R.repack_lut(codes, lut, 4)
+    W = R.dequantize_packed(pw, torch.float32)
+    cfg = wq.gemv_config(N, K, pw.group_size, wq._sms(torch.device("cuda")), 4, "lut_row", BN=BN, BK=BK, split=2)
+    assert cfg["num_warps"] == 8
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    y = wq.gemv(x, pw, cfg)
+    ref = x.float() @ W.t()
+    assert rel(y, ref) < 1e-5  # fp32 split-K sums
+    assert rel(y[:, 3::4], ref[:, 3::4]) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if isinstance(f, IntAffine)], ids=lambda f: f.spec())
+def test_gemv_v3_and_v4_decodes_match_reference(fmt):
+    """Both affine decodes (v3 mantissa, v4 exact exponent) on fresh inputs, unmasked (EVEN) and masked tiles."""
+    torch.manual_seed(13)
+    for N, K in ((512, 4096), (320, 1536)):
+        q = fmt.quantize(torch.randn(N, K))
+        pw = R.repack_quantized(q).to("cuda")
+        W = q.dequantize().float().cuda()
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        for v in (3, 4):
+            cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, v=v, split=2)
+            assert rel(wq.gemv(x, pw, cfg), x.float() @ W.t()) < 1e-4

@@ -608,12 +608,21 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
     the mantissa decode, ``v=2`` the earlier kernel (both kept for the benchmark). The look-up-table modes
     (v3 and v4 alike) read one scale per 32 codes, so their K-tile need not lie in one group.
     """
-    if BN is None:  # H100 sweep (8192×28672): v3 affine BN64 split-K 4 88 µs; v3 tables BN128 BK128
-        BN = (64 if mode == "affine" else 128) if v >= 3 else (128 if mode == "affine" else 64)
+    if BN is None:
+        if v == 4 and mode == "affine":  # H100 sweep (results/gpu_kernels.md): 8192×28672 BN64 split 2 69 µs
+            BN = (256 if bits == 3 else 64) if N >= 16384 else 32  # (int3 BN256 109 µs); 4096×11008 BN32 split 4
+            if N < 16384 and waves == 4:
+                waves = 8
+        else:  # v3 sweep: affine BN64 split-K 4 88 µs; tables BN128 BK128
+            BN = (64 if mode == "affine" else 128) if v >= 3 else (128 if mode == "affine" else 64)
+    warps = num_warps or 4
     if v >= 3 and mode != "affine":
         BK = max(32, (BK or 128) // 32 * 32)
-        if mode == "lut_row" and bits == 4:  # H100: BN64·BK256 and BN128·BK128 gave wrong sums (err 8e-2)
-            BN, BK = min(BN, 64), min(BK, 128)  # with sixteen per-column table vectors live; smaller tiles are right
+        if mode == "lut_row" and bits == 4 and (BK // 32) * BN == 4 * 32 * warps:
+            # H100, Triton 3.6: when the (BK/32, BN) tile is exactly one 4-column vector per thread, the 4th column
+            # of every vector came out wrong (columns 3 mod 4, every K segment; err 8e-2 at BN64·BK256 and
+            # BN128·BK128 with 4 warps; right with 8 warps, other tiles, and in the Triton interpreter)
+            warps *= 2
     else:
         BK = _bk_for(group, BK or (128 if bits != 3 or mode == "affine" else 64))
     n_tiles = -(-N // BN)
@@ -624,7 +633,7 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
             split *= 2
     k_per = -(-k_tiles // split) * BK
     split = -(-K // k_per)
-    cfg = dict(BN=BN, BK=BK, split=split, k_per=k_per, num_warps=num_warps or 4, v=v, pf=pf)
+    cfg = dict(BN=BN, BK=BK, split=split, k_per=k_per, num_warps=warps, v=v, pf=pf)
     if num_stages is not None:
         cfg["num_stages"] = num_stages
     return cfg
