@@ -35,6 +35,9 @@ def _row_weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     return _blocks(w.astype(F32))
 
 
+_SIXTEEN = np.float32(16.0)
+_BIT = (np.uint32(1) << np.arange(32, dtype=np.uint32)).astype(np.uint32)
+
 # The kernels loop to ``x.shape[1]`` (a run-time 32) rather than a literal: LLVM then vectorizes the
 # element loops instead of unrolling them into scalar code.
 
@@ -44,16 +47,18 @@ def _put_qh(out, b, qh_at, L, h):
     qh = np.uint32(0)
     for j in range(2 * h):
         qh |= np.uint32((L[j] >> 4) & 1) << np.uint32(j)
+    qa = max(qh_at, 0)
     for k in range(4):
-        out[b, qh_at + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+        out[b, qa + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
 
 
 @kernel
 def _pack_kernel(L, out, qh_at, qs_at):
     h = L.shape[1] // 2
+    qs = max(qs_at, 0)
     for b in range(L.shape[0]):
         for j in range(h):
-            out[b, qs_at + j] = np.uint8((L[b, j] & 0xF) | ((L[b, j + h] & 0xF) << 4))
+            out[b, qs + j] = np.uint8((L[b, j] & 0xF) | ((L[b, j + h] & 0xF) << 4))
         if qh_at >= 0:
             _put_qh(out, b, qh_at, L[b], h)
 
@@ -98,21 +103,34 @@ def _blocks_out(name: str, R: int, d: np.ndarray, m: np.ndarray | None, L: np.nd
 
 
 @kernel(inline=True)
-def _levels_trunc(x, b, x0, idb, off, top, L, out, qs_at):
-    """``L = min(trunc((x[b] − x0)·idb + off), top)`` (clamping before the cast gives the same integer) and
-    the nibble bytes of ``L`` at ``out[b, qs_at:]``."""
-    n = x.shape[1]
-    for j in range(n):
-        t = (x[b, j] - x0) * idb + off
-        L[j] = np.int32(t if t < top else top)
-    for j in range(n // 2):
-        out[b, qs_at + j] = np.uint8((L[j] & 0xF) | ((L[j + n // 2] & 0xF) << 4))
+def _put_trunc_levels(x, b, x0, idb, off, top, out, qh_at, qs_at):
+    """The reference's levels ``min(trunc((x − x0)·idb + off), top)`` of block ``x[b]`` (clamping before the
+    float→int cast gives the same integer) as nibbles at ``out[b, qs_at:]`` and, for ``qh_at >= 0``, their 5th
+    bits as the little-endian uint32 at ``out[b, qh_at:]``.
+
+    Written straight from ``x`` with the expression spelled out, and offsets passed through ``max(·, 0)`` so
+    numba can drop its negative-index wrap-around: LLVM then vectorizes the loop (2× faster).
+    """
+    h = x.shape[1] // 2
+    qs = max(qs_at, 0)
+    for j in range(h):
+        t0 = (x[b, j] - x0) * idb + off
+        t1 = (x[b, j + h] - x0) * idb + off
+        out[b, qs + j] = np.uint8(np.int32(t0 if t0 < top else top) & 0xF) | \
+            np.uint8((np.int32(t1 if t1 < top else top) & 0xF) << 4)
+    if qh_at >= 0:
+        qh = np.uint32(0)
+        for j in range(2 * h):
+            t = (x[b, j] - x0) * idb + off
+            qh |= np.uint32(t >= _SIXTEEN) * _BIT[j]  # level ≥ 16 ⇔ its 5th bit (levels ≤ 31)
+        qa = max(qh_at, 0)
+        for k in range(4):
+            out[b, qa + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
 
 
 @kernel
 def _sym_ref_kernel(x, nmax, qh_at, qs_at, d, out):
     """``quantize_row_q4_0_ref`` / ``q5_0_ref``: d = max/−nmax, levels = trunc(x/d + nmax + 0.5) ≤ 2·nmax−1."""
-    L = np.empty(x.shape[1], dtype=np.int32)
     off = np.float32(nmax + 0.5)
     top = np.float32(2 * nmax - 1)
     zero = np.float32(0.0)
@@ -120,25 +138,20 @@ def _sym_ref_kernel(x, nmax, qh_at, qs_at, d, out):
         _, mx = signed_absmax(x, b)
         db = mx / np.float32(-nmax)
         idb = np.float32(1.0) / db if db != 0 else zero
-        _levels_trunc(x, b, zero, idb, off, top, L, out, qs_at)
-        if qh_at >= 0:
-            _put_qh(out, b, qh_at, L, x.shape[1] // 2)
+        _put_trunc_levels(x, b, zero, idb, off, top, out, qh_at, qs_at)
         d[b] = db
 
 
 @kernel
 def _asym_ref_kernel(x, nmax, qh_at, qs_at, d, m, out):
     """``quantize_row_q4_1_ref`` / ``q5_1_ref``: d = (max−min)/nmax, levels = trunc((x−min)/d + 0.5)."""
-    L = np.empty(x.shape[1], dtype=np.int32)
     half = np.float32(0.5)
     top = np.float32(nmax)
     for b in range(x.shape[0]):
         mn, mx = block_minmax(x, b)
         db = (mx - mn) / np.float32(nmax)
         idb = np.float32(1.0) / db if db != 0 else np.float32(0.0)
-        _levels_trunc(x, b, mn, idb, half, top, L, out, qs_at)
-        if qh_at >= 0:
-            _put_qh(out, b, qh_at, L, x.shape[1] // 2)
+        _put_trunc_levels(x, b, mn, idb, half, top, out, qh_at, qs_at)
         d[b] = db
         m[b] = mn
 
