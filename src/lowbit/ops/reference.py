@@ -62,7 +62,11 @@ def w8a8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
 def adamw8bit_step_(p: torch.Tensor, g: torch.Tensor, m_q: torch.Tensor, m_absmax: torch.Tensor, v_q: torch.Tensor,
                     v_absmax: torch.Tensor, code_m: torch.Tensor, code_v: torch.Tensor, step: int, lr: float,
                     beta1: float, beta2: float, eps: float, weight_decay: float, block_size: int) -> None:
-    """Dequantize the 8-bit block-wise states, one fp32 AdamW step, requantize (arXiv 2110.02861 Sec. 2)."""
+    """Dequantize the 8-bit block-wise states, one fp32 AdamW step, requantize (arXiv 2110.02861 Sec. 2).
+
+    The second moment is requantized with ``keep_nonzero`` (a nonzero v is never stored as the 0 code), exactly
+    as :class:`lowbit.optim.AdamW8bit` stores it, so this op is that optimizer's step.
+    """
     from lowbit.optim.blockwise import dequantize_blockwise, quantize_blockwise
     from lowbit.optim.core import adam_rule
 
@@ -71,7 +75,7 @@ def adamw8bit_step_(p: torch.Tensor, g: torch.Tensor, m_q: torch.Tensor, m_absma
     adam_rule(p, g.to(torch.float32), m, v, t=step, lr=lr, β1=beta1, β2=beta2, ε=eps, λ=weight_decay,
               decoupled=True)
     mq, ma = quantize_blockwise(m, code_m, block_size, 8)
-    vq, va = quantize_blockwise(v, code_v, block_size, 8)
+    vq, va = quantize_blockwise(v, code_v, block_size, 8, keep_nonzero=True)  # as lowbit.optim stores v
     m_q.copy_(mq.view_as(m_q))
     v_q.copy_(vq.view_as(v_q))
     m_absmax.copy_(ma)

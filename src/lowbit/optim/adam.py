@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lowbit.optim.base import QuantStateOptimizer, check_hyper
+from lowbit.optim.blockwise import state_codebook
 from lowbit.optim.core import adam_rule
 
 __all__ = ["Adam", "Adam4bit", "Adam8bit", "AdamW", "AdamW4bit", "AdamW8bit", "PagedAdam", "PagedAdam8bit",
@@ -53,6 +54,26 @@ class Adam(QuantStateOptimizer):
                          optim_bits=self._default_bits if optim_bits is None else optim_bits,
                          block_size=block_size, min_8bit_size=min_8bit_size,
                          paged=self._default_paged if paged is None else paged)
+
+    def _fused_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                    paged: bool) -> bool:
+        """AdamW with 8-bit state on CUDA: ``lowbit::adamw8bit_step_`` (the Triton kernel: one pass over θ, g and
+        the codes) instead of dequantize, step, requantize; the op's reference is this class's own step."""
+        if not (self._decoupled and state["bits"] == 8 and not paged and p.is_cuda and p.dtype == torch.float32
+                and p.is_contiguous() and grad.is_contiguous() and grad.device == p.device):
+            return False
+        import lowbit.ops.schema  # noqa: F401  (defines torch.ops.lowbit.*)
+        from lowbit.ops import triton as lowbit_triton
+
+        if not lowbit_triton.register_if_available():
+            return False
+        state["step"] += 1
+        b1, b2 = group["betas"]
+        torch.ops.lowbit.adamw8bit_step_(
+            p.data, grad, state["exp_avg.qdata"], state["exp_avg.absmax"], state["exp_avg_sq.qdata"],
+            state["exp_avg_sq.absmax"], state_codebook(8, True, p.device), state_codebook(8, False, p.device),
+            state["step"], group["lr"], b1, b2, group["eps"], group["weight_decay"], state["block_size"])
+        return True
 
     def _update(self, param: torch.Tensor, grad: torch.Tensor, states: list[torch.Tensor],
                 group: dict[str, Any], step: int) -> None:

@@ -203,6 +203,11 @@ class QuantStateOptimizer(torch.optim.Optimizer):
                 self._pager.write_back(state[f"{name}.absmax"], absmax, paged)
 
     # -- the step --------------------------------------------------------------------------------------
+    def _fused_step(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                    paged: bool) -> bool:
+        """A family may run the whole step as one fused kernel; returns whether it did (default: never)."""
+        return False
+
     def _update(self, param: torch.Tensor, grad: torch.Tensor, states: list[torch.Tensor],
                 group: dict[str, Any], step: int) -> None:
         """Apply the family's rule in place on fp32 ``param`` and ``states``."""
@@ -243,6 +248,8 @@ class QuantStateOptimizer(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = 0
             self._layout(p, group, state, paged)
+        if self._fused_step(p, grad, state, group, paged):
+            return
         states = self._load(p, state, paged)
         state["step"] += 1
         θ = p.data if p.dtype == torch.float32 else p.data.float()

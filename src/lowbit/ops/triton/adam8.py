@@ -6,6 +6,8 @@ applies :func:`lowbit.optim.core.adam_rule` (decoupled decay), requantizes each 
 rule as ``torch.bucketize`` in :func:`lowbit.optim.blockwise.quantize_blockwise`: a bucket table indexed by the
 float's sign/exponent/top mantissa bits gives the count up to at most ``D`` midpoints, then ``D`` compares;
 ``first_guess=False`` runs the 8-step binary search instead), and writes θ, codes and absmax.
+The second moment's codes follow ``keep_nonzero`` (a nonzero v never takes the 0 code), as in
+:class:`lowbit.optim.AdamW8bit`, which calls this kernel for its CUDA parameters.
 Bytes per element: 4 + 4 (θ) + 4 (g, fp32) + 2 + 2 (codes) = 16, plus 2 × 8 per block.
 """
 
@@ -84,7 +86,7 @@ def first_guess_table(code: torch.Tensor, MB: int = FG_MB, E: int = FG_E) -> tup
 
 @triton.jit
 def _adamw8_kernel(p_ptr, g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, cbm_ptr, cbv_ptr, midm_ptr, midv_ptr, lutm_ptr,
-                   lutv_ptr, n, lr, beta1, beta2, eps, decay, step_size, bias2_sqrt,
+                   lutv_ptr, n, lr, beta1, beta2, eps, decay, step_size, bias2_sqrt, zero_v,
                    BS: tl.constexpr, R: tl.constexpr, FG: tl.constexpr, MB: tl.constexpr, KEY0: tl.constexpr,
                    NK: tl.constexpr, DM: tl.constexpr, DV: tl.constexpr):
     pid = tl.program_id(0)
@@ -120,10 +122,24 @@ def _adamw8_kernel(p_ptr, g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, cbm_ptr, cbv_pt
     else:
         qm = _nearest(midm_ptr, xm)
         qv = _nearest(midv_ptr, xv)
+    # keep_nonzero for v (as lowbit.optim stores it): a nonzero value never takes the 0 code (index zero_v, or -1)
+    qv = tl.where((qv == zero_v) & (xv != 0.0), tl.minimum(tl.maximum(qv + tl.where(xv > 0.0, 1, -1), 0), 255), qv)
     tl.store(mq_ptr + offs, qm.to(tl.uint8), mask=mk)
     tl.store(vq_ptr + offs, qv.to(tl.uint8), mask=mk)
     tl.store(ma_ptr + rows, am, mask=mr)
     tl.store(va_ptr + rows, av, mask=mr)
+
+
+_ZERO_CACHE: dict = {}
+
+
+def _zero_index(code: torch.Tensor) -> int:
+    """Index of the 0 entry of ``code`` (-1 if none), cached per code tensor (one host read per code)."""
+    ck = (code.data_ptr(), code.device, code._version)
+    if ck not in _ZERO_CACHE:
+        z = (code == 0).nonzero()
+        _ZERO_CACHE[ck] = int(z[0, 0]) if z.numel() else -1
+    return _ZERO_CACHE[ck]
 
 
 def adamw8bit_step_(p: torch.Tensor, g: torch.Tensor, m_q: torch.Tensor, m_absmax: torch.Tensor,
@@ -139,5 +155,5 @@ def adamw8bit_step_(p: torch.Tensor, g: torch.Tensor, m_q: torch.Tensor, m_absma
     grid = (triton.cdiv(triton.cdiv(n, block_size), R),)
     _adamw8_kernel[grid](p, g, m_q, m_absmax, v_q, v_absmax, code_m, code_v, mid_m, mid_v, lut_m, lut_v, n,
                          lr, beta1, beta2, eps, 1.0 - lr * weight_decay, -lr / (1.0 - beta1**step),
-                         math.sqrt(1.0 - beta2**step), BS=block_size, R=R, FG=first_guess, MB=FG_MB,
+                         math.sqrt(1.0 - beta2**step), _zero_index(code_v), BS=block_size, R=R, FG=first_guess, MB=FG_MB,
                          KEY0=(127 - FG_E) << FG_MB, NK=(FG_E << FG_MB) + 1, DM=dm, DV=dv, num_warps=num_warps)
