@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from lowbit.formats.ggml.jit import all_finite
 from lowbit.formats.ggml.types import GGML_TYPES, GGML_TYPES_BY_ID, GGMLType, ggml_type
 
 __all__ = ["dequantize_raw", "quantize_raw", "GGML_TYPES", "GGML_TYPES_BY_ID", "GGMLType", "ggml_type"]
@@ -148,7 +149,7 @@ def quantize_raw(x: torch.Tensor | np.ndarray, type_name: str | int, imatrix: np
 
     def work(i: int) -> bool:
         chunk = xn[i:i + step]
-        if t.block_size > 1 and not np.isfinite(chunk).all():
+        if t.block_size > 1 and not all_finite(chunk):
             return False
         out[i:i + step] = t.quantize(chunk, qw).reshape(-1, t.row_bytes(cols))
         return True

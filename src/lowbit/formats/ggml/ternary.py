@@ -9,51 +9,62 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.formats.ggml.jit import kernel, roundf
+from lowbit.formats.ggml.jit import block_absmax, kernel, roundf
 from lowbit.formats.ggml.numerics import F32, f16_from_bytes, to_f16_bytes
 
-@kernel
-def _trits(xb, t):
-    """``d = max|x|`` of one 256-block and its trits ``t = roundf(x/d) + 1`` (written into ``t``)."""
-    amax = np.float32(0.0)
-    for j in range(256):
-        amax = max(amax, abs(xb[j]))
+@kernel(inline=True)
+def _trits(x, b, t):
+    """``d = max|x[b]|`` and the trits ``t = roundf(x/d) + 1 ∈ {0, 1, 2}`` of block ``x[b]`` (into ``t``)."""
+    amax = block_absmax(x, b)
     idb = np.float32(1.0) / amax if amax != 0 else np.float32(0.0)
-    for j in range(256):
-        t[j] = roundf(xb[j] * idb) + 1
+    for j in range(x.shape[1]):
+        t[j] = roundf(x[b, j] * idb) + 1
     return amax
+
+
+@kernel(inline=True)
+def _base3_bytes(t, first, width, ntrits, out, b, at):
+    """Bytes ``out[b, at + m]``, m < width: trits ``t[first + m + k·width]`` (k < ntrits) as a base-3 number
+    (most significant first, padded to 5 digits), scaled to a byte: ``(q·256 + 242) // 243``."""
+    a = max(at, 0)
+    f = max(first, 0)
+    pad = 1
+    for k in range(ntrits, 5):
+        pad *= 3
+    for m in range(width):
+        q = np.int32(0)
+        for k in range(ntrits):
+            q = q * 3 + t[f + m + k * width]
+        q *= pad
+        out[b, a + m] = np.uint8((q * 256 + 242) // 243)
 
 
 @kernel
 def _tq1_0_kernel(x, d, out):
-    """``quantize_row_tq1_0_ref``: 5 trits per byte (base 3, scaled to a byte) for elements 0..239, 4 for the
-    last 16; byte ``m`` of a group holds elements ``m + k·width``."""
-    t = np.empty(256, dtype=np.int64)
+    """``quantize_row_tq1_0_ref``: 5 trits per byte for elements 0..239 (groups of 32 and 16 bytes), 4 for the
+    last 16; byte ``m`` of a group holds elements ``m + k·width``. Loop bounds derive from the run-time block
+    size (256) so LLVM vectorizes them."""
+    n = x.shape[1]
+    t = np.empty(n, dtype=np.int32)
     for b in range(x.shape[0]):
-        d[b] = _trits(x[b], t)
-        o = out[b]
-        for base, width, pos, n in ((0, 32, 0, 5), (160, 16, 32, 5), (240, 4, 48, 4)):
-            for m in range(width):
-                q = 0
-                for k in range(n):
-                    q = q * 3 + t[base + m + k * width]
-                if n == 4:
-                    q *= 3
-                o[pos + m] = np.uint8((q * 256 + 242) // 243)
+        d[b] = _trits(x, b, t)
+        _base3_bytes(t, 0, n // 8, 5, out, b, 0)
+        _base3_bytes(t, 5 * (n // 8), n // 16, 5, out, b, n // 8)
+        _base3_bytes(t, 5 * (n // 8) + 5 * (n // 16), n // 64, 4, out, b, n // 8 + n // 16)
 
 
 @kernel
 def _tq2_0_kernel(x, d, out):
     """``quantize_row_tq2_0_ref``: byte ``32h + m`` holds the trits of elements ``128h + m + 32k`` at bits 2k."""
-    t = np.empty(256, dtype=np.int64)
+    n = x.shape[1]
+    w = n // 8
+    t = np.empty(n, dtype=np.int32)
     for b in range(x.shape[0]):
-        d[b] = _trits(x[b], t)
+        d[b] = _trits(x, b, t)
         for h in range(2):
-            for m in range(32):
-                q = 0
-                for k in range(4):
-                    q |= (t[128 * h + m + 32 * k] & 3) << (2 * k)
-                out[b, 32 * h + m] = np.uint8(q)
+            for m in range(w):
+                out[b, w * h + m] = np.uint8(t[4 * w * h + m] | (t[4 * w * h + m + w] << 2) |
+                                             (t[4 * w * h + m + 2 * w] << 4) | (t[4 * w * h + m + 3 * w] << 6))
 
 
 def _quantize(x: np.ndarray, size: int, fn) -> np.ndarray:
