@@ -201,16 +201,12 @@ def gemv_sweep(out_dir: str, bw: float) -> dict:
     """M = 1 GEMV versions and tiles (v3 mantissa decode vs v4 exact exponent decode), the per-row 4-bit LUT tiles
     that once gave wrong sums (with a K-segment / column localisation of any error), all checked before timing."""
     res: dict = {}
-    grid4 = [dict(v=3)] + [dict(v=4, BN=bn, BK=bk, num_warps=w, waves=wv, num_stages=st)
-                           for bn in (64, 128, 256) for bk in (64, 128) for w in (4, 8) for wv in (4, 8)
-                           for st in (1, 3)]
+    grid4 = [dict(v=3), dict(v=4)] + [dict(v=4, BN=bn, num_warps=w, split=sp) for bn in (32, 64, 128) for w in (4, 8)
+                                      for sp in (1, 2, 4)]
     plans = [((8192, 28672), "int4 g128 asym", grid4),
-             ((4096, 11008), "int4 g128 asym", [dict(v=3)] + [dict(v=4, BN=bn, BK=bk, num_warps=w, waves=wv)
-                                                               for bn in (32, 64, 128, 256) for bk in (64, 128)
-                                                               for w in (4, 8) for wv in (4, 8)]),
-             ((4096, 4096), "int4 g128 asym", [dict(v=3)] + [dict(v=4, BN=bn, BK=128, waves=wv)
-                                                             for bn in (32, 64, 128) for wv in (4, 8, 16)])]
-    for name in ("int4 g128 sym", "int4 g128 act-order", "hqq int4 g64 float-zero", "int3 g128", "int2 g128"):
+             ((4096, 11008), "int4 g128 asym", [dict(v=3), dict(v=4)]),
+             ((4096, 4096), "int4 g128 asym", [dict(v=3), dict(v=4)])]
+    for name in ():  # run 1 of this session swept sym / act-order / hqq / int3 / int2 (NOTES_gpu.md)
         plans.append(((8192, 28672), name, [dict(v=3), dict(v=4)] + [dict(v=4, BN=bn, num_warps=w)
                                                                       for bn in (128, 256) for w in (4, 8)]))
     for (K, N), name, cands in plans:
@@ -257,22 +253,60 @@ def gemv_sweep(out_dir: str, bw: float) -> dict:
               "best:", [(f"{v:.1f}", k) for v, k in timed[:5]], "graphs:", {k: round(v, 1) for k, v in best.items()},
               flush=True)
         del pws, Wd, Ws, W
+    # mm (tl.dot) path: v3 (dequantized (BK, BN) tile) against v4 (one dot per code position)
+    K, N = 8192, 28672
+    for M in (16, 64, 256, 512):
+        torch.manual_seed(M)
+        ncopy = 2
+        pws = [VARIANTS["int4 g128 asym"](N, K) for _ in range(ncopy)]
+        Wd = R.dequantize_packed(pws[0], torch.float32)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        out = {"bf16": bench(lambda: torch.nn.functional.linear(x, W))}
+        cands = [dict(v=3)] + ([dict(v=4, BN=bn, num_warps=w, split=sp, num_stages=st) for bn in (128, 256)
+                                for w in (4, 8) for sp in (2, 4, 8) for st in (1, 3)] if M == 16 else
+                               [dict(v=4, BM=bm, BN=bn, num_warps=w) for bm in (16, 64) for bn in (128, 256)
+                                for w in (4, 8)])
+        for c in cands:
+            cfg = wq.mm_config(M, N, K, 128, 132, **c)
+            lab = " ".join(f"{k}{v}" for k, v in cfg.items())
+            if lab in out:
+                continue
+            try:
+                xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                e = rel(wq.mm(xx, pws[0], cfg), xx.float() @ Wd.t())
+                if not e < 2e-2:
+                    out[lab] = f"wrong: err {e:.3e}"
+                    continue
+                out[lab] = bench(lowbit_fn(pws, x, "mm", cfg))
+                out[lab + " err"] = e
+            except Exception as ex:
+                out[lab] = repr(ex)[:160]
+        timed = sorted((v, k) for k, v in out.items() if isinstance(v, float) and k != "bf16" and
+                       not k.endswith(" err"))
+        key = f"mm int4 g128 asym M{M}"
+        res[key] = out
+        print(key, f"bf16 {out['bf16']:.1f};", "best:", [(f"{v:.1f}", k) for v, k in timed[:5]],
+              "v3:", [(f"{v:.1f}", k) for v, k in timed if " v3" in k][:1], flush=True)
+        del pws, Wd, W
     # per-row 4-bit LUT tiles: which tiles are wrong, and where the error sits
     K, N = 8192, 28672
-    for bits in (4, 3):
+    for bits in (4,):
         pw = make_lut_row(N, K, bits)
         Wd = R.dequantize_packed(pw, torch.float32)
-        for BN, BK, w in ((32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 128, 8), (256, 256, 4),
-                          (128, 256, 4), (64, 64, 4)):
-            for split in (1, 2, 4):
+        for BN, BK, w in ((64, 256, 4), (128, 128, 4), (128, 128, 8)):
+            for split in (2,):
                 k_per = -(-(-(-K // BK)) // split) * BK
                 cfg = dict(BN=BN, BK=BK, split=-(-K // k_per), k_per=k_per, num_warps=w, v=4, pf=False)
+                cfg_auto = wq.gemv_config(N, K, pw.group_size, 132, bits, "lut_row", BN=BN, BK=BK, split=split)
                 x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
                 ref = x.float() @ Wd.t()
                 y = wq.gemv(x, pw, cfg).float()
                 e = rel(y, ref)
                 lab = f"lut{bits} BN{BN} BK{BK} w{w} split{split}"
-                info = {"err": e}
+                info = {"err": e, "auto": cfg_auto, "auto err": rel(wq.gemv(x, pw, cfg_auto).float(), ref),
+                        "auto us": bench(lambda: wq.gemv(x, pw, cfg_auto)), "defaults us": bench(
+                            lambda: wq.gemv(x, pw, wq.gemv_config(N, K, pw.group_size, 132, bits, "lut_row")))}
                 if not e < 2e-2:
                     col = ((y - ref).abs() > 1e-2 * ref.abs().max()).nonzero()[:, 1]
                     info["bad cols"] = int(col.numel())

@@ -558,6 +558,59 @@ def _mm_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, 
 
 
 @triton.jit
+def _mm4_kernel(x_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_xm, stride_om, E23,
+                B: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                SPLIT_K: tl.constexpr, K_PER_PROG: tl.constexpr):
+    """mm v4 (affine, one bit plane, ``GROUP % BK == 0``): the K-tile is taken code position by code position.
+
+    A ``(BK/PER, BN)`` tile of words holds, for each code position ``i``, the weights of rows
+    ``k0 + PER·r + i``; each is decoded exactly in place (as in :func:`_ex_dot`: one LOP3 and one subtract),
+    scaled with one FMA (``c·s − z·s``), and multiplied by the matching strided columns of x with its own
+    ``tl.dot`` (K-depth ``BK/PER`` >= 16). No shifts per code, no reshape of the tile.
+    """
+    PER: tl.constexpr = 32 // B
+    NW: tl.constexpr = BK // PER
+    LOW: tl.constexpr = 23 // B
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    kstart = pid_k * K_PER_PROG
+    for kt in range(0, K_PER_PROG, BK):
+        k0 = kstart + kt
+        rows = k0 // PER + tl.arange(0, NW)
+        w = tl.load(qp + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW) & mask_n[None, :], other=0,
+                    eviction_policy="evict_first")
+        hi = w >> (B * LOW)
+        g = k0 // GROUP
+        ms = mask_n & (k0 < K)
+        s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+        zs = -tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32) * s
+        for i in tl.static_range(PER):
+            if i < LOW:
+                v = w
+            else:
+                v = hi
+            c = ((v & (((1 << B) - 1) << (B * (i % LOW)))) | (E23 - ((B * (i % LOW)) << 23))).to(
+                tl.float32, bitcast=True) - float(1 << (23 - B * (i % LOW)))
+            wt = (c * s[None, :] + zs[None, :]).to(x_ptr.dtype.element_ty)
+            kk = rows * PER + i
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K),
+                        other=0.0)
+            acc = tl.dot(a, wt, acc)
+    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mo = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mo)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mo, sem="relaxed")
+
+
+@triton.jit
 def _dequant_kernel(out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, n_off, n_end, stride_out,
                     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, RS: tl.constexpr, SEL: tl.constexpr, HAS_PERM: tl.constexpr):
@@ -671,22 +724,35 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
     return out
 
 
-def mm_config(M: int, N: int, K: int, group: int, sms: int) -> dict:
+def mm_config(M: int, N: int, K: int, group: int, sms: int, v: int = 3, BM: int | None = None,
+              BN: int | None = None, BK: int | None = None, split: int | None = None, num_warps: int | None = None,
+              num_stages: int | None = None, waves: int = 4) -> dict:
+    """Tiles for the ``tl.dot`` path; ``v=4`` is :func:`_mm4_kernel` (K-tile 128 for 4-bit codes)."""
     if M <= 64:  # H100 sweep at M = 16, 8192×28672: BN128 BK64 split-K 4 best (129 µs)
-        BM, BN, BK, warps, stages = 16, 128, 64, 4, 4
+        bm, bn, bk, warps, stages = 16, 128, 64, 4, 4
     elif M <= 256:
-        BM, BN, BK, warps, stages = 64, 128, 64, 4, 4
+        bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
     else:
-        BM, BN, BK, warps, stages = 128, 128, 64, 8, 3
-    BK = _bk_for(group, BK)
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    if v == 4:
+        bk = 128
+    BM, BN, warps, stages = BM or bm, BN or bn, num_warps or warps, num_stages or stages
+    BK = BK or (bk if v == 4 else _bk_for(group, bk))
     tiles = -(-M // BM) * -(-N // BN)
     k_tiles = -(-K // BK)
-    split = 1
-    while tiles * split < 4 * sms and split * 2 <= k_tiles and split < 16:
-        split *= 2
+    if split is None:
+        split = 1
+        while tiles * split < waves * sms and split * 2 <= k_tiles and split < 16:
+            split *= 2
     k_per = -(-k_tiles // split) * BK
     split = -(-K // k_per)
-    return dict(BM=BM, BN=BN, BK=BK, split=split, k_per=k_per, num_warps=warps, num_stages=stages)
+    return dict(BM=BM, BN=BN, BK=BK, split=split, k_per=k_per, num_warps=warps, num_stages=stages, v=v)
+
+
+def mm4_fits(pw: PackedWeight, BK: int) -> bool:
+    """Whether :func:`_mm4_kernel` takes this weight at K-tile ``BK``."""
+    return (pw.mode == "affine" and pw.bits in (2, 4) and pw.group_size % BK == 0 and BK * pw.bits // 32 >= 16
+            and pw.zero_point is not None)
 
 
 def mm(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Tensor:
@@ -701,6 +767,17 @@ def mm(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Ten
     else:
         out = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     q4, q2, q1, sc, zp, cb = _args(pw, out)
+    if cfg.get("v", 3) == 4:
+        if not mm4_fits(pw, cfg["BK"]):
+            raise ValueError(f"mm v4 needs affine 2/4-bit codes and group_size % BK == 0 with BK·bits/32 >= 16; "
+                             f"got mode={pw.mode}, bits={pw.bits}, group_size={pw.group_size}, BK={cfg['BK']}")
+        grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]), cfg["split"])
+        _mm4_kernel[grid](x2, out, q4 if pw.bits == 4 else q2, sc, zp, M, N, K,
+                          (pw.q4 if pw.bits == 4 else pw.q2).shape[0], x2.stride(0), out.stride(0), 0x4B000000,
+                          B=pw.bits, GROUP=pw.group_size, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
+                          SPLIT_K=cfg["split"], K_PER_PROG=cfg["k_per"], num_warps=cfg["num_warps"],
+                          num_stages=cfg["num_stages"])
+        return out.to(x2.dtype)
     grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]), cfg["split"])
     magic = cfg.get("MAGIC", MM_MAGIC) and pw.mode == "affine" and pw.bits in (2, 4) and \
         x2.dtype in (torch.float16, torch.bfloat16)
