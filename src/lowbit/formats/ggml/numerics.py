@@ -2,7 +2,9 @@
 
 Bit-exactness with llama.cpp depends on reproducing C float32 semantics: every operation rounds to float32,
 reductions run left to right, and three different rounding rules are in use. Everything here works on
-numpy float32 arrays with a leading batch of blocks, so one call handles every block of a tensor.
+numpy float32 arrays with a leading batch of blocks, so one call handles every block of a tensor (the per-block
+loops themselves are compiled, see :mod:`lowbit.formats.ggml.jit`; these serve the array-level steps around
+them).
 
 Symbols: ``x`` block values (float32), ``L`` integer levels, ``w`` weights, ``n`` elements per block.
 """
@@ -42,15 +44,6 @@ def nearest_int(f: np.ndarray) -> np.ndarray:
     return (v & 0x7FFFFF) - 0x400000
 
 
-def roundf(f: np.ndarray) -> np.ndarray:
-    """C ``roundf``: round half away from zero, float32 in and out."""
-    f = np.asarray(f, dtype=F32)
-    a = np.abs(f)
-    r = np.floor(a)
-    r = np.where(a - r >= F32(0.5), r + F32(1.0), r).astype(F32)
-    return np.copysign(r, f).astype(F32)
-
-
 def to_f16_bytes(v: np.ndarray) -> np.ndarray:
     """float32 → IEEE half (round to nearest even), as little-endian bytes ``(..., 2)`` uint8."""
     return np.ascontiguousarray(np.asarray(v, dtype=F32).astype("<f2")).view(np.uint8).reshape(*np.shape(v), 2)
@@ -82,12 +75,6 @@ def safe_recip(d: np.ndarray) -> np.ndarray:
     d = np.asarray(d, dtype=F32)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(d != 0, F32(1.0) / np.where(d != 0, d, F32(1.0)), F32(0.0)).astype(F32)
-
-
-def safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a / b`` in float32 where ``b != 0``, else 0 (callers mask these lanes anyway)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(b != 0, np.asarray(a, dtype=F32) / np.where(b != 0, b, F32(1.0)), F32(0.0)).astype(F32)
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,91 @@
+"""The compiled scalar primitives and block helpers behind the GGML quantizers, against float64 textbook
+definitions and the C semantics they reproduce (bit patterns, ties, ±0, first-on-ties)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lowbit.formats.ggml import quantize_raw
+from lowbit.formats.ggml.jit import (all_finite, block_absmax, block_minmax, kernel, nearest_int, roundf,
+                                     signed_absmax)
+
+F32 = np.float32
+
+
+def _c_nearest_int(f: np.ndarray) -> np.ndarray:
+    """ggml's ``nearest_int`` spelled out on bit patterns: ``(bits(f + 1.5·2^23) & 0x7FFFFF) − 0x400000``."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = (f.astype(F32) + F32(12582912.0)).astype(F32)
+    return (v.view(np.uint32).astype(np.int64) & 0x7FFFFF) - 0x400000
+
+
+def test_nearest_int_is_round_half_even_in_range():
+    rng = np.random.default_rng(0)
+    vals = np.concatenate([rng.uniform(-4194303, 4194303, 500), rng.uniform(-40, 40, 500),
+                           np.arange(-20, 20) + 0.5, [0.0, -0.0, 0.49999997, -0.49999997, 4194303.0, -4194303.0]])
+    f = vals.astype(F32)
+    ours = np.array([nearest_int(v) for v in f])
+    np.testing.assert_array_equal(ours, np.rint(f.astype(np.float64)).astype(np.int64))
+
+
+def test_nearest_int_matches_the_c_bit_trick_outside_its_range():
+    f = np.array([4194304.0, -4194305.0, 1e7, -3e9, 3.4e38, -3.4e38, np.inf, -np.inf, np.nan], dtype=F32)
+    ours = np.array([nearest_int(v) for v in f])
+    np.testing.assert_array_equal(ours, _c_nearest_int(f))
+
+
+def test_roundf_rounds_half_away_from_zero():
+    rng = np.random.default_rng(1)
+    f = np.concatenate([rng.uniform(-200, 200, 1000), np.arange(-10, 10) + 0.5,
+                        [0.0, -0.0, 0.49999997, -0.49999997, 127.5, -127.5, 1.5, 2.5]]).astype(F32)
+    x = f.astype(np.float64)
+    textbook = (np.sign(x) * np.floor(np.abs(x) + 0.5)).astype(np.int64)
+    np.testing.assert_array_equal(np.array([roundf(v) for v in f]), textbook)
+
+
+def test_block_helpers_keep_c_semantics():
+    x = np.array([[0.5, -2.0, 2.0, 1.0], [-0.0, 0.0, -0.0, 0.0], [3.0, -3.0, 1.0, -1.0], [-1.0, 0.0, -0.0, 2.0]],
+                 dtype=F32)
+    assert [float(block_absmax(x, b)) for b in range(4)] == [2.0, 0.0, 3.0, 2.0]
+    # the first of equal magnitudes wins (C's strict '>'), +0 for an all-zero block
+    assert [float(signed_absmax(x, b)[1]) for b in range(4)] == [-2.0, 0.0, 3.0, 2.0]
+    assert np.signbit(signed_absmax(x, 1)[1]) == np.False_
+    mn, mx = block_minmax(x, 1)
+    assert np.signbit(mn) and np.signbit(mx)  # first of the equal zeros: -0.0 for both
+    mn, mx = block_minmax(x, 3)
+    assert (float(mn), float(mx)) == (-1.0, 2.0)
+
+
+def test_all_finite_agrees_with_numpy():
+    x = np.random.default_rng(2).standard_normal((8, 64)).astype(F32)
+    assert all_finite(x)
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[5, 17] = bad
+        assert not all_finite(y)
+    y = x.copy()
+    y[0, 0] = np.finfo(F32).max
+    assert all_finite(y)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_1", "Q8_0", "Q4_K", "IQ4_NL", "TQ1_0"])
+def test_thread_count_does_not_change_the_bytes(name):
+    x = torch.randn(300, 512, generator=torch.Generator().manual_seed(3))
+    one = quantize_raw(x, name, threads=1)
+    np.testing.assert_array_equal(quantize_raw(x, name, threads=2), one)
+    np.testing.assert_array_equal(quantize_raw(x, name, threads=3), one)
+
+
+def test_thread_count_is_validated():
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        quantize_raw(torch.randn(2, 32), "Q8_0", threads=0)
+
+
+def test_kernel_compiles_without_a_cache_location():
+    # a function defined by exec has no source file, so numba has nowhere to cache it: kernel() must fall back
+    ns: dict = {"np": np}
+    exec("def twice(a):\n    return a * np.float32(2.0)\n", ns)
+    f = kernel(ns["twice"])
+    assert f(F32(1.5)) == F32(3.0)
