@@ -201,11 +201,14 @@ def gemv_sweep(out_dir: str, bw: float) -> dict:
     """M = 1 GEMV versions and tiles (v3 mantissa decode vs v4 exact exponent decode), the per-row 4-bit LUT tiles
     that once gave wrong sums (with a K-segment / column localisation of any error), all checked before timing."""
     res: dict = {}
-    grid4 = [dict(v=3), dict(v=4)] + [dict(v=4, BN=bn, num_warps=w, split=sp) for bn in (32, 64, 128) for w in (4, 8)
-                                      for sp in (1, 2, 4)]
+    grid4 = [dict(v=3), dict(v=4), dict(v=4, pmin=12)] + [dict(v=4, BN=bn, num_warps=w, split=sp, pmin=pm)
+                                                          for bn in (32, 64, 128) for w in (4, 8) for sp in (1, 2, 4)
+                                                          for pm in (24, 12)]
     plans = [((8192, 28672), "int4 g128 asym", grid4),
-             ((4096, 11008), "int4 g128 asym", [dict(v=3), dict(v=4)]),
-             ((4096, 4096), "int4 g128 asym", [dict(v=3), dict(v=4)])]
+             ((4096, 11008), "int4 g128 asym", [dict(v=3), dict(v=4), dict(v=4, pmin=12)]),
+             ((4096, 4096), "int4 g128 asym", [dict(v=3), dict(v=4), dict(v=4, pmin=12)]),
+             ((8192, 28672), "int2 g128", [dict(v=4), dict(v=4, pmin=12)]),
+             ((8192, 28672), "int3 g128", [dict(v=4), dict(v=4, pmin=12)])]
     for name in ():  # run 1 of this session swept sym / act-order / hqq / int3 / int2 (NOTES_gpu.md)
         plans.append(((8192, 28672), name, [dict(v=3), dict(v=4)] + [dict(v=4, BN=bn, num_warps=w)
                                                                       for bn in (128, 256) for w in (4, 8)]))

@@ -37,6 +37,7 @@ BIG_M = 1024
 GEMV_PREFETCH = False  # v3 affine 2/4-bit prefetch of the next tile: no gain on the H100 (88.0 vs 92.5 µs)
 MM_MAGIC = False  # mm path, affine 2/4-bit: bf16(128 + c) from the bits, scale after the dot: slower on the H100
 DEQUANT_SEL = False  # large-M dequantize: select-tree tables were slower than L1 gathers there (NF4 0.76x vs 0.88x)
+GEMV_PMIN = 24  # v4: codes at bit >= PMIN skip the per-code subtract (24: none)
 DEQUANT_CHUNK = 2048  # H100 sweep: 1563 µs vs 1591 µs unchunked at 2048×8192×28672
 
 
@@ -241,13 +242,15 @@ def _hm_dot(w, xr, perm, k0, K, NW: tl.constexpr, B: tl.constexpr, HAS_PERM: tl.
 
 @triton.jit
 def _ex_dot(w, xr, perm, k0, K, e23, NW: tl.constexpr, B: tl.constexpr, HAS_PERM: tl.constexpr,
-            EVEN: tl.constexpr):
+            EVEN: tl.constexpr, PMIN: tl.constexpr = 24):
     """One bit plane of a K-tile against x with exact float codes and one integer op per code (GEMV v4).
 
     A code at bits ``[p, p + B)`` with ``p + B <= 23`` is masked in place; OR-ing in the exponent of ``2^(23 - p)``
     makes a float whose unit in the last place is ``2^-p``, so its value is ``2^(23 - p) + c`` and one float
-    subtract gives ``c`` exactly: no shift per code (one shift per word brings the codes above bit 22 down),
-    and no cancellation.
+    subtract gives ``c`` exactly: no shift per code (one shift by 9 per word brings the codes above bit 22 down
+    to bits ``B·i - 9``), and no cancellation. With ``PMIN < 24``, codes at ``p >= PMIN`` skip the subtract:
+    ``Σ x (2^(23-p) + c)`` is accumulated and ``Σ x 2^(23-p)`` (per word, the same for every column) taken off
+    once per word, losing at most ``23 - p - B`` bits of that word's partial sum to cancellation.
     Returns ``A = Σ x_i c_i`` ``(NW, BN)`` and ``X = Σ x_i`` ``(NW,)`` in fp32.
     """
     PER: tl.constexpr = 32 // B
@@ -255,7 +258,8 @@ def _ex_dot(w, xr, perm, k0, K, e23, NW: tl.constexpr, B: tl.constexpr, HAS_PERM
     rows = k0 // PER + tl.arange(0, NW)
     A = tl.zeros(w.shape, dtype=tl.float32)
     X = tl.zeros((NW,), dtype=tl.float32)
-    hi = w >> (B * LOW)  # the codes above: one shift per word (sign copies land above every mask below)
+    XB = tl.zeros((NW,), dtype=tl.float32)
+    hi = w >> 9  # the codes above bit 22 land at bits B·i - 9 <= 23 - B (sign copies above bit 22 are masked)
     for i in tl.static_range(PER):
         kk = rows * PER + i
         if HAS_PERM:
@@ -270,18 +274,25 @@ def _ex_dot(w, xr, perm, k0, K, e23, NW: tl.constexpr, B: tl.constexpr, HAS_PERM
             v = w
         else:
             v = hi
-        # code at bit p = B·(i mod LOW); e23 is the runtime bits of 2^23 (the caller's ``E23``): kept in a
+        # code at bit p = B·i - 9·(i >= LOW); e23 is the runtime bits of 2^23 (the caller's ``E23``): kept in a
         # register, the mask-and-or is one LOP3 (two immediates would take two)
-        f = ((v & (((1 << B) - 1) << (B * (i % LOW)))) | (e23 - ((B * (i % LOW)) << 23))).to(
-            tl.float32, bitcast=True) - float(1 << (23 - B * (i % LOW)))
-        A += f * xi[:, None]
+        f = ((v & (((1 << B) - 1) << (B * i - 9 * (i >= LOW)))) | (e23 - ((B * i - 9 * (i >= LOW)) << 23))).to(
+            tl.float32, bitcast=True)
+        if B * i - 9 * (i >= LOW) >= PMIN:
+            A += f * xi[:, None]
+            XB += xi * float(1 << (23 - (B * i - 9 * (i >= LOW))))
+        else:
+            A += (f - float(1 << (23 - (B * i - 9 * (i >= LOW))))) * xi[:, None]
         X += xi
+    if PMIN < 24:
+        A -= XB[:, None]
     return A, X
 
 
 @triton.jit
 def _hm_plane(q_ptr, xr, perm, k0, offs_n, mask_n, N, K, KW, NW: tl.constexpr, B: tl.constexpr,
-              HAS_PERM: tl.constexpr, DEC: tl.constexpr = 0, EVEN: tl.constexpr = False, e23=0):
+              HAS_PERM: tl.constexpr, DEC: tl.constexpr = 0, EVEN: tl.constexpr = False, e23=0,
+              PMIN: tl.constexpr = 24):
     """Load one bit plane of a K-tile and dot it with x: ``DEC=0`` mantissa decode (v3, ``Σ x c = 2^B (A - X)``),
     ``DEC=1`` exact exponent decode (v4, ``A = Σ x c``)."""
     if EVEN:
@@ -291,7 +302,7 @@ def _hm_plane(q_ptr, xr, perm, k0, offs_n, mask_n, N, K, KW, NW: tl.constexpr, B
     else:
         w = _hm_load(q_ptr, k0, K, offs_n, mask_n, N, KW, NW, B)
     if DEC == 1:
-        return _ex_dot(w, xr, perm, k0, K, e23, NW, B, HAS_PERM, EVEN)
+        return _ex_dot(w, xr, perm, k0, K, e23, NW, B, HAS_PERM, EVEN, PMIN)
     else:
         return _hm_dot(w, xr, perm, k0, K, NW, B, HAS_PERM)
 
@@ -433,7 +444,8 @@ def _table_lookup(c, cb, offs_n, mask_n, BITS: tl.constexpr, ROW: tl.constexpr):
 def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, KW2, KW1, stride_xm, E23,
                   BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_PERM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr,
-                  PF: tl.constexpr = False, DEC: tl.constexpr = 0, EVEN: tl.constexpr = False):
+                  PF: tl.constexpr = False, DEC: tl.constexpr = 0, EVEN: tl.constexpr = False,
+                  PMIN: tl.constexpr = 24):
     """GEMV v3: codes unpacked with constant shifts (``tl.static_range``), affine codes decoded by
     :func:`_hm_plane`, look-up tables held in registers (:func:`_select16`) instead of gathered from memory."""
     pid_n = tl.program_id(0)
@@ -472,20 +484,22 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
                 s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
                 z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
             if BITS == 4:
-                A, X = _hm_plane(q4, xr, perm, k0, offs_n, mask_n, N, K, KW4, BK // 8, 4, HAS_PERM, DEC, EVEN, E23)
+                A, X = _hm_plane(q4, xr, perm, k0, offs_n, mask_n, N, K, KW4, BK // 8, 4, HAS_PERM, DEC, EVEN, E23,
+                                 PMIN)
                 if DEC == 1:
                     acc += s[None, :] * (A - z[None, :] * X[:, None])
                 else:
                     acc += s[None, :] * (16.0 * A - (16.0 + z[None, :]) * X[:, None])
             else:
-                A, X = _hm_plane(q2, xr, perm, k0, offs_n, mask_n, N, K, KW2, BK // 16, 2, HAS_PERM, DEC, EVEN, E23)
+                A, X = _hm_plane(q2, xr, perm, k0, offs_n, mask_n, N, K, KW2, BK // 16, 2, HAS_PERM, DEC, EVEN, E23,
+                                 PMIN)
                 if DEC == 1:
                     acc += s[None, :] * (A - z[None, :] * X[:, None])
                 else:
                     acc += s[None, :] * (4.0 * A - (4.0 + z[None, :]) * X[:, None])
                 if BITS == 3:  # high bit plane: code += 4 · bit
                     A1, X1 = _hm_plane(q1, xr, perm, k0, offs_n, mask_n, N, K, KW1, BK // 32, 1, HAS_PERM, DEC,
-                                       EVEN, E23)
+                                       EVEN, E23, PMIN)
                     if DEC == 1:
                         acc1 += s[None, :] * (4.0 * A1)
                     else:
@@ -654,7 +668,7 @@ def _bk_for(group: int, want: int) -> int:
 def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
                 BN: int | None = None, BK: int | None = None, split: int | None = None,
                 num_warps: int | None = None, v: int = 4, waves: int = 4, pf: bool = GEMV_PREFETCH,
-                num_stages: int | None = None) -> dict:
+                num_stages: int | None = None, pmin: int | None = None) -> dict:
     """Tile sizes for the GEMV path: enough programs to cover the SMs ``waves`` times (split-K when N is small).
 
     ``v=4`` is :func:`_gemv3_kernel` with the exact exponent decode (the default), ``v=3`` the same kernel with
@@ -689,6 +703,8 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
     cfg = dict(BN=BN, BK=BK, split=split, k_per=k_per, num_warps=warps, v=v, pf=pf)
     if num_stages is not None:
         cfg["num_stages"] = num_stages
+    if pmin is not None:
+        cfg["pmin"] = pmin
     return cfg
 
 
@@ -720,7 +736,7 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
     else:  # v3: mantissa decode; v4: exact exponent decode, unmasked when the tiles divide the weight
         even = v == 4 and N % cfg["BN"] == 0 and K % cfg["k_per"] == 0
         _gemv3_kernel[grid](*args, 0x4B000000, **meta, PF=bool(cfg.get("pf")) and pw.mode == "affine" and pw.bits != 3,
-                            DEC=1 if v == 4 else 0, EVEN=even)
+                            DEC=1 if v == 4 else 0, EVEN=even, PMIN=cfg.get("pmin", GEMV_PMIN))
     return out
 
 
