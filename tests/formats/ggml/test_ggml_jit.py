@@ -89,3 +89,15 @@ def test_kernel_compiles_without_a_cache_location():
     exec("def twice(a):\n    return a * np.float32(2.0)\n", ns)
     f = kernel(ns["twice"])
     assert f(F32(1.5)) == F32(3.0)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0", "Q4_K", "IQ4_NL"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_input_is_rejected_by_every_path(name, bad):
+    # the legacy and ternary kernels count NaN/Inf while they read each block; the other types are checked first
+    x = torch.randn(300, 512, generator=torch.Generator().manual_seed(4))
+    x[217, 300] = bad
+    for qw in (None, np.ones(512, dtype=np.float32)):
+        for threads in (1, 2):
+            with pytest.raises(ValueError, match="1 NaN/Inf value"):
+                quantize_raw(x, name, imatrix=qw, threads=threads)

@@ -15,12 +15,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from lowbit.formats.ggml.jit import all_finite
+from lowbit.formats.ggml.jit import NonFiniteInput, all_finite
 from lowbit.formats.ggml.types import GGML_TYPES, GGML_TYPES_BY_ID, GGMLType, ggml_type
 
 __all__ = ["dequantize_raw", "quantize_raw", "GGML_TYPES", "GGML_TYPES_BY_ID", "GGMLType", "ggml_type"]
@@ -106,6 +107,18 @@ def check_imatrix(imatrix: np.ndarray | torch.Tensor | None, cols: int) -> np.nd
     return qw
 
 
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``n`` worker threads (starting threads per call cost more than small tensors)."""
+    with _POOLS_LOCK:
+        if n not in _POOLS:
+            _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="lowbit-ggml")
+        return _POOLS[n]
+
+
 def quantize_raw(x: torch.Tensor | np.ndarray, type_name: str | int, imatrix: np.ndarray | torch.Tensor | None = None,
                  threads: int | None = None) -> np.ndarray:
     """Quantize rows exactly as llama.cpp's ``ggml_quantize_chunk`` does.
@@ -149,15 +162,17 @@ def quantize_raw(x: torch.Tensor | np.ndarray, type_name: str | int, imatrix: np
 
     def work(i: int) -> bool:
         chunk = xn[i:i + step]
-        if t.block_size > 1 and not all_finite(chunk):
+        if t.block_size > 1 and not t.checks_finite and not all_finite(chunk):
             return False
-        out[i:i + step] = t.quantize(chunk, qw).reshape(-1, t.row_bytes(cols))
+        try:
+            out[i:i + step] = t.quantize(chunk, qw).reshape(-1, t.row_bytes(cols))
+        except NonFiniteInput:
+            return False
         return True
 
     starts = range(0, rows, step)
     if n_threads > 1 and len(starts) > 1:  # the block kernels and numpy release the GIL; chunks are independent
-        with ThreadPoolExecutor(n_threads) as ex:
-            finite = all(list(ex.map(work, starts)))
+        finite = all(list(_pool(n_threads).map(work, starts)))
     else:
         finite = all([work(i) for i in starts])
     if not finite:

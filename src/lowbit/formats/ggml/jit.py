@@ -116,15 +116,37 @@ def signed_absmax(x, b):
     return amax, mx
 
 
+class NonFiniteInput(ValueError):
+    """A quantizer met NaN/Inf in its input (``quantize_raw`` turns it into its user-facing error)."""
+
+
+_EXP = np.uint32(0x7F800000)
+
+
+@kernel(inline=True)
+def block_nonfinite(u, b):
+    """Number of NaN/Inf in block ``b`` of float32 values given as their uint32 bit patterns ``u`` (exponent
+    all ones). Kernels call it on the block they just loaded, so the check costs no extra pass over memory."""
+    c = 0
+    for j in range(u.shape[1]):
+        c += (u[b, j] & _EXP) == _EXP
+    return c
+
+
 @kernel
 def _count_nonfinite_bits(u):
-    """Number of NaN/Inf among float32 values given as their uint32 bit patterns (exponent all ones)."""
     c = 0
     for i in range(u.shape[0]):
-        c += (u[i] & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+        c += (u[i] & _EXP) == _EXP
     return c
 
 
 def all_finite(x: np.ndarray) -> bool:
     """Whether a C-contiguous float32 array holds no NaN/Inf (one compiled pass, no temporaries)."""
     return _count_nonfinite_bits(x.reshape(-1).view(np.uint32)) == 0
+
+
+def require_finite(x: np.ndarray, bad: int | None = None) -> None:
+    """Raise :class:`NonFiniteInput` if ``x`` holds NaN/Inf (or if a kernel counted ``bad > 0`` of them)."""
+    if (bad is not None and bad > 0) or (bad is None and not all_finite(x)):
+        raise NonFiniteInput("input holds NaN/Inf values")

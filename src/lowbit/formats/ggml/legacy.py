@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.formats.ggml.jit import block_absmax, block_minmax, kernel, roundf, signed_absmax
+from lowbit.formats.ggml.jit import (block_absmax, block_minmax, block_nonfinite, kernel, require_finite, roundf,
+                                     signed_absmax)
 from lowbit.formats.ggml.numerics import F32, f16_from_bytes, seq_sum, to_f16_bytes
 from lowbit.formats.ggml.search import make_qkx_quants, make_qx_quants
 
@@ -129,66 +130,79 @@ def _put_trunc_levels(x, b, x0, idb, off, top, out, qh_at, qs_at):
 
 
 @kernel
-def _sym_ref_kernel(x, nmax, qh_at, qs_at, d, out):
-    """``quantize_row_q4_0_ref`` / ``q5_0_ref``: d = max/−nmax, levels = trunc(x/d + nmax + 0.5) ≤ 2·nmax−1."""
+def _sym_ref_kernel(x, u, nmax, qh_at, qs_at, d, out):
+    """``quantize_row_q4_0_ref`` / ``q5_0_ref``: d = max/−nmax, levels = trunc(x/d + nmax + 0.5) ≤ 2·nmax−1.
+    ``u`` is ``x`` viewed as uint32; returns the number of NaN/Inf met."""
     off = np.float32(nmax + 0.5)
     top = np.float32(2 * nmax - 1)
     zero = np.float32(0.0)
+    bad = 0
     for b in range(x.shape[0]):
+        bad += block_nonfinite(u, b)
         _, mx = signed_absmax(x, b)
         db = mx / np.float32(-nmax)
         idb = np.float32(1.0) / db if db != 0 else zero
         _put_trunc_levels(x, b, zero, idb, off, top, out, qh_at, qs_at)
         d[b] = db
+    return bad
 
 
 @kernel
-def _asym_ref_kernel(x, nmax, qh_at, qs_at, d, m, out):
-    """``quantize_row_q4_1_ref`` / ``q5_1_ref``: d = (max−min)/nmax, levels = trunc((x−min)/d + 0.5)."""
+def _asym_ref_kernel(x, u, nmax, qh_at, qs_at, d, m, out):
+    """``quantize_row_q4_1_ref`` / ``q5_1_ref``: d = (max−min)/nmax, levels = trunc((x−min)/d + 0.5).
+    Returns the number of NaN/Inf met."""
     half = np.float32(0.5)
     top = np.float32(nmax)
+    bad = 0
     for b in range(x.shape[0]):
+        bad += block_nonfinite(u, b)
         mn, mx = block_minmax(x, b)
         db = (mx - mn) / np.float32(nmax)
         idb = np.float32(1.0) / db if db != 0 else np.float32(0.0)
         _put_trunc_levels(x, b, mn, idb, half, top, out, qh_at, qs_at)
         d[b] = db
         m[b] = mn
+    return bad
 
 
 @kernel
-def _q8_0_kernel(x, d, out):
-    """``quantize_row_q8_0_ref``: d = max|x|/127, q = roundf(x/d)."""
+def _q8_0_kernel(x, u, d, out):
+    """``quantize_row_q8_0_ref``: d = max|x|/127, q = roundf(x/d). Returns the number of NaN/Inf met."""
+    bad = 0
     for b in range(x.shape[0]):
+        bad += block_nonfinite(u, b)
         db = block_absmax(x, b) / np.float32(127.0)
         idb = np.float32(1.0) / db if db != 0 else np.float32(0.0)
         for j in range(x.shape[1]):
             out[b, 2 + j] = np.uint8(roundf(x[b, j] * idb) & 0xFF)
         d[b] = db
+    return bad
 
 
 def _sym(name: str, x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
     R = x.shape[0]
     if qw is not None:
+        require_finite(x)
         d, L = make_qx_quants(_blocks(x), nmax, 1, _row_weights(x, qw))
         return _blocks_out(name, R, d, None, L)
     xb = np.ascontiguousarray(_blocks(x), dtype=F32)
     size, _, qh_at, qs_at = _LAYOUT[name]
     d, out = np.empty(xb.shape[0], dtype=F32), np.empty((xb.shape[0], size), dtype=np.uint8)
-    _sym_ref_kernel(xb, nmax, qh_at, qs_at, d, out)
+    require_finite(xb, _sym_ref_kernel(xb, xb.view(np.uint32), nmax, qh_at, qs_at, d, out))
     return _blocks_out(name, R, d, None, None, out)
 
 
 def _asym(name: str, x: np.ndarray, qw: np.ndarray | None, nmax: int) -> np.ndarray:
     R = x.shape[0]
     if qw is not None:
+        require_finite(x)
         scale, the_min, L = make_qkx_quants(_blocks(x), _row_weights(x, qw), nmax, -0.9, 0.05, 36, False, False)
         return _blocks_out(name, R, scale, -the_min, L)
     xb = np.ascontiguousarray(_blocks(x), dtype=F32)
     size, _, qh_at, qs_at = _LAYOUT[name]
     B = xb.shape[0]
     d, m, out = np.empty(B, dtype=F32), np.empty(B, dtype=F32), np.empty((B, size), dtype=np.uint8)
-    _asym_ref_kernel(xb, nmax, qh_at, qs_at, d, m, out)
+    require_finite(xb, _asym_ref_kernel(xb, xb.view(np.uint32), nmax, qh_at, qs_at, d, m, out))
     return _blocks_out(name, R, d, m, None, out)
 
 
@@ -212,7 +226,7 @@ def quantize_q8_0(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     """``quantize_row_q8_0_ref``; the importance matrix is ignored, as in llama.cpp."""
     xb = np.ascontiguousarray(_blocks(x), dtype=F32)
     d, out = np.empty(xb.shape[0], dtype=F32), np.empty((xb.shape[0], 34), dtype=np.uint8)
-    _q8_0_kernel(xb, d, out)
+    require_finite(xb, _q8_0_kernel(xb, xb.view(np.uint32), d, out))
     out[:, 0:2] = to_f16_bytes(d)
     return out.reshape(x.shape[0], -1, 34)
 

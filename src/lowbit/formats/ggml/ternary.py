@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.formats.ggml.jit import block_absmax, kernel, roundf
+from lowbit.formats.ggml.jit import block_absmax, block_nonfinite, kernel, require_finite, roundf
 from lowbit.formats.ggml.numerics import F32, f16_from_bytes, to_f16_bytes
 
 @kernel(inline=True)
@@ -40,37 +40,43 @@ def _base3_bytes(t, first, width, ntrits, out, b, at):
 
 
 @kernel
-def _tq1_0_kernel(x, d, out):
+def _tq1_0_kernel(x, u, d, out):
     """``quantize_row_tq1_0_ref``: 5 trits per byte for elements 0..239 (groups of 32 and 16 bytes), 4 for the
     last 16; byte ``m`` of a group holds elements ``m + k·width``. Loop bounds derive from the run-time block
     size (256) so LLVM vectorizes them."""
     n = x.shape[1]
     t = np.empty(n, dtype=np.int32)
+    bad = 0
     for b in range(x.shape[0]):
+        bad += block_nonfinite(u, b)
         d[b] = _trits(x, b, t)
         _base3_bytes(t, 0, n // 8, 5, out, b, 0)
         _base3_bytes(t, 5 * (n // 8), n // 16, 5, out, b, n // 8)
         _base3_bytes(t, 5 * (n // 8) + 5 * (n // 16), n // 64, 4, out, b, n // 8 + n // 16)
+    return bad
 
 
 @kernel
-def _tq2_0_kernel(x, d, out):
+def _tq2_0_kernel(x, u, d, out):
     """``quantize_row_tq2_0_ref``: byte ``32h + m`` holds the trits of elements ``128h + m + 32k`` at bits 2k."""
     n = x.shape[1]
     w = n // 8
     t = np.empty(n, dtype=np.int32)
+    bad = 0
     for b in range(x.shape[0]):
+        bad += block_nonfinite(u, b)
         d[b] = _trits(x, b, t)
         for h in range(2):
             for m in range(w):
                 out[b, w * h + m] = np.uint8(t[4 * w * h + m] | (t[4 * w * h + m + w] << 2) |
                                              (t[4 * w * h + m + 2 * w] << 4) | (t[4 * w * h + m + 3 * w] << 6))
+    return bad
 
 
 def _quantize(x: np.ndarray, size: int, fn) -> np.ndarray:
     xs = np.ascontiguousarray(x.reshape(-1, 256), dtype=F32)
     d, out = np.empty(xs.shape[0], dtype=F32), np.empty((xs.shape[0], size), dtype=np.uint8)
-    fn(xs, d, out)
+    require_finite(xs, fn(xs, xs.view(np.uint32), d, out))
     out[:, size - 2:] = to_f16_bytes(d)
     return out.reshape(x.shape[0], -1, size)
 
