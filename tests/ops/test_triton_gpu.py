@@ -185,4 +185,4 @@ def test_gemv_v3_and_v4_decodes_match_reference(fmt):
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         for v in (3, 4):
             cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, v=v, split=2)
-            assert rel(wq.gemv(x, pw, cfg), x.float() @ W.t()) < 1e-4
+            assert rel(wq.gemv(x, pw, cfg), x.float() @ W.t()) < 3e-4  # v4 PMIN 12: ~6e-5 at worst (int2)

@@ -37,7 +37,8 @@ BIG_M = 1024
 GEMV_PREFETCH = False  # v3 affine 2/4-bit prefetch of the next tile: no gain on the H100 (88.0 vs 92.5 µs)
 MM_MAGIC = False  # mm path, affine 2/4-bit: bf16(128 + c) from the bits, scale after the dot: slower on the H100
 DEQUANT_SEL = False  # large-M dequantize: select-tree tables were slower than L1 gathers there (NF4 0.76x vs 0.88x)
-GEMV_PMIN = 24  # v4: codes at bit >= PMIN skip the per-code subtract (24: none)
+GEMV_PMIN = 12  # v4: codes at bit >= 12 skip the per-code subtract (H100: 66.4 -> 64.5 µs, graphs 56.7 -> 52.8)
+MM4_MAX_M = 64  # mm v4 up to here (one dot per code position: fewer decode instructions, more, smaller dots)
 DEQUANT_CHUNK = 2048  # H100 sweep: 1563 µs vs 1591 µs unchunked at 2048×8192×28672
 
 
@@ -499,7 +500,7 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
                     acc += s[None, :] * (4.0 * A - (4.0 + z[None, :]) * X[:, None])
                 if BITS == 3:  # high bit plane: code += 4 · bit
                     A1, X1 = _hm_plane(q1, xr, perm, k0, offs_n, mask_n, N, K, KW1, BK // 32, 1, HAS_PERM, DEC,
-                                       EVEN, E23, PMIN)
+                                       EVEN, E23, 24)  # bit codes: no skipped subtract (the largest cancellation)
                     if DEC == 1:
                         acc1 += s[None, :] * (4.0 * A1)
                     else:
@@ -676,9 +677,9 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
     (v3 and v4 alike) read one scale per 32 codes, so their K-tile need not lie in one group.
     """
     if BN is None:
-        if v == 4 and mode == "affine":  # H100 sweep (results/gpu_kernels.md): 8192×28672 BN64 split 2 69 µs
-            BN = (256 if bits == 3 else 64) if N >= 16384 else 32  # (int3 BN256 109 µs); 4096×11008 BN32 split 4
-            if N < 16384 and waves == 4:
+        if v == 4 and mode == "affine":  # H100 sweeps (NOTES_gpu.md): 8192×28672 BN64 split 4 64.5 µs
+            BN = (256 if bits == 3 else 64) if N >= 16384 else 32  # (int3 BN256 split 8); 4096×11008 BN32 split 4
+            if waves == 4 and bits != 3:
                 waves = 8
         else:  # v3 sweep: affine BN64 split-K 4 88 µs; tables BN128 BK128
             BN = (64 if mode == "affine" else 128) if v >= 3 else (128 if mode == "affine" else 64)
@@ -775,7 +776,9 @@ def mm(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Ten
     """Tiled fused dequant-matmul: ``x2: (M, K)`` (already permuted) -> ``(M, N)`` in x's dtype."""
     M, K = x2.shape
     N = pw.out_features
-    cfg = cfg or mm_config(M, N, K, pw.group_size, _sms(x2.device))
+    if cfg is None:  # H100, 8192×28672: M=16 v4 BN256 split 8 110.8 µs vs v3 129.5; M=64 373 vs 423; M>=256 v3
+        v4 = M <= MM4_MAX_M and mm4_fits(pw, 128)
+        cfg = mm_config(M, N, K, pw.group_size, _sms(x2.device), **(dict(v=4, BN=256, num_stages=3) if v4 else {}))
     if pw.bits == 3 and cfg["num_stages"] > 2:  # the two-plane re-read tiles need more shared memory per stage
         cfg = dict(cfg, num_stages=2)
     if cfg["split"] > 1:
