@@ -399,6 +399,20 @@ def run_matmuls(rows, out_rows, bw, bnb, quick):
                     row[key] = bench(lowbit_fn(pws, x, path))
                     if args_graph and M <= 16:
                         row[key + " graph"] = bench_graph(lowbit_fn(pws, x, path))
+                    if path == "dequant" and name in ("int4 g128 asym", "int2 g128"):  # the earlier dequantize
+                        wq.DEQUANT_V4 = False
+                        try:
+                            row[f"{name} [dequant v3]"] = bench(lowbit_fn(pws, x, path))
+                        finally:
+                            wq.DEQUANT_V4 = True
+                    if path == "mm" and M <= wq.MM4_MAX_M and name == "int4 g128 asym":  # the earlier mm tiles
+                        cfg3 = wq.mm_config(M, N, K, 128, wq._sms(x.device))
+                        row[f"{name} [mm v3]"] = bench(lowbit_fn(pws, x, path, cfg3))
+                    if path == "gemv" and name in ("int4 g128 asym", "int2 g128"):  # the earlier GEMV
+                        cfg3 = wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), pws[0].bits, "affine", v=3)
+                        row[f"{name} [gemv v3]"] = bench(lowbit_fn(pws, x, path, cfg3))
+                        if args_graph:
+                            row[f"{name} [gemv v3] graph"] = bench_graph(lowbit_fn(pws, x, path, cfg3))
                 except Exception as e:
                     row[key + " error"] = repr(e)[:300]
                     traceback.print_exc()

@@ -81,7 +81,7 @@ def test_adamw8bit_on_cuda_runs_the_fused_kernel_and_equals_the_cpu_step():
                 d = (og.state[pg][name].cpu().int() - oc.state[pc][name].int()).abs()
                 assert int(d.max()) <= 1 and int((d > 0).sum()) < n * 1e-3, name  # ties after FMA contraction
             for name in ("exp_avg.absmax", "exp_avg_sq.absmax"):
-                torch.testing.assert_close(og.state[pg][name].cpu(), oc.state[pc][name], rtol=1e-5, atol=0)
+                torch.testing.assert_close(og.state[pg][name].cpu(), oc.state[pc][name], rtol=1e-4, atol=0)
             assert not bool((code_v[og.state[pg]["exp_avg_sq.qdata"].cpu().long()][: n // 8] == 0).any())
     finally:
         adam8.adamw8bit_step_ = real

@@ -122,8 +122,9 @@ def _adamw8_kernel(p_ptr, g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, cbm_ptr, cbv_pt
     else:
         qm = _nearest(midm_ptr, xm)
         qv = _nearest(midv_ptr, xv)
-    # keep_nonzero for v (as lowbit.optim stores it): a nonzero value never takes the 0 code (index zero_v, or -1)
-    qv = tl.where((qv == zero_v) & (xv != 0.0), tl.minimum(tl.maximum(qv + tl.where(xv > 0.0, 1, -1), 0), 255), qv)
+    # keep_nonzero for v (as lowbit.optim stores it): a nonzero v (v >= 0 always) never takes the 0 code, index
+    # zero_v (-1 if the code has none), but the next one up
+    qv += ((qv == zero_v) & (xv > 0.0)).to(tl.int32)
     tl.store(mq_ptr + offs, qm.to(tl.uint8), mask=mk)
     tl.store(vq_ptr + offs, qv.to(tl.uint8), mask=mk)
     tl.store(ma_ptr + rows, am, mask=mr)
@@ -155,5 +156,6 @@ def adamw8bit_step_(p: torch.Tensor, g: torch.Tensor, m_q: torch.Tensor, m_absma
     grid = (triton.cdiv(triton.cdiv(n, block_size), R),)
     _adamw8_kernel[grid](p, g, m_q, m_absmax, v_q, v_absmax, code_m, code_v, mid_m, mid_v, lut_m, lut_v, n,
                          lr, beta1, beta2, eps, 1.0 - lr * weight_decay, -lr / (1.0 - beta1**step),
-                         math.sqrt(1.0 - beta2**step), _zero_index(code_v), BS=block_size, R=R, FG=first_guess, MB=FG_MB,
-                         KEY0=(127 - FG_E) << FG_MB, NK=(FG_E << FG_MB) + 1, DM=dm, DV=dv, num_warps=num_warps)
+                         math.sqrt(1.0 - beta2**step), _zero_index(code_v), BS=block_size, R=R, FG=first_guess,
+                         MB=FG_MB, KEY0=(127 - FG_E) << FG_MB, NK=(FG_E << FG_MB) + 1, DM=dm, DV=dv,
+                         num_warps=num_warps)

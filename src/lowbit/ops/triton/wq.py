@@ -38,6 +38,7 @@ GEMV_PREFETCH = False  # v3 affine 2/4-bit prefetch of the next tile: no gain on
 MM_MAGIC = False  # mm path, affine 2/4-bit: bf16(128 + c) from the bits, scale after the dot: slower on the H100
 DEQUANT_SEL = False  # large-M dequantize: select-tree tables were slower than L1 gathers there (NF4 0.76x vs 0.88x)
 GEMV_PMIN = 12  # v4: codes at bit >= 12 skip the per-code subtract (H100: 66.4 -> 64.5 µs, graphs 56.7 -> 52.8)
+DEQUANT_V4 = True  # large-M dequantize of affine 2/4-bit codes with the exact in-place decode
 MM4_MAX_M = 64  # mm v4 up to here (one dot per code position: fewer decode instructions, more, smaller dots)
 DEQUANT_CHUNK = 2048  # H100 sweep: 1563 µs vs 1591 µs unchunked at 2048×8192×28672
 
@@ -646,6 +647,43 @@ def _dequant_kernel(out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, n_off, n_e
              mask=mk[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _dequant4_kernel(out_ptr, qp, scale, zero, perm, N, K, KW, n_off, n_end, stride_out, E23,
+                     B: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     HAS_PERM: tl.constexpr):
+    """Dequantize v4 (affine, one bit plane, ``GROUP % BK == 0``): each code position of a word tile is decoded
+    exactly in place (as :func:`_ex_dot`) and its ``BN``-wide rows stored straight to rows ``k0 + PER·r + i``."""
+    PER: tl.constexpr = 32 // B
+    NW: tl.constexpr = BK // PER
+    LOW: tl.constexpr = 23 // B
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = n_off + pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < n_end
+    k0 = pid_k * BK
+    rows = k0 // PER + tl.arange(0, NW)
+    w = tl.load(qp + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW) & mask_n[None, :], other=0)
+    hi = w >> (B * LOW)
+    g = k0 // GROUP
+    s = tl.load(scale + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    zs = -tl.load(zero + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) * s
+    for i in tl.static_range(PER):
+        if i < LOW:
+            v = w
+        else:
+            v = hi
+        c = ((v & (((1 << B) - 1) << (B * (i % LOW)))) | (E23 - ((B * (i % LOW)) << 23))).to(
+            tl.float32, bitcast=True) - float(1 << (23 - B * (i % LOW)))
+        kk = rows * PER + i
+        mk = kk < K
+        if HAS_PERM:  # act-order: kernel row k is row perm[k] of W^T
+            dst = tl.load(perm + kk, mask=mk, other=0)
+        else:
+            dst = kk
+        tl.store(out_ptr + dst[:, None] * stride_out + (offs_n - n_off)[None, :],
+                 (c * s[None, :] + zs[None, :]).to(out_ptr.dtype.element_ty), mask=mk[:, None] & mask_n[None, :])
+
+
 # -- launch helpers --------------------------------------------------------------------------------
 
 _SM_COUNT: dict[int, int] = {}
@@ -818,6 +856,13 @@ def dequantize_t(pw: PackedWeight, dtype: torch.dtype, n_off: int = 0, n_end: in
     dev = pw.q4.device if pw.q4.numel() else pw.q2.device
     out = torch.empty((K, n_end - n_off), device=dev, dtype=dtype) if out is None else out
     q4, q2, q1, sc, zp, cb = _args(pw, out)
+    if DEQUANT_V4 and pw.mode == "affine" and pw.bits in (2, 4) and pw.group_size % 128 == 0 and \
+            pw.zero_point is not None:
+        _dequant4_kernel[(triton.cdiv(K, 128), triton.cdiv(n_end - n_off, 128))](
+            out, q4 if pw.bits == 4 else q2, sc, zp, pw.perm if unpermute and pw.perm is not None else out, N, K,
+            (pw.q4 if pw.bits == 4 else pw.q2).shape[0], n_off, n_end, out.stride(0), 0x4B000000, B=pw.bits,
+            GROUP=pw.group_size, BN=128, BK=128, HAS_PERM=unpermute and pw.perm is not None, num_warps=4)
+        return out
     BK = _bk_for(pw.group_size, 64)
     BN = 128
     _dequant_kernel[(triton.cdiv(K, BK), triton.cdiv(n_end - n_off, BN))](
