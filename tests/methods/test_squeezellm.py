@@ -136,3 +136,34 @@ def test_config_registry_and_validation() -> None:
         SqueezeLLMConfig.for_bits(3, 128)
     with pytest.raises(ValueError, match="fisher"):
         c.quantize_weight(torch.randn(4, 8), {"hessian": torch.eye(8)})
+
+
+def test_assign_equals_the_all_pairs_argmin_including_midpoint_ties() -> None:
+    from lowbit.methods.squeezellm.core import _assign
+
+    g = torch.Generator().manual_seed(11)
+    W = torch.randn(7, 300, generator=g)
+    C = torch.randn(7, 16, generator=g)  # unsorted centroids
+    brute = (W[:, :, None] - C[:, None, :]).abs().argmin(-1)
+    assert torch.equal(_assign(W, C), brute)
+    # weights exactly on the midpoints of sorted integer centroids: ties go to the lower centroid
+    C = torch.tensor([[-2.0, 0.0, 2.0, 4.0]])
+    W = torch.tensor([[1.0, 3.0, -1.0, 5.0, -3.0, 2.0]])
+    brute = (W[:, :, None] - C[:, None, :]).abs().argmin(-1)
+    assert torch.equal(_assign(W, C), brute)
+
+
+def test_kmeanspp_sampling_never_draws_zero_weight_entries() -> None:
+    from lowbit.methods.squeezellm.core import _sample
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(50, 40, generator=g)
+    p[p < 0.7] = 0  # most entries impossible
+    p[:, -1] = 0  # including the last one (where a draw at the very top of the cdf would land)
+    p[:, 0] += 1e-3
+    for _ in range(20):
+        idx = _sample(p, g)
+        assert bool((p.gather(1, idx[:, None]) > 0).all())
+    one = torch.zeros(3, 10)
+    one[torch.arange(3), torch.tensor([0, 4, 9])] = 1.0
+    assert _sample(one, g).tolist() == [0, 4, 9]

@@ -19,11 +19,14 @@ import torch
 __all__ = ["weighted_kmeans", "kmeans_objective", "sparse_mask"]
 
 
-def _assign(W: torch.Tensor, C: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    out = torch.empty(W.shape, dtype=torch.int64, device=W.device)
-    for r in range(0, W.shape[0], chunk):
-        out[r:r + chunk] = (W[r:r + chunk, :, None] - C[r:r + chunk, None, :]).abs().argmin(-1)
-    return out
+def _assign(W: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid of each weight (1-D, per row): a binary search of ``w`` among the
+    midpoints of the row's sorted centroids. A weight exactly on a midpoint goes to the smaller centroid (the
+    all-pairs argmin would take the lower index: the same when centroids are sorted, as Lloyd keeps them).
+    3x faster than the ``(rows, in, k)`` all-pairs argmin, which was most of SqueezeLLM's time."""
+    Cs, perm = C.sort(dim=1, stable=True)
+    mids = (Cs[:, 1:] + Cs[:, :-1]) / 2
+    return perm.gather(1, torch.searchsorted(mids.contiguous(), W.contiguous()))
 
 
 def kmeans_objective(W: torch.Tensor, F: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -47,16 +50,28 @@ def _init_pp(W: torch.Tensor, F: torch.Tensor, k: int, seed: int) -> torch.Tenso
     """k-means++ seeding with sample weights (sklearn's, without local trials), all rows at once, seeded."""
     gen = torch.Generator(device=W.device).manual_seed(seed)
     rows = torch.arange(W.shape[0], device=W.device)
-    first = torch.multinomial(F, 1, generator=gen).squeeze(1)
+    first = _sample(F, gen)
     C = [W[rows, first]]
     D = (W - C[0][:, None]) ** 2
     for _ in range(1, k):
         p = F * D
         p = torch.where(p.sum(1, keepdim=True) > 0, p, F)
-        nxt = torch.multinomial(p, 1, generator=gen).squeeze(1)
+        nxt = _sample(p, gen)
         C.append(W[rows, nxt])
         D = torch.minimum(D, (W - C[-1][:, None]) ** 2)
     return torch.stack(C, 1).sort(1).values
+
+
+def _sample(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One index per row drawn with probability proportional to ``p`` (non-negative, positive row sums), by
+    inverting the row's cumulative sum at a uniform draw (``torch.multinomial`` per row was 20x slower here)."""
+    cdf = p.double().cumsum(1)
+    u = torch.rand(p.shape[0], 1, generator=gen, device=p.device, dtype=torch.float64) * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, u, right=True).squeeze(1)
+    # u can equal the total in floating point; zero-probability entries are never chosen: step back to the
+    # last entry with positive mass when the search lands past it
+    last = (p > 0).to(torch.int64).cumsum(1).argmax(1)
+    return torch.minimum(idx, last)
 
 
 def _lloyd(W: torch.Tensor, F: torch.Tensor, C: torch.Tensor, max_iter: int,
