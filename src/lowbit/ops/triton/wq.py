@@ -38,7 +38,7 @@ GEMV_PREFETCH = False  # v3 affine 2/4-bit prefetch of the next tile: no gain on
 MM_MAGIC = False  # mm path, affine 2/4-bit: bf16(128 + c) from the bits, scale after the dot: slower on the H100
 DEQUANT_SEL = False  # large-M dequantize: select-tree tables were slower than L1 gathers there (NF4 0.76x vs 0.88x)
 GEMV_PMIN = 12  # v4: codes at bit >= 12 skip the per-code subtract (H100: 66.4 -> 64.5 µs, graphs 56.7 -> 52.8)
-DEQUANT_V4 = True  # large-M dequantize of affine 2/4-bit codes with the exact in-place decode
+DEQUANT_V4 = False  # v4 dequantize (exact in-place decode, per-code-position row stores): slower on the H100, 1520 vs 1420 µs
 MM4_MAX_M = 64  # mm v4 up to here (one dot per code position: fewer decode instructions, more, smaller dots)
 DEQUANT_CHUNK = 2048  # H100 sweep: 1563 µs vs 1591 µs unchunked at 2048×8192×28672
 
