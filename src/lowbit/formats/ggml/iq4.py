@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.formats.ggml.jit import kernel
+from lowbit.formats.ggml.jit import kernel, signed_absmax
 from lowbit.formats.ggml.legacy import pack_nibbles, unpack_nibbles
 from lowbit.formats.ggml.numerics import F32, f16_from_bytes, first_absmax, nearest_int, safe_recip, seq_sum, to_f16_bytes
-from lowbit.formats.ggml.search import block_absmax
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 _KV = KVALUES.astype(F32)
@@ -53,9 +52,7 @@ def _levels(x, d, L):
 def _search_kernel(x, w, d):
     """Weighted least-squares scale per block of 32 over 2·NTRY+1 trial inverse scales."""
     for b in range(x.shape[0]):
-        xb = x[b]
-        wb = w[b]
-        amax, mx = block_absmax(xb)
+        amax, mx = signed_absmax(x, b)
         if amax < np.float32(1e-15):
             d[b] = np.float32(0.0)
             continue
@@ -64,9 +61,9 @@ def _search_kernel(x, w, d):
         sumqx = np.float32(0.0)
         sumq2 = np.float32(0.0)
         for j in range(32):
-            q = _KV[_best_index(idb * xb[j])]
-            sumqx += wb[j] * q * xb[j]
-            sumq2 += wb[j] * q * q
+            q = _KV[_best_index(idb * x[b, j])]
+            sumqx += w[b, j] * q * x[b, j]
+            sumq2 += w[b, j] * q * q
         db = sumqx / sumq2 if sumq2 > 0 else np.float32(0.0)
         best = db * sumqx
         for itry in range(-NTRY, NTRY + 1):
@@ -74,9 +71,9 @@ def _search_kernel(x, w, d):
             sumqx = np.float32(0.0)
             sumq2 = np.float32(0.0)
             for j in range(32):
-                q = _KV[_best_index(idb * xb[j])]
-                sumqx += wb[j] * q * xb[j]
-                sumq2 += wb[j] * q * q
+                q = _KV[_best_index(idb * x[b, j])]
+                sumqx += w[b, j] * q * x[b, j]
+                sumq2 += w[b, j] * q * q
             if sumq2 > 0 and sumqx * sumqx > best * sumq2:
                 db = sumqx / sumq2
                 best = db * sumqx

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.formats.ggml.jit import kernel, nearest_int
+from lowbit.formats.ggml.jit import kernel, nearest_int, signed_absmax
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
@@ -31,26 +31,12 @@ def _c(a: np.ndarray | None, like: np.ndarray) -> np.ndarray:
 
 
 @kernel
-def block_absmax(x):
-    """``(amax, max)`` of one block: the signed value of largest magnitude, first on ties (C's strict ``>``)."""
-    amax = _Z
-    mx = _Z
-    for i in range(x.shape[0]):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
-    return amax, mx
-
-
-@kernel
 def _qx_kernel(x, qw, nmax, rmse_type, scale, L):
     B, n = x.shape
     has_qw = qw.shape[0] > 0
     w = np.empty(n, dtype=np.float32)
     for b in range(B):
-        xb = x[b]
-        amax, mx = block_absmax(xb)
+        amax, mx = signed_absmax(x, b)
         if amax < GROUP_MAX_EPS:
             L[b, :] = 0
             scale[b] = _Z
@@ -58,27 +44,27 @@ def _qx_kernel(x, qw, nmax, rmse_type, scale, L):
         iscale = np.float32(-nmax) / mx
         if rmse_type == 0:
             for i in range(n):
-                L[b, i] = nmax + min(max(nearest_int(iscale * xb[i]), -nmax), nmax - 1)
+                L[b, i] = nmax + min(max(nearest_int(iscale * x[b, i]), -nmax), nmax - 1)
             scale[b] = _ONE / iscale
             continue
         for i in range(n):
             if has_qw:
                 w[i] = qw[b, i]
             elif rmse_type == 1:
-                w[i] = xb[i] * xb[i]
+                w[i] = x[b, i] * x[b, i]
             elif rmse_type == 2:
                 w[i] = _ONE
             elif rmse_type == 3:
-                w[i] = abs(xb[i])
+                w[i] = abs(x[b, i])
             else:
-                w[i] = np.sqrt(abs(xb[i]))
+                w[i] = np.sqrt(abs(x[b, i]))
         sumlx = _Z
         suml2 = _Z
         for i in range(n):
-            l = min(max(nearest_int(iscale * xb[i]), -nmax), nmax - 1)
+            l = min(max(nearest_int(iscale * x[b, i]), -nmax), nmax - 1)
             L[b, i] = l + nmax
             lf = np.float32(l)
-            sumlx += w[i] * xb[i] * lf
+            sumlx += w[i] * x[b, i] * lf
             suml2 += w[i] * lf * lf
         sc = sumlx / suml2 if suml2 != _Z else _Z
         best = sc * sumlx
@@ -89,12 +75,12 @@ def _qx_kernel(x, qw, nmax, rmse_type, scale, L):
             sumlx = _Z
             suml2 = _Z
             for i in range(n):
-                lf = np.float32(min(max(nearest_int(isc * xb[i]), -nmax), nmax - 1))
-                sumlx += w[i] * xb[i] * lf
+                lf = np.float32(min(max(nearest_int(isc * x[b, i]), -nmax), nmax - 1))
+                sumlx += w[i] * x[b, i] * lf
                 suml2 += w[i] * lf * lf
             if suml2 > _Z and sumlx * sumlx > best * suml2:
                 for i in range(n):
-                    L[b, i] = nmax + min(max(nearest_int(isc * xb[i]), -nmax), nmax - 1)
+                    L[b, i] = nmax + min(max(nearest_int(isc * x[b, i]), -nmax), nmax - 1)
                 sc = sumlx / suml2
                 best = sc * sumlx
         scale[b] = sc
@@ -113,7 +99,7 @@ def make_qx_quants(x: np.ndarray, nmax: int, rmse_type: int, qw: np.ndarray | No
     return scale, L
 
 
-@kernel
+@kernel(inline=True)
 def _descend(x, w, L, sumlx, suml2, lo, hi, qp):
     """Up to five rounds of one-element-at-a-time coordinate descent on ``sumlx² / suml2`` (the end of
     ``make_q3_quants`` (``qp`` False) and ``make_qp_quants`` (True), which differ in when ``suml2 > 0`` is
@@ -152,9 +138,10 @@ def _descend(x, w, L, sumlx, suml2, lo, hi, qp):
 def _q3_kernel(x, nmax, scale, L):
     B, n = x.shape
     w = np.empty(n, dtype=np.float32)
+    xl = np.empty(n, dtype=np.float32)
+    Ll = np.empty(n, dtype=np.int32)
     for b in range(B):
-        xb = x[b]
-        amax, mx = block_absmax(xb)
+        amax, mx = signed_absmax(x, b)
         if amax < GROUP_MAX_EPS:
             L[b, :] = 0
             scale[b] = _Z
@@ -163,15 +150,18 @@ def _q3_kernel(x, nmax, scale, L):
         sumlx = _Z
         suml2 = _Z
         for i in range(n):
-            l = min(max(nearest_int(iscale * xb[i]), -nmax), nmax - 1)
+            l = min(max(nearest_int(iscale * x[b, i]), -nmax), nmax - 1)
             L[b, i] = l
-            w[i] = xb[i] * xb[i]
+            w[i] = x[b, i] * x[b, i]
             lf = np.float32(l)
-            sumlx += w[i] * xb[i] * lf
+            sumlx += w[i] * x[b, i] * lf
             suml2 += w[i] * lf * lf
-        sumlx, suml2 = _descend(xb, w, L[b], sumlx, suml2, -nmax, nmax - 1, False)
         for i in range(n):
-            L[b, i] += nmax
+            xl[i] = x[b, i]
+            Ll[i] = L[b, i]
+        sumlx, suml2 = _descend(xl, w, Ll, sumlx, suml2, -nmax, nmax - 1, False)
+        for i in range(n):
+            L[b, i] = Ll[i] + nmax
         scale[b] = sumlx / suml2 if suml2 > _Z else _Z
 
 
@@ -193,19 +183,17 @@ def _qkx_kernel(x, w, nmax, rmin, rdelta, nstep, use_mad, strict_degenerate, sca
     B, n = x.shape
     La = np.empty(n, dtype=np.int32)
     for b in range(B):
-        xb = x[b]
-        wb = w[b]
-        mn = xb[0]
-        mx = xb[0]
-        sum_w = wb[0]
-        sum_x = sum_w * xb[0]
+        mn = x[b, 0]
+        mx = x[b, 0]
+        sum_w = w[b, 0]
+        sum_x = sum_w * x[b, 0]
         for i in range(1, n):
-            if xb[i] < mn:
-                mn = xb[i]
-            if xb[i] > mx:
-                mx = xb[i]
-            sum_w += wb[i]
-            sum_x += wb[i] * xb[i]
+            if x[b, i] < mn:
+                mn = x[b, i]
+            if x[b, i] > mx:
+                mx = x[b, i]
+            sum_w += w[b, i]
+            sum_x += w[b, i] * x[b, i]
         if mn > _Z:
             mn = _Z
         if (mx == mn) if strict_degenerate else (mx <= mn):
@@ -217,24 +205,24 @@ def _qkx_kernel(x, w, nmax, rmin, rdelta, nstep, use_mad, strict_degenerate, sca
         sc = _ONE / iscale
         best = _Z
         for i in range(n):
-            l = min(max(nearest_int(iscale * (xb[i] - mn)), 0), nmax)
+            l = min(max(nearest_int(iscale * (x[b, i] - mn)), 0), nmax)
             L[b, i] = l
-            diff = sc * np.float32(l) + mn - xb[i]
+            diff = sc * np.float32(l) + mn - x[b, i]
             diff = abs(diff) if use_mad else diff * diff
-            best += wb[i] * diff
+            best += w[b, i] * diff
         for it in range(nstep + 1):
             isc = (rmin + rdelta * np.float32(it) + np.float32(nmax)) / (mx - mn)
             sum_l = _Z
             sum_l2 = _Z
             sum_xl = _Z
             for i in range(n):
-                l = min(max(nearest_int(isc * (xb[i] - mn)), 0), nmax)
+                l = min(max(nearest_int(isc * (x[b, i] - mn)), 0), nmax)
                 La[i] = l
                 lf = np.float32(l)
-                wl = wb[i] * lf
+                wl = w[b, i] * lf
                 sum_l += wl
                 sum_l2 += wl * lf
-                sum_xl += wl * xb[i]
+                sum_xl += wl * x[b, i]
             D = sum_w * sum_l2 - sum_l * sum_l
             if D > _Z:
                 this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -244,9 +232,9 @@ def _qkx_kernel(x, w, nmax, rmin, rdelta, nstep, use_mad, strict_degenerate, sca
                     this_scale = sum_xl / sum_l2 if sum_l2 != _Z else _Z
                 cur = _Z
                 for i in range(n):
-                    diff = this_scale * np.float32(La[i]) + this_min - xb[i]
+                    diff = this_scale * np.float32(La[i]) + this_min - x[b, i]
                     diff = abs(diff) if use_mad else diff * diff
-                    cur += wb[i] * diff
+                    cur += w[b, i] * diff
                 if cur < best:
                     L[b, :] = La
                     best = cur
@@ -279,13 +267,14 @@ def make_qkx_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta
 @kernel
 def _qp_kernel(x, w, nmax, scale, L):
     B, n = x.shape
+    xl = np.empty(n, dtype=np.float32)
+    wl = np.empty(n, dtype=np.float32)
+    Ll = np.empty(n, dtype=np.int32)
     for b in range(B):
-        xb = x[b]
-        wb = w[b]
-        mx = xb[0]
+        mx = x[b, 0]
         for i in range(1, n):
-            if xb[i] > mx:
-                mx = xb[i]
+            if x[b, i] > mx:
+                mx = x[b, i]
         if mx < _Z:
             mx = _Z
         if mx < GROUP_MAX_EPS:
@@ -296,8 +285,8 @@ def _qp_kernel(x, w, nmax, scale, L):
         sc = _ONE / iscale
         best = _Z
         for i in range(n):
-            d = xb[i] - sc * np.float32(nearest_int(iscale * xb[i]))
-            best += wb[i] * d * d
+            d = x[b, i] - sc * np.float32(nearest_int(iscale * x[b, i]))
+            best += w[b, i] * d * d
         for it in range(-4, 5):
             if it == 0:
                 continue
@@ -305,20 +294,26 @@ def _qp_kernel(x, w, nmax, scale, L):
             s = _ONE / isc
             mse = _Z
             for i in range(n):
-                d = xb[i] - s * np.float32(min(nearest_int(isc * xb[i]), nmax))
-                mse += wb[i] * d * d
+                d = x[b, i] - s * np.float32(min(nearest_int(isc * x[b, i]), nmax))
+                mse += w[b, i] * d * d
             if mse < best:
                 best = mse
                 iscale = isc
         sumlx = _Z
         suml2 = _Z
         for i in range(n):
-            l = min(nearest_int(iscale * xb[i]), nmax)
+            l = min(nearest_int(iscale * x[b, i]), nmax)
             L[b, i] = l
             lf = np.float32(l)
-            sumlx += wb[i] * xb[i] * lf
-            suml2 += wb[i] * lf * lf
-        sumlx, suml2 = _descend(xb, wb, L[b], sumlx, suml2, -(2 ** 30), nmax, True)
+            sumlx += w[b, i] * x[b, i] * lf
+            suml2 += w[b, i] * lf * lf
+        for i in range(n):
+            xl[i] = x[b, i]
+            wl[i] = w[b, i]
+            Ll[i] = L[b, i]
+        sumlx, suml2 = _descend(xl, wl, Ll, sumlx, suml2, -(2 ** 30), nmax, True)
+        for i in range(n):
+            L[b, i] = Ll[i]
         scale[b] = sumlx / suml2 if suml2 > _Z else _Z
 
 
