@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from lowbit.formats.ggml.jit import kernel, nearest_int as nearest_int_scalar
 from lowbit.formats.ggml.numerics import F32, f16_from_bytes, f16_round, first_absmax, nearest_int, seq_sum, to_f16_bytes
 from lowbit.formats.ggml.search import make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants
 
@@ -45,16 +46,32 @@ def _u8(v: np.ndarray) -> np.ndarray:
     return (np.asarray(v) & 0xFF).astype(np.int32)
 
 
-def _requantize(xs: np.ndarray, L: np.ndarray, dd: np.ndarray, dm: np.ndarray | None, lo: int, hi: int,
-                sub: int) -> np.ndarray:
-    """Re-round every sub-block with its final (f16-rounded, 6-bit) scale, skipping sub-blocks with scale 0."""
+@kernel
+def _requantize_kernel(xs, L, dd, dm, lo, hi, shift, sub, out):
     S = xs.shape[0]
-    xv = xs.reshape(S, -1, sub)
-    ok = dd != 0
-    den = np.where(ok, dd, F32(1)).astype(F32)[..., None]
-    num = xv if dm is None else xv + dm[..., None]
-    new = np.clip(nearest_int((num / den).astype(F32)), lo, hi)
-    return np.where(ok[..., None], new, L.reshape(S, -1, sub)).reshape(S, QK_K)
+    has_dm = dm.shape[0] > 0
+    for s in range(S):
+        for g in range(dd.shape[1]):
+            d = dd[s, g]
+            for j in range(g * sub, (g + 1) * sub):
+                if d == 0:
+                    out[s, j] = L[s, j]
+                else:
+                    v = (xs[s, j] + dm[s, g]) / d if has_dm else xs[s, j] / d
+                    out[s, j] = min(max(nearest_int_scalar(v), lo), hi) + shift
+
+
+def _requantize(xs: np.ndarray, L: np.ndarray, dd: np.ndarray, dm: np.ndarray | None, lo: int, hi: int,
+                sub: int, shift: int = 0) -> np.ndarray:
+    """Re-round every sub-block with its final (f16-rounded, 6-bit) scale ``dd`` (and min ``dm``): ``x / dd``
+    or ``(x + dm) / dd`` to the nearest level in ``[lo, hi]``, stored ``+ shift``; sub-blocks whose scale is 0
+    keep their stored levels ``L``."""
+    S = xs.shape[0]
+    out = np.empty((S, QK_K), dtype=np.int32)
+    dm_ = np.empty((0, 1), dtype=F32) if dm is None else np.ascontiguousarray(dm, dtype=F32)
+    _requantize_kernel(np.ascontiguousarray(xs, dtype=F32), np.ascontiguousarray(L.reshape(S, QK_K), dtype=np.int32),
+                       np.ascontiguousarray(dd, dtype=F32), dm_, int(lo), int(hi), int(shift), int(sub), out)
+    return out
 
 
 def pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -223,6 +240,24 @@ def _unpack_scales_q3(s: np.ndarray) -> np.ndarray:
     return (low | (top.reshape(-1, 16) << 4)).astype(np.int32) - 32
 
 
+@kernel
+def _q3_pack_levels(L, out):
+    """Levels ``(S, 256)`` in ``[0, 7]`` → ``hmask`` (bit k of byte m: level of element 32k+m > 3) at bytes
+    0..31 and the low two bits (``_pack_2bit`` layout, of ``L − 4`` where ``L > 3``) at bytes 32..95."""
+    for s in range(L.shape[0]):
+        for m in range(32):
+            h = 0
+            for k in range(8):
+                h |= (L[s, 32 * k + m] > 3) << k
+            out[s, m] = np.uint8(h)
+        for half in range(2):
+            for m in range(32):
+                q = 0
+                for k in range(4):
+                    q |= (L[s, 128 * half + 32 * k + m] & 3) << (2 * k)
+                out[s, 32 + 32 * half + m] = np.uint8(q)
+
+
 def quantize_q3_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     xs, w = _super(x, qw)
     S = xs.shape[0]
@@ -244,11 +279,12 @@ def quantize_q3_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     packed = _pack_scales_q3(l)
     sc = (l.astype(np.int32) & 63) - 32
     dd = (f16_round(d)[:, None] * sc.astype(F32)).astype(F32)
-    L = _requantize(xs, L.reshape(S, QK_K) - 4, dd, None, -4, 3, 16) + 4
-    hi = (L > 3).astype(np.uint8).reshape(S, 8, 32)                 # element e = 32·k + m → bit k of hmask[m]
-    hmask = np.bitwise_or.reduce(hi << np.arange(8, dtype=np.uint8).reshape(1, 8, 1), axis=1).astype(np.uint8)
-    L = np.where(L > 3, L - 4, L)
-    return _out(x.shape[0], hmask, _pack_2bit(L), packed, to_f16_bytes(d))
+    L = _requantize(xs, L, dd, None, -4, 3, 16, shift=4)
+    out = np.empty((S, 110), dtype=np.uint8)
+    _q3_pack_levels(L, out)
+    out[:, 96:108] = packed
+    out[:, 108:110] = to_f16_bytes(d)
+    return out.reshape(x.shape[0], -1, 110)
 
 
 def dequantize_q3_k(b: np.ndarray) -> np.ndarray:
@@ -272,7 +308,7 @@ def quantize_q6_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
     d = (F32(1) / iscale).astype(F32)
     sc = np.minimum(nearest_int(iscale[:, None] * scales), 127)
     dd = (f16_round(d)[:, None] * sc.astype(F32)).astype(F32)
-    L = _requantize(xs, L.reshape(S, QK_K) - 32, dd, None, -32, 31, 16) + 32
+    L = _requantize(xs, L, dd, None, -32, 31, 16, shift=32)
     v = L.astype(np.uint8).reshape(S, 2, 4, 32)
     ql = np.concatenate([(v[:, :, 0] & 0xF) | ((v[:, :, 2] & 0xF) << 4),
                          (v[:, :, 1] & 0xF) | ((v[:, :, 3] & 0xF) << 4)], axis=2).reshape(S, 128)
