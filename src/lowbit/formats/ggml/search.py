@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.formats.ggml.jit import kernel, nearest_int, signed_absmax
+from lowbit.formats.ggml.jit import kernel, nearest_int, nearest_int_in_range, signed_absmax
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)
@@ -32,6 +32,7 @@ def _c(a: np.ndarray | None, like: np.ndarray) -> np.ndarray:
 
 @kernel
 def _qx_kernel(x, qw, nmax, rmse_type, scale, L):
+    # every rounded value is iscale·x with |iscale| ≤ (nmax + 0.9)/max|x|: within nearest_int's exact range
     B, n = x.shape
     has_qw = qw.shape[0] > 0
     w = np.empty(n, dtype=np.float32)
@@ -44,7 +45,7 @@ def _qx_kernel(x, qw, nmax, rmse_type, scale, L):
         iscale = np.float32(-nmax) / mx
         if rmse_type == 0:
             for i in range(n):
-                L[b, i] = nmax + min(max(nearest_int(iscale * x[b, i]), -nmax), nmax - 1)
+                L[b, i] = nmax + min(max(nearest_int_in_range(iscale * x[b, i]), -nmax), nmax - 1)
             scale[b] = _ONE / iscale
             continue
         for i in range(n):
@@ -61,7 +62,7 @@ def _qx_kernel(x, qw, nmax, rmse_type, scale, L):
         sumlx = _Z
         suml2 = _Z
         for i in range(n):
-            l = min(max(nearest_int(iscale * x[b, i]), -nmax), nmax - 1)
+            l = min(max(nearest_int_in_range(iscale * x[b, i]), -nmax), nmax - 1)
             L[b, i] = l + nmax
             lf = np.float32(l)
             sumlx += w[i] * x[b, i] * lf
@@ -75,12 +76,12 @@ def _qx_kernel(x, qw, nmax, rmse_type, scale, L):
             sumlx = _Z
             suml2 = _Z
             for i in range(n):
-                lf = np.float32(min(max(nearest_int(isc * x[b, i]), -nmax), nmax - 1))
+                lf = np.float32(min(max(nearest_int_in_range(isc * x[b, i]), -nmax), nmax - 1))
                 sumlx += w[i] * x[b, i] * lf
                 suml2 += w[i] * lf * lf
             if suml2 > _Z and sumlx * sumlx > best * suml2:
                 for i in range(n):
-                    L[b, i] = nmax + min(max(nearest_int(isc * x[b, i]), -nmax), nmax - 1)
+                    L[b, i] = nmax + min(max(nearest_int_in_range(isc * x[b, i]), -nmax), nmax - 1)
                 sc = sumlx / suml2
                 best = sc * sumlx
         scale[b] = sc
