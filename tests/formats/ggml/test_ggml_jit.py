@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lowbit.formats.ggml import quantize_raw
-from lowbit.formats.ggml.jit import (all_finite, block_absmax, block_minmax, kernel, nearest_int, roundf,
+from lowbit.formats.ggml.jit import (all_finite, block_absmax, block_minmax, kernel, nearest_int,
+                                     nearest_int_in_range, roundf,
                                      signed_absmax)
 
 F32 = np.float32
@@ -28,6 +29,7 @@ def test_nearest_int_is_round_half_even_in_range():
     f = vals.astype(F32)
     ours = np.array([nearest_int(v) for v in f])
     np.testing.assert_array_equal(ours, np.rint(f.astype(np.float64)).astype(np.int64))
+    np.testing.assert_array_equal(np.array([nearest_int_in_range(v) for v in f]), ours)
 
 
 def test_nearest_int_matches_the_c_bit_trick_outside_its_range():
