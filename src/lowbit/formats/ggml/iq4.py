@@ -48,6 +48,18 @@ def _levels(x, d, L):
             L[b, j] = _best_index(idb * x[b, j])
 
 
+@kernel(inline=True)
+def _trial(x, w, b, idb):
+    """``(Σ w·q·x, Σ w·q²)`` over block ``x[b]`` with ``q`` the table value nearest to ``idb·x``."""
+    sumqx = np.float32(0.0)
+    sumq2 = np.float32(0.0)
+    for j in range(x.shape[1]):
+        q = _KV[_best_index(idb * x[b, j])]
+        sumqx += w[b, j] * q * x[b, j]
+        sumq2 += w[b, j] * q * q
+    return sumqx, sumq2
+
+
 @kernel
 def _search_kernel(x, w, d):
     """Weighted least-squares scale per block of 32 over 2·NTRY+1 trial inverse scales."""
@@ -57,23 +69,11 @@ def _search_kernel(x, w, d):
             d[b] = np.float32(0.0)
             continue
         db = -mx / _KV[0]
-        idb = np.float32(1.0) / db
-        sumqx = np.float32(0.0)
-        sumq2 = np.float32(0.0)
-        for j in range(32):
-            q = _KV[_best_index(idb * x[b, j])]
-            sumqx += w[b, j] * q * x[b, j]
-            sumq2 += w[b, j] * q * q
+        sumqx, sumq2 = _trial(x, w, b, np.float32(1.0) / db)
         db = sumqx / sumq2 if sumq2 > 0 else np.float32(0.0)
         best = db * sumqx
         for itry in range(-NTRY, NTRY + 1):
-            idb = np.float32(itry + _K0) / mx
-            sumqx = np.float32(0.0)
-            sumq2 = np.float32(0.0)
-            for j in range(32):
-                q = _KV[_best_index(idb * x[b, j])]
-                sumqx += w[b, j] * q * x[b, j]
-                sumq2 += w[b, j] * q * q
+            sumqx, sumq2 = _trial(x, w, b, np.float32(itry + _K0) / mx)
             if sumq2 > 0 and sumqx * sumqx > best * sumq2:
                 db = sumqx / sumq2
                 best = db * sumqx

@@ -26,8 +26,9 @@ def _trits(x, b, t):
 def _base3_bytes(t, first, width, ntrits, out, b, at):
     """Bytes ``out[b, at + m]``, m < width: trits ``t[first + m + k·width]`` (k < ntrits) as a base-3 number
     (most significant first, padded to 5 digits), scaled to a byte: ``(q·256 + 242) // 243``."""
-    a = max(at, 0)
+    a = max(at, 0)  # max(·, 0): lets numba drop its negative-index wrap-around, so LLVM vectorizes the loop
     f = max(first, 0)
+    width = max(width, 0)
     pad = 1
     for k in range(ntrits, 5):
         pad *= 3
@@ -60,7 +61,7 @@ def _tq1_0_kernel(x, u, d, out):
 def _tq2_0_kernel(x, u, d, out):
     """``quantize_row_tq2_0_ref``: byte ``32h + m`` holds the trits of elements ``128h + m + 32k`` at bits 2k."""
     n = x.shape[1]
-    w = n // 8
+    w = max(n // 8, 0)
     t = np.empty(n, dtype=np.int32)
     bad = 0
     for b in range(x.shape[0]):
