@@ -156,3 +156,26 @@ def require_finite(x: np.ndarray, bad: int | None = None) -> None:
     """Raise :class:`NonFiniteInput` if ``x`` holds NaN/Inf (or if a kernel counted ``bad > 0`` of them)."""
     if (bad is not None and bad > 0) or (bad is None and not all_finite(x)):
         raise NonFiniteInput("input holds NaN/Inf values")
+
+
+@kernel
+def _importance_weights_kernel(x, qw, factor, out):
+    m = x.shape[1]
+    nq = qw.shape[0]
+    for r in range(x.shape[0]):
+        s2 = np.float32(0.0)
+        for j in range(m):
+            s2 += x[r, j] * x[r, j]
+        sigma2 = (factor * s2) / np.float32(m)
+        for j in range(m):
+            out[r, j] = qw[(r * m + j) % nq] * np.sqrt(sigma2 + x[r, j] * x[r, j])
+
+
+def importance_weights(x: np.ndarray, qw: np.ndarray, factor: float = 1.0) -> np.ndarray:
+    """``qw_j · sqrt(sigma2 + x_j²)`` with ``sigma2 = factor·Σ_row x² / m`` (left-to-right float32 sum), the
+    per-element weights of llama.cpp's importance-matrix searches, for rows ``x (R, m)`` that tile the
+    importance vector ``qw`` (a whole weight row, or a 256-column super-block of it, in row order)."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    out = np.empty(x.shape, dtype=F32)
+    _importance_weights_kernel(x, np.ascontiguousarray(qw, dtype=F32).reshape(-1), F32(factor), out)
+    return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.formats.ggml.jit import kernel, nearest_int as nearest_int_scalar
+from lowbit.formats.ggml.jit import importance_weights, kernel, nearest_int as nearest_int_scalar
 from lowbit.formats.ggml.numerics import F32, f16_from_bytes, f16_round, first_absmax, nearest_int, seq_sum, to_f16_bytes
 from lowbit.formats.ggml.search import make_q3_quants, make_qkx_quants, make_qp_quants, make_qx_quants
 
@@ -32,13 +32,10 @@ def _super(x: np.ndarray, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray
     return xs, w.reshape(-1, QK_K)
 
 
-def _sigma2(xs: np.ndarray, factor: int) -> np.ndarray:
-    """``factor·Σx²/256`` over each super-block, as ``factor*sum_x2/QK_K`` in C."""
-    return (F32(factor) * seq_sum(xs * xs)) / F32(QK_K)
-
-
 def _imatrix_weights(xs: np.ndarray, qw: np.ndarray, factor: int) -> np.ndarray:
-    return (qw * np.sqrt(_sigma2(xs, factor)[:, None] + xs * xs)).astype(F32)
+    """``qw · sqrt(sigma2 + x²)`` per super-block ``xs (S, 256)`` with ``sigma2 = factor·Σx²/256`` (C's
+    ``factor*sum_x2/QK_K``); ``qw (n,)`` is the importance vector of the whole row."""
+    return importance_weights(xs, qw, factor)
 
 
 def _u8(v: np.ndarray) -> np.ndarray:
@@ -139,7 +136,7 @@ def _q45_k(x: np.ndarray, qw: np.ndarray | None, nmax: int, ref: tuple[float, fl
         d = (max_scale / F32(63)).astype(F32)
         dmin = (max_min / F32(63)).astype(F32)
     else:
-        weights = _imatrix_weights(xs, w, 2).reshape(S * 8, 32)
+        weights = _imatrix_weights(xs, qw, 2).reshape(S * 8, 32)
         sw = seq_sum(weights).reshape(S, 8)
         scales, mins, L = make_qkx_quants(sub, weights, nmax, -0.9, 0.05, 36, False, False)
         d, ls = make_qp_quants(scales.reshape(S, 8), 63, sw)
@@ -202,7 +199,7 @@ def quantize_q2_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
         d = np.where(ok_s, max_scale / F32(15), F32(0)).astype(F32)
         dmin = np.where(ok_m, max_min / F32(15), F32(0)).astype(F32)
     else:
-        weights = _imatrix_weights(xs, w, 1).reshape(S * 16, 16)
+        weights = _imatrix_weights(xs, qw, 1).reshape(S * 16, 16)
         sw = seq_sum(weights).reshape(S, 16)
         scales, mins, L = make_qkx_quants(sub, weights, 3, -0.9, 0.05, 36, False, False)
         d, ls = make_qp_quants(scales.reshape(S, 16), 15, sw)
@@ -272,7 +269,7 @@ def quantize_q3_k(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
         l = np.where(ok[:, None], l, 0)
         d = np.where(ok, F32(1) / iscale, F32(0)).astype(F32)
     else:
-        weights = _imatrix_weights(xs, w, 2).reshape(S * 16, 16)
+        weights = _imatrix_weights(xs, qw, 2).reshape(S * 16, 16)
         sw = seq_sum(weights).reshape(S, 16)
         scales, L = make_qx_quants(sub, 4, 1, weights)
         d, l = make_qx_quants(scales.reshape(S, 16), 32, 1, sw)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.formats.ggml.jit import (block_absmax, block_minmax, block_nonfinite, kernel, require_finite, roundf,
-                                     signed_absmax)
+from lowbit.formats.ggml.jit import (block_absmax, block_minmax, block_nonfinite, importance_weights, kernel,
+                                     require_finite, roundf, signed_absmax)
 from lowbit.formats.ggml.numerics import F32, f16_from_bytes, seq_sum, to_f16_bytes
 from lowbit.formats.ggml.search import make_qkx_quants, make_qx_quants
 
@@ -30,10 +30,7 @@ def _blocks(x: np.ndarray) -> np.ndarray:
 
 def _row_weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     """``qw_j · sqrt(sigma2 + x_j²)`` with ``sigma2 = Σ_row x² / n`` (whole row), per block ``(R·nb, 32)``."""
-    R, n = x.shape
-    sigma2 = seq_sum(x * x) / F32(n)
-    w = np.asarray(qw, dtype=F32)[None, :] * np.sqrt(sigma2[:, None] + x * x)
-    return _blocks(w.astype(F32))
+    return _blocks(importance_weights(x, qw))
 
 
 _SIXTEEN = np.float32(16.0)
