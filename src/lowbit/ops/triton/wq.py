@@ -4,7 +4,7 @@ Layout: :mod:`lowbit.ops.repack` (bit planes packed along K, N contiguous; scale
 
 Three paths, chosen by the number of activation rows ``M``:
 
-- ``M <= GEMV_MAX_M``: GEMV with split-K (:func:`_gemv3_kernel`). Each program reduces a ``BK``-slice of K
+- ``M <= GEMV_MAX_M``: GEMV with split-K (:func:`_gemv3_kernel`; v4 decode by default, see :func:`_exact_code`). Each program reduces a ``BK``-slice of K
   for ``BN`` outputs and ``tl.atomic_add``-s its partial sums into an fp32 output (many CTAs even for small N:
   the M = 1 case is memory-bound, so the grid must cover every SM several times). The codes of a word are
   unpacked with constant shifts; an affine code is moved into the mantissa of 1.0 (``f = 1 + c/2^B``), so
@@ -12,7 +12,10 @@ Three paths, chosen by the number of activation rows ``M``:
   and zero point are applied once per (word, column): ``Σ_k x_k (c_k − z) s = s (Σ_k x_k c_k − z Σ_k x_k)``.
   Look-up tables (NF4/FP4 shared, SqueezeLLM per column) are held in registers and read by a select tree on
   the code bits. The earlier ``_gemv_kernel`` (``gemv_config(v=2)``) is kept for the benchmark's comparison.
-- ``GEMV_MAX_M < M < BIG_M``: tiled ``tl.dot`` kernel that dequantizes a ``(BK, BN)`` tile in registers.
+  v4 (the default for affine codes) skips the shifts: each code is decoded exactly in place by
+  :func:`_exact_code` (one LOP3 and one subtract), see ``benchmarks/NOTES_gpu.md`` session 3.
+- ``GEMV_MAX_M < M < BIG_M``: tiled ``tl.dot`` kernel that dequantizes a ``(BK, BN)`` tile in registers; for
+  ``M <= MM4_MAX_M`` and affine 2/4-bit codes, :func:`_mm4_kernel` (one dot per code position) instead.
 - ``M >= BIG_M``: dequantize to a bf16 ``(K, N)`` buffer with a Triton kernel (act-order rows scattered back
   to the weight's column order), then cuBLAS, in column chunks that stay in L2.
 
@@ -243,6 +246,18 @@ def _hm_dot(w, xr, perm, k0, K, NW: tl.constexpr, B: tl.constexpr, HAS_PERM: tl.
 
 
 @triton.jit
+def _exact_code(v, e23, P: tl.constexpr, B: tl.constexpr, SUB: tl.constexpr = True):
+    """The ``B``-bit code at bits ``[P, P + B)`` of ``v`` (``P + B <= 23``) as an exact float, decoded in place:
+    OR-ing in the exponent of ``2^(23 - P)`` makes a float whose unit in the last place is ``2^-P``, i.e.
+    ``2^(23 - P) + c``; ``SUB`` takes ``2^(23 - P)`` off. ``e23`` holds 2^23's bits at run time, so the
+    mask-and-or is one LOP3 (two immediates would take two)."""
+    f = ((v & (((1 << B) - 1) << P)) | (e23 - (P << 23))).to(tl.float32, bitcast=True)
+    if SUB:
+        f = f - float(1 << (23 - P))
+    return f
+
+
+@triton.jit
 def _ex_dot(w, xr, perm, k0, K, e23, NW: tl.constexpr, B: tl.constexpr, HAS_PERM: tl.constexpr,
             EVEN: tl.constexpr, PMIN: tl.constexpr = 24):
     """One bit plane of a K-tile against x with exact float codes and one integer op per code (GEMV v4).
@@ -276,15 +291,11 @@ def _ex_dot(w, xr, perm, k0, K, e23, NW: tl.constexpr, B: tl.constexpr, HAS_PERM
             v = w
         else:
             v = hi
-        # code at bit p = B·i - 9·(i >= LOW); e23 is the runtime bits of 2^23 (the caller's ``E23``): kept in a
-        # register, the mask-and-or is one LOP3 (two immediates would take two)
-        f = ((v & (((1 << B) - 1) << (B * i - 9 * (i >= LOW)))) | (e23 - ((B * i - 9 * (i >= LOW)) << 23))).to(
-            tl.float32, bitcast=True)
-        if B * i - 9 * (i >= LOW) >= PMIN:
-            A += f * xi[:, None]
+        if B * i - 9 * (i >= LOW) >= PMIN:  # code at bit B·i - 9·(i >= LOW)
+            A += _exact_code(v, e23, B * i - 9 * (i >= LOW), B, False) * xi[:, None]
             XB += xi * float(1 << (23 - (B * i - 9 * (i >= LOW))))
         else:
-            A += (f - float(1 << (23 - (B * i - 9 * (i >= LOW))))) * xi[:, None]
+            A += _exact_code(v, e23, B * i - 9 * (i >= LOW), B) * xi[:, None]
         X += xi
     if PMIN < 24:
         A -= XB[:, None]
@@ -525,20 +536,33 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
 
 
 @triton.jit
+def _tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """Rows and columns of this program's ``(BM, BN)`` output tile (grid axes 0 and 1) and their bounds masks."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, SPLIT_K: tl.constexpr):
+    """Write an fp32 tile: cast and store, or accumulate atomically into an fp32 output under split-K."""
+    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mo = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mo)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mo, sem="relaxed")
+
+
+@triton.jit
 def _mm_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, stride_om,
                BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                K_PER_PROG: tl.constexpr, RS: tl.constexpr, MAGIC: tl.constexpr = False, SEL: tl.constexpr = True,
                FP16: tl.constexpr = False):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = _tile_offsets(M, N, BM, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    kstart = pid_k * K_PER_PROG
+    kstart = tl.program_id(2) * K_PER_PROG
     for kt in range(0, K_PER_PROG, BK):
         k0 = kstart + kt
         offs_k = k0 + tl.arange(0, BK)
@@ -565,12 +589,7 @@ def _mm_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, 
         else:
             w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE, RS, SEL)
             acc = tl.dot(a, w.to(a.dtype), acc)
-    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    mo = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mo)
-    else:
-        tl.atomic_add(ptrs, acc, mask=mo, sem="relaxed")
+    _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, SPLIT_K)
 
 
 @triton.jit
@@ -587,21 +606,15 @@ def _mm4_kernel(x_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_xm, stride_
     PER: tl.constexpr = 32 // B
     NW: tl.constexpr = BK // PER
     LOW: tl.constexpr = 23 // B
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = _tile_offsets(M, N, BM, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    kstart = pid_k * K_PER_PROG
+    kstart = tl.program_id(2) * K_PER_PROG
     for kt in range(0, K_PER_PROG, BK):
         k0 = kstart + kt
         rows = k0 // PER + tl.arange(0, NW)
         w = tl.load(qp + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW) & mask_n[None, :], other=0,
                     eviction_policy="evict_first")
-        hi = w >> (B * LOW)
+        hi = w >> 9
         g = k0 // GROUP
         ms = mask_n & (k0 < K)
         s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
@@ -611,19 +624,13 @@ def _mm4_kernel(x_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_xm, stride_
                 v = w
             else:
                 v = hi
-            c = ((v & (((1 << B) - 1) << (B * (i % LOW)))) | (E23 - ((B * (i % LOW)) << 23))).to(
-                tl.float32, bitcast=True) - float(1 << (23 - B * (i % LOW)))
+            c = _exact_code(v, E23, B * i - 9 * (i >= LOW), B)
             wt = (c * s[None, :] + zs[None, :]).to(x_ptr.dtype.element_ty)
             kk = rows * PER + i
             a = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K),
                         other=0.0)
             acc = tl.dot(a, wt, acc)
-    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    mo = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mo)
-    else:
-        tl.atomic_add(ptrs, acc, mask=mo, sem="relaxed")
+    _store_tile(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, SPLIT_K)
 
 
 @triton.jit
@@ -663,7 +670,7 @@ def _dequant4_kernel(out_ptr, qp, scale, zero, perm, N, K, KW, n_off, n_end, str
     k0 = pid_k * BK
     rows = k0 // PER + tl.arange(0, NW)
     w = tl.load(qp + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW) & mask_n[None, :], other=0)
-    hi = w >> (B * LOW)
+    hi = w >> 9
     g = k0 // GROUP
     s = tl.load(scale + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     zs = -tl.load(zero + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) * s
@@ -672,8 +679,7 @@ def _dequant4_kernel(out_ptr, qp, scale, zero, perm, N, K, KW, n_off, n_end, str
             v = w
         else:
             v = hi
-        c = ((v & (((1 << B) - 1) << (B * (i % LOW)))) | (E23 - ((B * (i % LOW)) << 23))).to(
-            tl.float32, bitcast=True) - float(1 << (23 - B * (i % LOW)))
+        c = _exact_code(v, E23, B * i - 9 * (i >= LOW), B)
         kk = rows * PER + i
         mk = kk < K
         if HAS_PERM:  # act-order: kernel row k is row perm[k] of W^T
