@@ -3,6 +3,9 @@ definitions and the C semantics they reproduce (bit patterns, ties, ±0, first-o
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +106,18 @@ def test_non_finite_input_is_rejected_by_every_path(name, bad):
         for threads in (1, 2):
             with pytest.raises(ValueError, match="1 NaN/Inf value"):
                 quantize_raw(x, name, imatrix=qw, threads=threads)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_quantize_raw_threads_work_in_a_forked_child():
+    # the row-thread pool lives for the process; a forked child must not wait on the parent's (absent) threads
+    x = torch.randn(400, 512, generator=torch.Generator().manual_seed(5))
+    expected = quantize_raw(x, "Q4_0", threads=2)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_quantize_q4_0_two_threads, (x.numpy(),)).get(timeout=120)
+    np.testing.assert_array_equal(got, expected)
+
+
+def _quantize_q4_0_two_threads(x: np.ndarray) -> np.ndarray:
+    return quantize_raw(x, "Q4_0", threads=2)

@@ -107,16 +107,18 @@ def check_imatrix(imatrix: np.ndarray | torch.Tensor | None, cols: int) -> np.nd
     return qw
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
-    """A process-wide pool of ``n`` worker threads (starting threads per call cost more than small tensors)."""
+    """A process-wide pool of ``n`` worker threads (starting threads per call cost more than small tensors).
+    Keyed by process id too: a forked child inherits the pool object but not its threads."""
+    key = (os.getpid(), n)
     with _POOLS_LOCK:
-        if n not in _POOLS:
-            _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="lowbit-ggml")
-        return _POOLS[n]
+        if key not in _POOLS:
+            _POOLS[key] = ThreadPoolExecutor(n, thread_name_prefix="lowbit-ggml")
+        return _POOLS[key]
 
 
 def quantize_raw(x: torch.Tensor | np.ndarray, type_name: str | int, imatrix: np.ndarray | torch.Tensor | None = None,
