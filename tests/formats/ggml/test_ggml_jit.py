@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lowbit.formats.ggml import quantize_raw
-from lowbit.formats.ggml.jit import (all_finite, block_absmax, block_minmax, kernel, nearest_int,
+from lowbit.formats.ggml.jit import (all_finite, block_absmax, block_absmax_tree, block_minmax, kernel, nearest_int,
                                      nearest_int_in_range, roundf,
                                      signed_absmax)
 
@@ -61,6 +61,11 @@ def test_block_helpers_keep_c_semantics():
     assert np.signbit(mn) and np.signbit(mx)  # first of the equal zeros: -0.0 for both
     mn, mx = block_minmax(x, 3)
     assert (float(mn), float(mx)) == (-1.0, 2.0)
+    y = np.random.default_rng(6).standard_normal((50, 256)).astype(F32)
+    y[7] = 0.0
+    scratch = np.empty(256, dtype=F32)
+    tree = [float(block_absmax_tree(y, b, scratch)) for b in range(50)]
+    assert tree == [float(block_absmax(y, b)) for b in range(50)] == list(np.abs(y).max(axis=1).astype(float))
 
 
 def test_all_finite_agrees_with_numpy():

@@ -97,6 +97,21 @@ def block_absmax(x, b):
 
 
 @kernel(inline=True)
+def block_absmax_tree(x, b, t):
+    """:func:`block_absmax` by a pairwise tree in the scratch row ``t`` (the element-wise halving steps
+    vectorize: 2× faster for 256-blocks, slower for 32-blocks). The row length must be a power of two."""
+    n = x.shape[1]
+    for j in range(n):
+        t[j] = abs(x[b, j])
+    h = n // 2
+    while h >= 1:
+        for j in range(h):
+            t[j] = t[j] if t[j] >= t[j + h] else t[j + h]
+        h //= 2
+    return t[0]
+
+
+@kernel(inline=True)
 def block_minmax(x, b):
     """``(min, max)`` of block ``x[b]``; the first of equal values (±0) wins, as in C's strict scans."""
     mn = x[b, 0]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.formats.ggml.jit import block_absmax, block_nonfinite, kernel, require_finite, roundf
+from lowbit.formats.ggml.jit import block_absmax_tree, block_nonfinite, kernel, require_finite, roundf
 from lowbit.formats.ggml.numerics import F32, f16_from_bytes, to_f16_bytes
 
 @kernel(inline=True)
-def _trits(x, b, t):
+def _trits(x, b, t, scratch):
     """``d = max|x[b]|`` and the trits ``t = roundf(x/d) + 1 ∈ {0, 1, 2}`` of block ``x[b]`` (into ``t``)."""
-    amax = block_absmax(x, b)
+    amax = block_absmax_tree(x, b, scratch)
     idb = np.float32(1.0) / amax if amax != 0 else np.float32(0.0)
     for j in range(x.shape[1]):
         t[j] = roundf(x[b, j] * idb) + 1
@@ -47,10 +47,11 @@ def _tq1_0_kernel(x, u, d, out):
     size (256) so LLVM vectorizes them."""
     n = x.shape[1]
     t = np.empty(n, dtype=np.int32)
+    scratch = np.empty(n, dtype=np.float32)
     bad = 0
     for b in range(x.shape[0]):
         bad += block_nonfinite(u, b)
-        d[b] = _trits(x, b, t)
+        d[b] = _trits(x, b, t, scratch)
         _base3_bytes(t, 0, n // 8, 5, out, b, 0)
         _base3_bytes(t, 5 * (n // 8), n // 16, 5, out, b, n // 8)
         _base3_bytes(t, 5 * (n // 8) + 5 * (n // 16), n // 64, 4, out, b, n // 8 + n // 16)
@@ -63,10 +64,11 @@ def _tq2_0_kernel(x, u, d, out):
     n = x.shape[1]
     w = max(n // 8, 0)
     t = np.empty(n, dtype=np.int32)
+    scratch = np.empty(n, dtype=np.float32)
     bad = 0
     for b in range(x.shape[0]):
         bad += block_nonfinite(u, b)
-        d[b] = _trits(x, b, t)
+        d[b] = _trits(x, b, t, scratch)
         for h in range(2):
             for m in range(w):
                 out[b, w * h + m] = np.uint8(t[4 * w * h + m] | (t[4 * w * h + m + w] << 2) |
