@@ -42,7 +42,7 @@ def test_quick_options_apply_unless_full(monkeypatch) -> None:
 def test_run_demo_writes_table_json_and_plot(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     lines: list[str] = []
-    rows = run_demo(tmp_path, ["rtn"], max_eval_tokens=256, ctx_len=128, calib_samples=1, calib_seq_len=32,
+    rows = run_demo(tmp_path, ["rtn"], max_eval_tokens=256, ctx_len=128, calib_samples=1, calib_seq_len=32, jobs=1,
                     echo=lines.append)
     assert [r["method"] for r in rows] == ["unquantized", "rtn", "rtn"]
     assert rows[0]["ppl"] < rows[1]["ppl"] < rows[2]["ppl"]  # 4 bits beats 3 bits; both above the base
@@ -52,3 +52,22 @@ def test_run_demo_writes_table_json_and_plot(tmp_path) -> None:
     assert md.count("| rtn |") == 2 and "already quantized" in md.lower() and "| act |" in md
     assert [r["act"] for r in rows] == ["float"] * 3
     assert (tmp_path / "ppl_vs_bits.png").stat().st_size > 1000
+
+
+def test_run_demo_in_two_worker_processes_gives_the_in_process_rows(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    kw = dict(max_eval_tokens=256, ctx_len=128, calib_samples=2, calib_seq_len=32, echo=lambda _s: None)
+    here = run_demo(tmp_path / "one", ["rtn", "nf4"], jobs=1, **kw)
+    pool = run_demo(tmp_path / "two", ["rtn", "nf4"], jobs=2, **kw)
+    # rows in the order asked for, whatever order the workers finished in
+    assert [(r["method"], r["bits"]) for r in pool] == [(r["method"], r["bits"]) for r in here]
+    assert [(r["method"], r["bits"]) for r in pool] == [("unquantized", 32), ("rtn", 4), ("rtn", 3), ("nf4", 4)]
+    for a, b in zip(here, pool):
+        assert "error" not in a and "error" not in b
+        assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-5)  # same weights, one thread vs the parent's
+        assert b["bits_per_weight"] == a["bits_per_weight"]
+    data = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert data["jobs"] == 2 and data["eval_tokens"] == 256
+    assert "2 runs at a time" in (tmp_path / "two" / "results.md").read_text()
+    with pytest.raises(ValueError, match="jobs"):
+        run_demo(tmp_path / "bad", ["rtn"], jobs=0, **kw)

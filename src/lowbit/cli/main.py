@@ -177,7 +177,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(out_dir=Path(args.out), methods=args.methods, max_eval_tokens=args.max_eval_tokens,
              ctx_len=args.ctx_len, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-             full=args.full, progress=_progress(), echo=print)
+             full=args.full, jobs=args.jobs, progress=_progress(), echo=print)
     return 0
 
 
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--calib-seq-len", type=int, default=256)
     s.add_argument("--full", action="store_true",
                    help="each method's default search settings instead of its quick_options (slower)")
+    s.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time in worker processes (default: 2 with at least 2 cores; 1 = this process)")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("export-gguf", help="write a GGUF file llama.cpp runs")
