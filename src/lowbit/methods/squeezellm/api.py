@@ -27,8 +27,7 @@ class SqueezeLLMConfig(MethodConfig):
             a ``RowCodebook`` given with non-zero fractions becomes ``Outliers(base=that RowCodebook)``.
         sensitive_fraction: share of weights with the largest Fisher values kept in 16 bits (paper: 0.05 %).
         outlier_fraction: share of range outliers kept in 16 bits (paper: 0.40 %; 0.45 % in total).
-        max_iter: Lloyd iterations of the weighted k-means (reference: sklearn ``max_iter=50``);
-            ``quick_options`` (``lowbit demo``): 10.
+        max_iter: Lloyd iterations of the weighted k-means (reference: sklearn ``max_iter=50``).
     """
 
     kind: ClassVar[str] = "squeezellm"
@@ -36,7 +35,6 @@ class SqueezeLLMConfig(MethodConfig):
     bits_choices: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8)
     summary: ClassVar[str] = "SqueezeLLM: Fisher-weighted k-means LUT per row, optional dense-and-sparse outliers"
     paper: ClassVar[str] = "arXiv:2306.07629"
-    quick_options: ClassVar[Mapping[str, Any]] = {"max_iter": 10}
 
     format: Format = dataclasses.field(default_factory=lambda: RowCodebook(bits=3))
     sensitive_fraction: float = 0.0
