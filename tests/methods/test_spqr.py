@@ -140,3 +140,26 @@ def test_spqr_model_round_trips_through_save_and_load(tmp_path) -> None:  # noqa
     assert isinstance(back.model.layers[0].mlp.down_proj.format, Outliers)
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ref, rtol=0, atol=0)
+
+
+def test_column_rounder_equals_the_formats_fake_quantize_on_one_column() -> None:
+    from lowbit.formats.affine import IntAffine
+    from lowbit.formats.bilevel import BilevelAffine
+    from lowbit.methods.gptq.api import _column_rounder, affine_column_rounder
+
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(48, 16, generator=g)
+    W[3, 5] = 9.0  # a value far outside its group's range: clamped the same way by both
+    base = BilevelAffine(bits=3, group_size=16, stat_bits=3, stat_group_size=16)
+    p = base.params(W)
+    rnd = affine_column_rounder(float((1 << base.bits) - 1), lambda q: base.stats(q, W.shape[0]))
+    shifted = W + 0.01 * torch.randn(W.shape, generator=g)  # GPTQ rounds updated columns with the fitted params
+    for j in range(W.shape[1]):
+        col = shifted[:, j:j + 1]
+        assert torch.equal(rnd(col, p), base.fake_quantize(col, **p))
+    for fmt in (IntAffine(4, group_size=16), IntAffine(3, group_size=16, symmetric=True)):
+        p = fmt.params(W)
+        r = _column_rounder(fmt)
+        for j in range(W.shape[1]):
+            col = shifted[:, j:j + 1]
+            assert torch.equal(r(col, p, j, None), fmt.fake_quantize(col, **p))

@@ -29,9 +29,6 @@ __all__ = ["dequantize_raw", "quantize_raw", "GGML_TYPES", "GGML_TYPES_BY_ID", "
 logger = logging.getLogger(__name__)
 
 _CHUNK_ELEMENTS = 1 << 17  # per quantizer call: keeps the search's arrays in cache
-# reference quantizers that read each block once (no search, no importance matrix): their chunks need no
-# cache sizing, and each call costs ~0.2 ms of numpy set-up around the compiled loop, so one chunk per thread
-_SINGLE_PASS = frozenset({"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0"})
 _THREADS = min(8, os.cpu_count() or 1)
 
 
@@ -163,7 +160,7 @@ def quantize_raw(x: torch.Tensor | np.ndarray, type_name: str | int, imatrix: np
         raise ValueError(f"threads must be >= 1, got {threads}")
     out = np.empty((rows, t.row_bytes(cols)), dtype=np.uint8)
     step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
-    if t.name in _SINGLE_PASS and qw is None:
+    if t.single_pass and qw is None:  # no cache sizing needed, and each call costs ~0.2 ms of numpy set-up
         step = max(1, -(-rows // n_threads))
     xn = np.ascontiguousarray(xn)
 

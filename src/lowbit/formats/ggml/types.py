@@ -31,6 +31,8 @@ class GGMLType:
         uses_imatrix: whether the reference quantizer reads an importance matrix.
         checks_finite: whether ``quantize`` itself raises :class:`~lowbit.formats.ggml.jit.NonFiniteInput` on
             NaN/Inf (its kernels count them while they read each block); else ``quantize_raw`` checks first.
+        single_pass: whether ``quantize`` without an importance matrix reads each block once (the reference
+            rounding, no search): ``quantize_raw`` then gives each thread one chunk of rows.
     """
 
     name: str
@@ -41,6 +43,7 @@ class GGMLType:
     dequantize: Dequantizer
     uses_imatrix: bool
     checks_finite: bool = False
+    single_pass: bool = False
 
     @property
     def bits_per_weight(self) -> float:
@@ -53,11 +56,11 @@ class GGMLType:
 GGML_TYPES: dict[str, GGMLType] = {t.name: t for t in (
     GGMLType("F32", 0, 1, 4, floats.quantize_f32, floats.dequantize_f32, False),
     GGMLType("F16", 1, 1, 2, floats.quantize_f16, floats.dequantize_f16, False),
-    GGMLType("Q4_0", 2, 32, 18, legacy.quantize_q4_0, legacy.dequantize_q4_0, True, checks_finite=True),
-    GGMLType("Q4_1", 3, 32, 20, legacy.quantize_q4_1, legacy.dequantize_q4_1, True, checks_finite=True),
-    GGMLType("Q5_0", 6, 32, 22, legacy.quantize_q5_0, legacy.dequantize_q5_0, True, checks_finite=True),
-    GGMLType("Q5_1", 7, 32, 24, legacy.quantize_q5_1, legacy.dequantize_q5_1, True, checks_finite=True),
-    GGMLType("Q8_0", 8, 32, 34, legacy.quantize_q8_0, legacy.dequantize_q8_0, False, checks_finite=True),
+    GGMLType("Q4_0", 2, 32, 18, legacy.quantize_q4_0, legacy.dequantize_q4_0, True, checks_finite=True, single_pass=True),
+    GGMLType("Q4_1", 3, 32, 20, legacy.quantize_q4_1, legacy.dequantize_q4_1, True, checks_finite=True, single_pass=True),
+    GGMLType("Q5_0", 6, 32, 22, legacy.quantize_q5_0, legacy.dequantize_q5_0, True, checks_finite=True, single_pass=True),
+    GGMLType("Q5_1", 7, 32, 24, legacy.quantize_q5_1, legacy.dequantize_q5_1, True, checks_finite=True, single_pass=True),
+    GGMLType("Q8_0", 8, 32, 34, legacy.quantize_q8_0, legacy.dequantize_q8_0, False, checks_finite=True, single_pass=True),
     GGMLType("Q2_K", 10, 256, 84, kquants.quantize_q2_k, kquants.dequantize_q2_k, True),
     GGMLType("Q3_K", 11, 256, 110, kquants.quantize_q3_k, kquants.dequantize_q3_k, True),
     GGMLType("Q4_K", 12, 256, 144, kquants.quantize_q4_k, kquants.dequantize_q4_k, True),
@@ -66,8 +69,8 @@ GGML_TYPES: dict[str, GGMLType] = {t.name: t for t in (
     GGMLType("IQ4_NL", 20, 32, 18, iq4.quantize_iq4_nl, iq4.dequantize_iq4_nl, True),
     GGMLType("IQ4_XS", 23, 256, 136, iq4.quantize_iq4_xs, iq4.dequantize_iq4_xs, True),
     GGMLType("BF16", 30, 1, 2, floats.quantize_bf16, floats.dequantize_bf16, False),
-    GGMLType("TQ1_0", 34, 256, 54, ternary.quantize_tq1_0, ternary.dequantize_tq1_0, False, checks_finite=True),
-    GGMLType("TQ2_0", 35, 256, 66, ternary.quantize_tq2_0, ternary.dequantize_tq2_0, False, checks_finite=True),
+    GGMLType("TQ1_0", 34, 256, 54, ternary.quantize_tq1_0, ternary.dequantize_tq1_0, False, checks_finite=True, single_pass=True),
+    GGMLType("TQ2_0", 35, 256, 66, ternary.quantize_tq2_0, ternary.dequantize_tq2_0, False, checks_finite=True, single_pass=True),
 )}
 
 GGML_TYPES_BY_ID: dict[int, GGMLType] = {t.type_id: t for t in GGML_TYPES.values()}

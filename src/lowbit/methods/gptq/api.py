@@ -21,7 +21,7 @@ from lowbit.formats.base import Format, QuantizedTensor
 from lowbit.methods.base import MethodConfig
 from lowbit.methods.gptq.core import Params, gptq
 
-__all__ = ["GPTQConfig", "quantize_with_hessian", "require_hessian"]
+__all__ = ["GPTQConfig", "quantize_with_hessian", "require_hessian", "affine_column_rounder"]
 
 
 def require_hessian(stats: Mapping[str, torch.Tensor] | None, W: torch.Tensor, kind: str) -> torch.Tensor:
@@ -42,33 +42,44 @@ def _cat(groups: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in groups], dim=1) for k in groups[0]}
 
 
-def _column_rounder(fmt: Format) -> Callable[..., torch.Tensor]:
-    """``round_(w, params, j, u_jj)`` for GPTQ's sweep: ``fmt.fake_quantize`` of one column.
-
-    For :class:`IntAffine` the column is rounded with plain tensor ops on the group's parameters, which the
-    sweep fitted with ``fmt.params`` (so they need none of ``fake_quantize``'s checks): the same arithmetic as
-    ``IntAffine.codes`` + ``fake_quantize`` (``clamp(round(w/s + z), 0, qmax)``, then ``(q - z)·s`` in float32),
-    hence the same values, without the per-column validation that dominated GPTQ's time on small layers.
-    """
-    if type(fmt) is not IntAffine:
-        return lambda w, p, _j, _d: fmt.fake_quantize(w, **p)
-    qmax = float(fmt.qmax)
-    mid = float(1 << (fmt.bits - 1))
-    # id(params) -> (params, scale, zero_point) as float32; the sweep keeps every params dict alive while it runs
-    # (so ids are not reused), and with act-order + static groups consecutive columns switch groups.
+def affine_column_rounder(qmax: float, scale_zero: Callable[[Params], tuple[torch.Tensor, torch.Tensor]]
+                          ) -> Callable[[torch.Tensor, Params], torch.Tensor]:
+    """``round_(w, params)`` for one column on an integer grid ``0..qmax``: ``(clamp(round(w/s + z), 0, qmax) - z)·s``
+    in float32, with the group's ``(s, z)`` (``(out, 1)`` float32) from ``scale_zero(params)`` computed once per
+    group, not per column (the per-column validation and expansion of a format's ``fake_quantize`` dominated
+    GPTQ's time on small layers). Keyed by ``id(params)``: the sweep keeps every params dict alive while it
+    runs, so ids are not reused, and with act-order + static groups consecutive columns switch groups."""
     cache: dict[int, tuple[Params, torch.Tensor, torch.Tensor]] = {}
 
-    def round_(w: torch.Tensor, p: Params, _j: int, _d: torch.Tensor) -> torch.Tensor:
+    def round_(w: torch.Tensor, p: Params) -> torch.Tensor:
         hit = cache.get(id(p))
-        if hit is None or hit[0] is not p:  # a group's float parameters are converted once, not per column
-            zero = p.get("zero_point")
-            s = p["scale"].float()
-            hit = cache[id(p)] = (p, s, torch.full_like(s, mid) if zero is None else zero.float())
+        if hit is None or hit[0] is not p:
+            hit = cache[id(p)] = (p, *scale_zero(p))
         _, s, z = hit
         q = torch.clamp(torch.round(w.float() / s + z), 0, qmax)
         return ((q - z) * s).to(w.dtype)
 
     return round_
+
+
+def _column_rounder(fmt: Format) -> Callable[..., torch.Tensor]:
+    """``round_(w, params, j, u_jj)`` for GPTQ's sweep: ``fmt.fake_quantize`` of one column.
+
+    For :class:`IntAffine` the column is rounded by :func:`affine_column_rounder` on the group's parameters,
+    which the sweep fitted with ``fmt.params`` (so they need none of ``fake_quantize``'s checks): the same
+    arithmetic as ``IntAffine.codes`` + ``fake_quantize``, hence the same values.
+    """
+    if type(fmt) is not IntAffine:
+        return lambda w, p, _j, _d: fmt.fake_quantize(w, **p)
+    mid = float(1 << (fmt.bits - 1))
+
+    def scale_zero(p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        zero = p.get("zero_point")
+        s = p["scale"].float()
+        return s, torch.full_like(s, mid) if zero is None else zero.float()
+
+    rnd = affine_column_rounder(float(fmt.qmax), scale_zero)
+    return lambda w, p, _j, _d: rnd(w, p)
 
 
 def quantize_with_hessian(fmt: Format, W: torch.Tensor, H: torch.Tensor, *, damp: float, block_size: int,

@@ -14,7 +14,7 @@ from lowbit.formats.base import Format, QuantizedTensor
 from lowbit.formats.bilevel import BilevelAffine
 from lowbit.formats.outliers import Outliers
 from lowbit.methods.base import MethodConfig
-from lowbit.methods.gptq.api import require_hessian
+from lowbit.methods.gptq.api import affine_column_rounder, require_hessian
 from lowbit.methods.gptq.core import gptq
 from lowbit.methods.spqr.core import leave_one_out_reduction, outlier_threshold, without_likely_outliers
 
@@ -74,18 +74,11 @@ class SpQRConfig(MethodConfig):
                 Wg = without_likely_outliers(Wg, leave_one_out_reduction(Wg, u, base.bits) > tau[0])
             return base.params(Wg)
 
-        qmax = float((1 << base.bits) - 1)
-        # id(params) -> (params, scale, zero) of the group as (out, 1) float32: the group's statistics are
-        # dequantized once, not per column (the sweep keeps every params dict alive, so ids are not reused)
-        stats: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]] = {}
+        # the arithmetic of base.fake_quantize on one column, the group's statistics dequantized once
+        rnd = affine_column_rounder(float((1 << base.bits) - 1), lambda p: base.stats(p, out))
 
         def round_(w: torch.Tensor, p: dict[str, torch.Tensor], j: int, u_jj: torch.Tensor) -> torch.Tensor:
-            hit = stats.get(id(p))
-            if hit is None or hit[0] is not p:
-                hit = stats[id(p)] = (p, *base.stats(p, out))
-            _, s, z = hit
-            # the arithmetic of base.fake_quantize on one column of the group (bit-identical results)
-            q = ((torch.clamp(torch.round(w.float() / s + z), 0, qmax) - z) * s).to(w.dtype)
+            q = rnd(w, p)
             out_j = ((w - q) / u_jj).square() > tau[0]
             if bool(out_j.any()):
                 mask[:, j:j + 1] = out_j
