@@ -78,11 +78,91 @@ def test_enabled_qlinear_fast_path_matches_reference():
         "m = QuantLinear(q)\n"
         "x = torch.randn(3, 192)\n"
         "y0 = m(x)\n"
-        "cpu.enable_qlinear_fast_path()\n"
+        "cpu.enable_qlinear_fast_path(float32_compute='float32')\n"
         "y1 = m(x)\n"
         "d = float((y1 - y0).norm() / y0.norm())\n"
         "assert 0 < d < 1e-4, d\n"
         "print('ok', d)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok")
+
+
+# -- W8A8 (torch._int_mm): exact ---------------------------------------------------------------------------
+
+from lowbit.formats.act_quant import ActQuant, int8_matmul_reference  # noqa: E402
+
+W8A8 = {"O1": Int8Rowwise(act=ActQuant("int8", "token")),
+        "O2": Int8Rowwise(granularity="tensor", act=ActQuant("int8", "tensor")),
+        "O3": Int8Rowwise(granularity="tensor", act=ActQuant("int8", "tensor", static=True)),
+        "llm_int8": Int8Rowwise(act=ActQuant("int8", "token"), threshold=3.0)}
+
+
+def test_cpu_int_mm_is_exact_on_extremes():
+    torch.manual_seed(5)
+    for M, K, N in ((1, 4096, 40), (3, 576, 64), (20, 320, 48)):
+        a = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+        b = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+        a[0, :] = 127  # the largest |sum| the format allows: K·127²
+        b[0, :] = 127
+        b[1, :] = -127
+        y = cpu._int_mm(a, b.t())
+        assert y.dtype == torch.int32 and torch.equal(y, int8_matmul_reference(a, b.t()))
+        assert int(y[0, 0]) == K * 127 * 127
+
+
+@pytest.mark.parametrize("name", list(W8A8))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a8_path_is_bit_identical_to_reference(name, dtype):
+    fmt = W8A8[name]
+    torch.manual_seed(7)
+    W = torch.randn(48, 320)
+    params = {"act_scale": torch.tensor([0.05])} if fmt.act.static else {}
+    q = fmt.quantize(W, **params)
+    w = cpu.pack(q)
+    assert isinstance(w, cpu.CpuW8A8Weight)
+    data = [q[n] for n in q.format.tensor_names()]
+    b = torch.randn(48)
+    for M in (1, 5, 20):  # 20 > 16: the reference takes torch._int_mm too; below it an exact float64 matmul
+        x = torch.randn(2, M, 320).to(dtype)
+        x[0, 0, 3] = 8.0  # an outlier column for LLM.int8()
+        y_ref = ref.qlinear(x, data, q.format.spec(), list(q.shape), b)
+        y = cpu.linear(x, w, b)
+        assert y.dtype == dtype and y.shape == y_ref.shape
+        assert torch.equal(y, y_ref), float((y.float() - y_ref.float()).abs().max())
+        assert float(y_ref.float().abs().max()) > 0  # never compared on zeros
+
+
+def test_float32_compute_choices():
+    assert cpu.compute_dtype(torch.float32) == torch.bfloat16
+    assert cpu.compute_dtype(torch.float32, "float32") == torch.float32
+    assert cpu.compute_dtype(torch.float16, "float32") == torch.float16
+    with pytest.raises(ValueError, match="valid choices"):
+        cpu.compute_dtype(torch.float32, "fp8")
+
+
+def test_enabled_fast_path_w8a8_and_float32_compute():
+    # In a subprocess (the registration is process-wide). W8A8 through the op is exact; weight-only int4 with
+    # float32 inputs computes in bf16 by default (bf16 rounding) and in float32 when asked (≈1e-6).
+    code = (
+        "import torch\n"
+        "from lowbit.formats.act_quant import ActQuant\n"
+        "from lowbit.formats.affine import IntAffine\n"
+        "from lowbit.formats.int8_rowwise import Int8Rowwise\n"
+        "from lowbit.nn.linear import QuantLinear\n"
+        "from lowbit.ops import cpu\n"
+        "torch.manual_seed(0)\n"
+        "m8 = QuantLinear(Int8Rowwise(act=ActQuant('int8', 'token'), threshold=6.0).quantize(torch.randn(64, 256)))\n"
+        "m4 = QuantLinear(IntAffine(bits=4, group_size=64).quantize(torch.randn(64, 256)))\n"
+        "x = torch.randn(3, 256); x[1, 5] = 9.0\n"
+        "r8, r4 = m8(x), m4(x)\n"
+        "cpu.enable_qlinear_fast_path()\n"
+        "assert torch.equal(m8(x), r8)\n"
+        "d_bf16 = float((m4(x) - r4).norm() / r4.norm())\n"
+        "cpu.enable_qlinear_fast_path(float32_compute='float32')\n"
+        "d_f32 = float((m4(x) - r4).norm() / r4.norm())\n"
+        "assert 1e-4 < d_bf16 < 1e-2 and 0 < d_f32 < 1e-5, (d_bf16, d_f32)\n"
+        "print('ok', d_bf16, d_f32)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok")
