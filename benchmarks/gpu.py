@@ -329,6 +329,125 @@ def gemv_sweep(out_dir: str, bw: float) -> dict:
     return res
 
 
+I8_CANDIDATES = {  # session 4 sweep: BM/BN/BK, warps, stages, GROUP_M, maxnreg (128 lets two CTAs share an SM)
+    "t0 128/128/128 w8 s4 (session 3)": dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=4, GROUP_M=8),
+    "t1 128/128/128 w8 s3": dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, GROUP_M=8),
+    "t2 128/128/128 w8 s3 r128": dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, GROUP_M=8, maxnreg=128),
+    "t3 128/128/128 w8 s3 r128 g16": dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, GROUP_M=16,
+                                         maxnreg=128),
+    "t4 128/128/64 w8 s4 r128": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4, GROUP_M=8, maxnreg=128),
+    "t5 128/128/64 w8 s3 r128": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, GROUP_M=8, maxnreg=128),
+    "t6 128/128/256 w8 s3": dict(BM=128, BN=128, BK=256, num_warps=8, num_stages=3, GROUP_M=8),
+    "t7 128/256/128 w8 s3": dict(BM=128, BN=256, BK=128, num_warps=8, num_stages=3, GROUP_M=8),
+    "t8 128/128/128 w8 s2 r128": dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=2, GROUP_M=8, maxnreg=128),
+    "t9 64/128/128 w4 s4 r128": dict(BM=64, BN=128, BK=128, num_warps=4, num_stages=4, GROUP_M=8, maxnreg=128),
+    "t10 256/128/64 w8 s4": dict(BM=256, BN=128, BK=64, num_warps=8, num_stages=4, GROUP_M=8),
+    "t11 128/128/64 w8 s4 r128 g16": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4, GROUP_M=16, maxnreg=128),
+}
+DQ_CANDIDATES = {  # W4A16 M = 2048 dequantize + cuBLAS: (chunk, trans, overlap)
+    "chunk2048 (session 3)": (2048, False, False), "unchunked": (0, False, False), "chunk1024": (1024, False, False),
+    "chunk4096": (4096, False, False), "chunk2048 trans": (2048, True, False), "chunk1024 trans": (1024, True, False),
+    "chunk1024 overlap": (1024, False, True), "chunk2048 overlap": (2048, False, True),
+    "chunk1024 trans overlap": (1024, True, True), "chunk2048 trans overlap": (2048, True, True),
+    "chunk512 trans overlap": (512, True, True),
+}
+
+
+def interleaved(fns: dict, rounds: int = 3, rep: int = 60) -> dict:
+    """Time every fn ``rounds`` times, round-robin (bf16 first in each round): the baseline's drift lands in every
+    variant alike. Returns {name: {"us": median, "runs": [...], "x bf16": median of per-round bf16/fn ratios}}."""
+    runs: dict = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            runs[k].append(bench(f, rep=rep))
+    out = {}
+    for k, v in runs.items():
+        ratios = sorted(b / t for b, t in zip(runs["bf16"], v))
+        out[k] = {"us": sorted(v)[len(v) // 2], "runs": [round(t, 1) for t in v],
+                  "x bf16": ratios[len(ratios) // 2], "x bf16 min": ratios[0]}
+    return out
+
+
+def big_m_sweep(out_dir: str) -> dict:
+    """M = 2048, K×N = 8192×28672: int8 W8A8 and LLM.int8() tile candidates, the W4A16 dequantize+cuBLAS
+    variants, bf16 / FP8 / cuBLAS int8 baselines, all checked on fresh inputs and timed interleaved."""
+    from lowbit.ops import reference as ref_ops
+
+    K, N, M = 8192, 28672, 2048
+    torch.manual_seed(11)
+    res: dict = {}
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    Ws = [W] + [W.clone() for _ in range(2)]
+    nW = cycler(Ws)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    sw = (W.float().abs().amax(1) / 127).clamp(min=1e-12)
+    qd = torch.round(W.float() / sw[:, None]).clamp(-127, 127).to(torch.int8)
+    sw8 = (W.float().abs().amax(1) / 448).clamp(min=1e-12)
+    qd8 = (W.float() / sw8[:, None]).to(torch.float8_e4m3fn)
+    xo = x.clone()
+    xo[:, torch.randperm(K, device="cuda")[:8]] *= 8.0  # 8 outlier columns, |x| >= 6 somewhere in each
+    fns = {"bf16": lambda: torch.nn.functional.linear(x, nW()),
+           "fp8 _scaled_mm": lambda: w8a8.fp8_linear(x, qd8, sw8),
+           "int8 _int_mm": lambda: w8a8.int8_linear(x, qd, sw, None, 0.0, fused=False),
+           "llm.int8 _int_mm": lambda: w8a8.int8_linear(xo, qd, sw, None, 6.0, fused=False)}
+    checks: dict = {}
+    for lab, t in I8_CANDIDATES.items():
+        for thr, kind in ((0.0, "int8"), (6.0, "llm.int8")):
+            try:
+                xx = torch.randn(300, K, device="cuda", dtype=torch.bfloat16)  # fresh rows, M not a tile multiple
+                if thr:
+                    xx[:, torch.randperm(K, device="cuda")[:8]] *= 8.0
+                y = w8a8.int8_linear(xx, qd, sw, None, thr, tiles=t)
+                e = rel(y, ref_ops.w8a8_linear(xx, qd, sw, None, thr))
+                checks[f"{kind} {lab}"] = e
+                if not e < 1e-2:
+                    continue
+                xi = x if thr == 0 else xo
+                fns[f"{kind} fused {lab}"] = (lambda xi=xi, thr=thr, t=t:
+                                              w8a8.int8_linear(xi, qd, sw, None, thr, tiles=t))
+            except Exception as ex:
+                checks[f"{kind} {lab}"] = repr(ex)[:200]
+    print("w8a8 checks", json.dumps(checks), flush=True)
+    res["w8a8 checks"] = checks
+    res["w8a8"] = interleaved(fns)
+    print("w8a8", json.dumps({k: (round(v["us"], 1), round(v["x bf16"], 3)) for k, v in res["w8a8"].items()}),
+          flush=True)
+    del qd8
+    # W4A16 dequantize + cuBLAS variants
+    fns = {"bf16": lambda: torch.nn.functional.linear(x, nW())}
+    checks = {}
+    for name in VARIANTS:
+        full = name == "int4 g128 asym"
+        pws = [VARIANTS[name](N, K) for _ in range(2)]
+        Wd = R.dequantize_packed(pws[0], torch.float32)
+        xx = torch.randn(256, K, device="cuda", dtype=torch.bfloat16)
+        refy = xx.float() @ Wd.t()
+        del Wd
+        for lab, (ch, tr, ov) in DQ_CANDIDATES.items():
+            if not full and lab not in ("chunk2048 (session 3)", "chunk2048 trans", "chunk1024 overlap",
+                                        "chunk1024 trans overlap", "chunk2048 trans overlap"):
+                continue
+            key = f"{name} {lab}"
+            try:
+                e = rel(wq.dequant_matmul(xx, pws[0], ch, tr, ov), refy)
+                checks[key] = e
+                if e < 2e-2:
+                    nxt = cycler(pws)
+                    fns[key] = lambda nxt=nxt, ch=ch, tr=tr, ov=ov: wq.dequant_matmul(x, nxt(), ch, tr, ov)
+            except Exception as ex:
+                checks[key] = repr(ex)[:200]
+        res.setdefault("w4a16 pws", []).append(pws)
+    print("w4a16 checks", json.dumps(checks), flush=True)
+    res["w4a16 checks"] = checks
+    res["w4a16"] = interleaved(fns)
+    res.pop("w4a16 pws")
+    print("w4a16", json.dumps({k: (round(v["us"], 1), round(v["x bf16"], 3)) for k, v in res["w4a16"].items()}),
+          flush=True)
+    with open(os.path.join(out_dir, "big_m_sweep.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
 SWEEP_NAMES = ("int4 g128 asym", "nf4 g64 dq", "lut3 per-row (SqueezeLLM)")
 args_sweep = False
 args_graph = False
@@ -629,6 +748,8 @@ def main() -> None:
                     help="only the M = 1 GEMV versions/tiles and the per-row LUT tile check (a short run)")
     ap.add_argument("--graph", action="store_true",
                     help="also time M <= 16 rows as CUDA-graph replays (bf16 too; the ' graph' rows compare with it)")
+    ap.add_argument("--big-m-sweep", action="store_true",
+                    help="only M = 2048: int8 / LLM.int8() tiles and W4A16 dequantize variants, timed interleaved")
     ap.add_argument("--graph-only", action="store_true",
                     help="M <= 16 rows only, with --graph, no bitsandbytes/W8A8/AdamW/opcheck (a short run)")
     args = ap.parse_args()
@@ -645,6 +766,11 @@ def main() -> None:
         print("no bitsandbytes:", e, flush=True)
         bnb = None
     t0 = time.time()
+    if args.big_m_sweep:
+        os.makedirs(args.out, exist_ok=True)
+        big_m_sweep(args.out)
+        print(f"(big-M sweep {time.time() - t0:.0f} s)")
+        return
     if args.gemv_sweep:
         os.makedirs(args.out, exist_ok=True)
         gemv_sweep(args.out, copy_bandwidth())

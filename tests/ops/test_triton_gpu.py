@@ -186,3 +186,67 @@ def test_gemv_v3_and_v4_decodes_match_reference(fmt):
         for v in (3, 4):
             cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, v=v, split=2)
             assert rel(wq.gemv(x, pw, cfg), x.float() @ W.t()) < 3e-4  # v4 PMIN 12: ~6e-5 at worst (int2)
+
+
+I8_TILE_CASES = [dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, GROUP_M=8, maxnreg=128),
+                 dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4, GROUP_M=16, maxnreg=128),
+                 dict(BM=64, BN=128, BK=128, num_warps=4, num_stages=4, GROUP_M=8)]
+
+
+@pytest.mark.parametrize("tiles", I8_TILE_CASES, ids=lambda t: "{BM}x{BN}x{BK}w{num_warps}".format(**t))
+@pytest.mark.parametrize("K", [512, 576])  # 576 is not a multiple of BK: the masked K loop
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_int8_fused_epilogue_equals_float64_up_to_output_rounding(tiles, K, dtype):
+    """The fused int8 GEMM with the LLM.int8() outlier product (hi/lo 16-bit dot) and the bias in its epilogue,
+    M and N not tile multiples: float64 arithmetic on the same int8 codes and outlier columns, up to the
+    rounding of the output dtype (the outlier weight is not rounded to 16 bits)."""
+    torch.manual_seed(K + len(str(dtype)))
+    M, N = 200, 328
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    x[:, torch.randperm(K)[:5].cuda()] *= 10
+    qd = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+    sw = torch.rand(N, device="cuda") * 1e-2 + 1e-3
+    bias = torch.randn(N, device="cuda", dtype=dtype)
+    for thr in (6.0, 0.0):
+        y = w8a8.int8_linear(x, qd, sw, bias, thr, tiles=tiles)
+        assert y.dtype == dtype and y.shape == (M, N)
+        xq, sx, col = w8a8.quantize_rows(x, torch.int8, thr)
+        exact = (xq.double() @ qd.double().t()) * sx.double() * sw.double()[None, :] + bias.double()[None, :]
+        if thr:
+            c = torch.nonzero(col).flatten()
+            assert 5 <= c.numel() < 20
+            exact += x[:, c].double() @ (qd[:, c].double() * sw.double()[:, None]).t()
+        tol = {torch.bfloat16: 3e-3, torch.float16: 5e-4, torch.float32: 1e-5}[dtype]
+        assert rel(y, exact) < tol
+
+
+def test_outlier_columns_flags_exactly_the_columns_holding_a_large_value():
+    torch.manual_seed(21)
+    x = torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16)
+    r, c = torch.randint(0, 300, (40,)), torch.randint(0, 1000, (40,))
+    x[r[:20], c[:20]] = 6.0  # exactly the threshold counts
+    x[r[20:30], c[20:30]] = -7.5
+    x[r[30:], c[30:]] = 5.96875  # just below (bf16) does not
+    want = (x.float().abs() >= 6.0).any(0)
+    assert 20 <= int(want.sum()) <= 30
+    assert torch.equal(w8a8.outlier_columns(x, 6.0).bool(), want)
+    assert int(w8a8.outlier_columns(x * 0.5, 6.0).sum()) == int((x.float().abs() >= 12).any(0).sum())
+
+
+@pytest.mark.parametrize("trans", [False, True])
+def test_dequant_matmul_layouts_and_overlap_match_reference(trans):
+    """Large-M dequantize+cuBLAS: the W-row buffer layout (``trans``) and the two-buffer side-stream overlap
+    give the reference product, and the overlapped run equals the serial one exactly (a buffer reused too
+    early would not)."""
+    torch.manual_seed(22)
+    K = 1536
+    fmts = [IntAffine(bits=4, group_size=128), Codebook("nf4", 64, True)]
+    for fmt in fmts:
+        q = fmt.quantize(torch.randn(1160, K))  # 9 chunks of 128, the last one partial
+        pw = R.repack_quantized(q).to("cuda")
+        W = q.dequantize().float().cuda()
+        x = torch.randn(96, K, device="cuda", dtype=torch.bfloat16)
+        y = wq.dequant_matmul(x, pw, 128, trans, False)
+        assert rel(y, x.float() @ W.t()) < TOL
+        for _ in range(3):
+            assert torch.equal(wq.dequant_matmul(x, pw, 128, trans, True), y)

@@ -63,9 +63,60 @@ def _epilogue_kernel(acc_ptr, sx_ptr, sw_ptr, bias_ptr, extra_ptr, out_ptr, M, N
 
 
 @triton.jit
-def _i8_mm_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, out_ptr, M, N, K,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """Fused int8 GEMM: ``a (M, K) int8 · b (N, K)ᵀ int8`` -> int32 accumulators -> scaled bf16."""
+def _col_flags_kernel(x_ptr, flag_ptr, M, K, stride_xm, threshold, BM: tl.constexpr, BK: tl.constexpr):
+    """``flag[k] = 1`` where column ``k`` of ``x (M, K)`` holds any ``|x| >= threshold`` (one pass, no temporaries)."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    mk = offs_k < K
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=(offs_m[:, None] < M) & mk[None, :],
+                other=0.0).to(tl.float32)
+    hit = tl.max((tl.abs(x) >= threshold).to(tl.int32), axis=0)
+    tl.atomic_max(flag_ptr + offs_k, hit, mask=mk & (hit > 0))
+
+
+@triton.jit
+def _outlier_pack_kernel(x_ptr, q_ptr, sw_ptr, cols_ptr, xo_ptr, wo_ptr, M, N, K, n_o, stride_xm,
+                         KO: tl.constexpr, JB: tl.constexpr, BR: tl.constexpr):
+    """LLM.int8() outlier operands for the GEMM epilogue, ``K_epi = 2·KO`` wide (``KO`` = outlier count padded to
+    16, zeros beyond it): ``xo[m] = [x[m, cols], x[m, cols]]`` and ``wo[n] = [hi, lo]`` with
+    ``hi = round(q[n, cols]·s_w[n])`` in x's dtype and ``lo`` the rounding of what ``hi`` missed, so that one
+    16-bit tensor-core dot gives ``x_O · W_Oᵀ`` with the weight exact to ~2⁻¹⁷ relative (fp32 accumulation)."""
+    pid = tl.program_id(0)
+    n_xp = tl.cdiv(M, BR)
+    j = tl.arange(0, JB)
+    mj = j < n_o
+    st = j < KO
+    c = tl.load(cols_ptr + j, mask=mj, other=0)
+    if pid < n_xp:
+        r = pid * BR + tl.arange(0, BR)
+        mr = r < M
+        v = tl.load(x_ptr + r[:, None] * stride_xm + c[None, :], mask=mr[:, None] & mj[None, :], other=0.0)
+        dst = xo_ptr + r[:, None] * (2 * KO) + j[None, :]
+        tl.store(dst, v, mask=mr[:, None] & st[None, :])
+        tl.store(dst + KO, v, mask=mr[:, None] & st[None, :])
+    else:
+        r = (pid - n_xp) * BR + tl.arange(0, BR)
+        mr = r < N
+        q = tl.load(q_ptr + r[:, None] * K + c[None, :], mask=mr[:, None] & mj[None, :], other=0)
+        w = q.to(tl.float32) * tl.load(sw_ptr + r, mask=mr, other=0.0)[:, None]
+        hi = w.to(wo_ptr.dtype.element_ty)
+        lo = (w - hi.to(tl.float32)).to(wo_ptr.dtype.element_ty)
+        dst = wo_ptr + r[:, None] * (2 * KO) + j[None, :]
+        tl.store(dst, hi, mask=mr[:, None] & st[None, :])
+        tl.store(dst + KO, lo, mask=mr[:, None] & st[None, :])
+
+
+@triton.jit
+def _i8_mm_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, out_ptr, xo_ptr, wo_ptr, bias_ptr, M, N, K, KO2,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                  EVEN_K: tl.constexpr, HAS_OUT: tl.constexpr, BKO: tl.constexpr, IEEE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    """Fused int8 GEMM: ``a (M, K) int8 · b (N, K)ᵀ int8`` -> int32 accumulators -> ``acc·s_x·s_w`` in fp32,
+    plus (LLM.int8()) the outlier columns' product ``xo (M, KO2) · wo (N, KO2)ᵀ`` accumulated onto it by a
+    16-bit tensor-core dot in the epilogue, plus the bias; stored once in out's dtype.
+
+    Rows and columns past M / N are read modulo M / N (always in bounds, never stored), so the main loop's
+    loads are unmasked when ``K % BK == 0`` (``EVEN_K``)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
@@ -76,35 +127,62 @@ def _i8_mm_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, out_ptr, M, N, K,
     pid_n = (pid % group) // gm
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
+    rm = offs_m % M
+    rn = offs_n % N
     offs_k = tl.arange(0, BK)
-    a_ptrs = a_ptr + offs_m[:, None] * K + offs_k[None, :]
-    b_ptrs = b_ptr + offs_n[None, :] * K + offs_k[:, None]
+    a_ptrs = a_ptr + rm[:, None] * K + offs_k[None, :]
+    b_ptrs = b_ptr + rn[None, :] * K + offs_k[:, None]
     acc = tl.zeros((BM, BN), dtype=tl.int32)
-    for k in range(0, tl.cdiv(K, BK)):
-        mk = offs_k < K - k * BK
-        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & mk[None, :], other=0)
-        b = tl.load(b_ptrs, mask=(offs_n[None, :] < N) & mk[:, None], other=0)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            mk = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=mk[None, :], other=0)
+            b = tl.load(b_ptrs, mask=mk[:, None], other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BK
         b_ptrs += BK
-    sx = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
-    sw = tl.load(sw_ptr + offs_n, mask=offs_n < N, other=0.0)
+    mm_ = offs_m < M
+    mn_ = offs_n < N
+    sx = tl.load(sx_ptr + rm)
+    sw = tl.load(sw_ptr + rn)
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
+    if HAS_OUT:
+        ok = tl.arange(0, BKO)
+        for k0 in range(0, KO2, BKO):
+            xo = tl.load(xo_ptr + rm[:, None] * KO2 + (k0 + ok)[None, :])
+            wo = tl.load(wo_ptr + rn[None, :] * KO2 + (k0 + ok)[:, None])
+            if IEEE:
+                y = tl.dot(xo, wo, y, input_precision="ieee")
+            else:
+                y = tl.dot(xo, wo, y)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+             mask=mm_[:, None] & mn_[None, :])
+
+
+def outlier_columns(x2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """int32 ``(K,)`` flags: 1 for the columns of ``x2 (M, K)`` holding any ``|x| >= threshold``."""
+    M, K = x2.shape
+    flags = torch.zeros(K, device=x2.device, dtype=torch.int32)
+    BM, BK = 64, 128
+    _col_flags_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BK))](x2, flags, M, K, x2.stride(0), float(threshold),
+                                                                BM=BM, BK=BK, num_warps=4)
+    return flags
 
 
 def quantize_rows(x2: torch.Tensor, qdtype: torch.dtype, threshold: float = 0.0
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-token quantization of ``x2 (M, K)``: ``(q (M, K), s_x (M, 1) fp32, outlier column mask | None)``."""
+    """Per-token quantization of ``x2 (M, K)``: ``(q (M, K), s_x (M, 1) fp32, outlier column flags | None)``."""
     M, K = x2.shape
     is_fp8 = qdtype != torch.int8
     qmax = 448.0 if qdtype == torch.float8_e4m3fn else 57344.0 if qdtype == torch.float8_e5m2 else 127.0
     q = torch.empty((M, K), device=x2.device, dtype=qdtype)
     s = torch.empty((M, 1), device=x2.device, dtype=torch.float32)
-    col = None
-    if threshold > 0:
-        col = (x2.abs().amax(dim=0) >= threshold).to(torch.int8)
+    col = outlier_columns(x2, threshold) if threshold > 0 else None
     BLOCK = triton.next_power_of_2(K)
     _quant_rows_kernel[(M,)](x2, q, s, col if col is not None else q, K, x2.stride(0), float(threshold),
                              QMAX=qmax, IS_FP8=is_fp8, HAS_OUT=threshold > 0, BLOCK=BLOCK,
@@ -123,37 +201,61 @@ def scale_epilogue(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: 
     return out
 
 
+# int8 GEMM tiles (H100 sweep, benchmarks/NOTES_gpu.md session 4). Triton makes an int8 wgmma synchronous (it
+# pipelines only fp32 accumulators), so a second resident CTA per SM is what hides each K step's wait.
+I8_TILES = dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def outlier_operands(x2: torch.Tensor, qdata: torch.Tensor, sw: torch.Tensor, cols: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(xo (M, 2·KO), wo (N, 2·KO), 2·KO)`` for :func:`_i8_mm_kernel`'s outlier epilogue (``KO`` = the number of
+    outlier columns rounded up to 16; 16-bit operands in x's dtype, fp32 for fp32 inputs)."""
+    M, K = x2.shape
+    N = qdata.shape[0]
+    n_o = int(cols.numel())
+    KO = 16 * triton.cdiv(n_o, 16)
+    xo = torch.empty((M, 2 * KO), device=x2.device, dtype=x2.dtype)
+    wo = torch.empty((N, 2 * KO), device=x2.device, dtype=x2.dtype)
+    BR = 32
+    _outlier_pack_kernel[(triton.cdiv(M, BR) + triton.cdiv(N, BR),)](
+        x2, qdata, sw, cols, xo, wo, M, N, K, n_o, x2.stride(0), KO=KO, JB=triton.next_power_of_2(KO), BR=BR,
+        num_warps=4)
+    return xo, wo, 2 * KO
+
+
 def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                threshold: float = 0.0, fused: bool = True) -> torch.Tensor:
+                threshold: float = 0.0, fused: bool = True, tiles: dict | None = None) -> torch.Tensor:
     """W8A8 int8: ``x (..., K)``, ``qdata (N, K) int8``, ``scale (N,) fp32`` -> ``(..., N)`` in x's dtype.
 
-    ``fused=True`` (default, M >= 16) uses the Triton int8 GEMM with the scales in its epilogue (no int32 round
-    trip; outlier columns then added in the input's precision); otherwise ``torch._int_mm`` (cuBLAS int8)
-    followed by the scale epilogue kernel (outliers in fp32).
+    ``fused=True`` (default, M >= 16) runs the Triton int8 GEMM with the scales, the LLM.int8() outlier columns'
+    product (a 16-bit tensor-core dot on ``[x_O, x_O]·[W_O hi, W_O lo]ᵀ``, fp32 accumulation) and the bias all
+    in its epilogue; otherwise ``torch._int_mm`` (cuBLAS int8) followed by the scale epilogue kernel (outliers
+    in fp32). ``tiles`` overrides :data:`I8_TILES` (benchmarks).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     M, K = x2.shape
     N = qdata.shape[0]
     xq, sx, col = quantize_rows(x2, torch.int8, threshold)
-    cols = torch.nonzero(col).flatten() if col is not None else None
+    cols = torch.nonzero(col).flatten().to(torch.int32) if col is not None else None
     sw = scale.reshape(-1).to(torch.float32)
     if fused and M >= 16:
+        t = dict(I8_TILES, **(tiles or {}))
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-        BM, BN, BK = 128, 128, 128
+        has_out = cols is not None and cols.numel() > 0
+        xo, wo, KO2 = outlier_operands(x2, qdata, sw, cols) if has_out else (out, out, 0)
+        BM, BN, BK = t["BM"], t["BN"], t["BK"]
         grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-        _i8_mm_kernel[grid](xq, qdata, sx, sw, out, M, N, K, BM=BM, BN=BN, BK=BK, GROUP_M=8,
-                            num_warps=8, num_stages=4)
-        if cols is not None and cols.numel():  # LLM.int8() outlier columns, in the input's precision
-            W_o = (qdata[:, cols].to(torch.float32) * scale.reshape(-1, 1)).to(x.dtype)
-            out.addmm_(x2[:, cols], W_o.t())
-        if bias is not None:
-            out += bias.to(out.dtype)
+        _i8_mm_kernel[grid](xq, qdata, sx, sw, out, xo, wo, bias if bias is not None else sw, M, N, K, KO2,
+                            BM=BM, BN=BN, BK=BK, GROUP_M=t["GROUP_M"], EVEN_K=K % BK == 0, HAS_OUT=has_out,
+                            BKO=32, IEEE=x.dtype == torch.float32, HAS_BIAS=bias is not None,
+                            num_warps=t["num_warps"], num_stages=t["num_stages"],
+                            **({"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}))
         return out.reshape(*lead, N)
     extra = None
     if cols is not None and cols.numel():
-        W_o = qdata[:, cols].to(torch.float32) * scale.reshape(-1, 1)
-        extra = x2[:, cols].to(torch.float32) @ W_o.t()
+        W_o = qdata[:, cols.long()].to(torch.float32) * scale.reshape(-1, 1)
+        extra = x2[:, cols.long()].to(torch.float32) @ W_o.t()
     if M > 16 and K % 8 == 0 and N % 8 == 0:
         acc = torch._int_mm(xq, qdata.t())
     else:  # cuBLAS int8 needs M > 16; exact in fp64 for tiny M (|acc| < 2^53)

@@ -44,6 +44,8 @@ GEMV_PMIN = 12  # v4: codes at bit >= 12 skip the per-code subtract (H100: 66.4 
 DEQUANT_V4 = False  # v4 dequantize (exact in-place decode, per-code-position row stores): slower on the H100, 1520 vs 1420 µs
 MM4_MAX_M = 64  # mm v4 up to here (one dot per code position: fewer decode instructions, more, smaller dots)
 DEQUANT_CHUNK = 2048  # H100 sweep: 1563 µs vs 1591 µs unchunked at 2048×8192×28672
+DEQUANT_TRANS = False  # large-M buffer holds rows of W (F.linear's layout) instead of columns of W^T
+DEQUANT_OVERLAP = False  # large-M: dequantize chunk i + 1 on a side stream while cuBLAS multiplies chunk i
 
 
 @triton.jit
@@ -636,8 +638,9 @@ def _mm4_kernel(x_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_xm, stride_
 @triton.jit
 def _dequant_kernel(out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, n_off, n_end, stride_out,
                     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, BN: tl.constexpr,
-                    BK: tl.constexpr, RS: tl.constexpr, SEL: tl.constexpr, HAS_PERM: tl.constexpr):
-    """Columns ``[n_off, n_end)`` of W^T into ``out[:, n - n_off]``."""
+                    BK: tl.constexpr, RS: tl.constexpr, SEL: tl.constexpr, HAS_PERM: tl.constexpr,
+                    TRANS: tl.constexpr = False):
+    """Columns ``[n_off, n_end)`` of W^T into ``out[:, n - n_off]`` (``TRANS``: rows of W into ``out[n - n_off, :]``)."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = n_off + pid_n * BN + tl.arange(0, BN)
@@ -650,8 +653,12 @@ def _dequant_kernel(out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, n_off, n_e
         rows = tl.load(perm + offs_k, mask=mk, other=0)
     else:
         rows = offs_k
-    tl.store(out_ptr + rows[:, None] * stride_out + (offs_n - n_off)[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=mk[:, None] & mask_n[None, :])
+    if TRANS:
+        tl.store(out_ptr + (offs_n - n_off)[:, None] * stride_out + rows[None, :],
+                 tl.trans(w.to(out_ptr.dtype.element_ty)), mask=mask_n[:, None] & mk[None, :])
+    else:
+        tl.store(out_ptr + rows[:, None] * stride_out + (offs_n - n_off)[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=mk[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -854,15 +861,17 @@ def mm(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Ten
 
 def dequantize_t(pw: PackedWeight, dtype: torch.dtype, n_off: int = 0, n_end: int | None = None,
                  out: torch.Tensor | None = None, RS: bool = True, unpermute: bool = False,
-                 SEL: bool | None = None) -> torch.Tensor:
+                 SEL: bool | None = None, trans: bool = False) -> torch.Tensor:
     """Columns ``[n_off, n_end)`` of ``W^T`` as ``(K, n_end - n_off)`` in ``dtype``: rows in kernel order, or in
-    the weight's own column order with ``unpermute`` (act-order rows scattered back through ``perm``)."""
+    the weight's own column order with ``unpermute`` (act-order rows scattered back through ``perm``).
+    ``trans``: rows ``[n_off, n_end)`` of ``W`` instead, ``(n_end - n_off, K)``."""
     K, N = pw.in_features, pw.out_features
     n_end = N if n_end is None else n_end
     dev = pw.q4.device if pw.q4.numel() else pw.q2.device
-    out = torch.empty((K, n_end - n_off), device=dev, dtype=dtype) if out is None else out
+    shape = (n_end - n_off, K) if trans else (K, n_end - n_off)
+    out = torch.empty(shape, device=dev, dtype=dtype) if out is None else out
     q4, q2, q1, sc, zp, cb = _args(pw, out)
-    if DEQUANT_V4 and pw.mode == "affine" and pw.bits in (2, 4) and pw.group_size % 128 == 0 and \
+    if DEQUANT_V4 and not trans and pw.mode == "affine" and pw.bits in (2, 4) and pw.group_size % 128 == 0 and \
             pw.zero_point is not None:
         _dequant4_kernel[(triton.cdiv(K, 128), triton.cdiv(n_end - n_off, 128))](
             out, q4 if pw.bits == 4 else q2, sc, zp, pw.perm if unpermute and pw.perm is not None else out, N, K,
@@ -875,23 +884,70 @@ def dequantize_t(pw: PackedWeight, dtype: torch.dtype, n_off: int = 0, n_end: in
         out, q4, q2, q1, sc, zp, cb, pw.perm if unpermute and pw.perm is not None else out, N, K, n_off, n_end,
         out.stride(0), BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode], BN=BN, BK=BK, RS=RS,
         SEL=DEQUANT_SEL if SEL is None else SEL,
-        HAS_PERM=unpermute and pw.perm is not None, num_warps=4)
+        HAS_PERM=unpermute and pw.perm is not None, TRANS=trans, num_warps=4)
     return out
 
 
-def dequant_matmul(x2: torch.Tensor, pw: PackedWeight, chunk: int = 0) -> torch.Tensor:
+_SIDE: dict[int, torch.cuda.Stream] = {}
+
+
+def dequant_matmul(x2: torch.Tensor, pw: PackedWeight, chunk: int = 0, trans: bool | None = None,
+                   overlap: bool | None = None) -> torch.Tensor:
     """Large M: dequantize to bf16 and let cuBLAS multiply. With ``chunk``, ``chunk`` columns at a time into
     one reused buffer, so the dequantized tile is still in L2 when cuBLAS reads it. ``x2`` is in the weight's
-    own column order (act-order rows are scattered back by the dequantize kernel)."""
+    own column order (act-order rows are scattered back by the dequantize kernel). ``trans``: the buffer holds
+    rows of W (``x · Wᵀ``, the layout ``F.linear`` gives cuBLAS) instead of columns of Wᵀ. ``overlap``: two
+    buffers, the next chunk dequantized on a high-priority side stream while cuBLAS multiplies this one."""
     K, N = pw.in_features, pw.out_features
+    trans = DEQUANT_TRANS if trans is None else trans
+    overlap = DEQUANT_OVERLAP if overlap is None else overlap
+
+    def mm(b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.mm(x2, b.t() if trans else b, out=out)
+
     if chunk <= 0 or chunk >= N:
-        return x2 @ dequantize_t(pw, x2.dtype, unpermute=True)
+        return mm(dequantize_t(pw, x2.dtype, unpermute=True, trans=trans))
     y = torch.empty((x2.shape[0], N), device=x2.device, dtype=x2.dtype)
-    buf = torch.empty((K, chunk), device=x2.device, dtype=x2.dtype)
-    for n0 in range(0, N, chunk):
+    shape = (chunk, K) if trans else (K, chunk)
+    bufs = [torch.empty(shape, device=x2.device, dtype=x2.dtype) for _ in range(2 if overlap else 1)]
+
+    def deq(i: int, n0: int, n1: int) -> None:
+        b = bufs[i % len(bufs)]
+        dequantize_t(pw, x2.dtype, n0, n1, b[: n1 - n0] if trans else b[:, : n1 - n0], unpermute=True, trans=trans)
+
+    starts = list(range(0, N, chunk))
+    if not overlap:
+        for i, n0 in enumerate(starts):
+            n1 = min(N, n0 + chunk)
+            deq(i, n0, n1)
+            b = bufs[0]
+            mm(b[: n1 - n0] if trans else b[:, : n1 - n0], out=y[:, n0:n1])
+        return y
+    main = torch.cuda.current_stream(x2.device)
+    side = _SIDE.get(x2.device.index or 0)
+    if side is None:
+        side = _SIDE[x2.device.index or 0] = torch.cuda.Stream(x2.device, priority=-1)
+    side.wait_stream(main)
+    ready: list = [None] * len(starts)
+    freed: list = [None, None]  # freed[j]: cuBLAS has read buffer j
+
+    def queue_deq(i: int) -> None:
+        with torch.cuda.stream(side):
+            if freed[i % 2] is not None:
+                side.wait_event(freed[i % 2])
+            deq(i, starts[i], min(N, starts[i] + chunk))
+            ready[i] = side.record_event()
+
+    queue_deq(0)
+    for i, n0 in enumerate(starts):
+        if i + 1 < len(starts):  # chunk i + 1 into the other buffer, once cuBLAS is done with chunk i - 1
+            queue_deq(i + 1)
         n1 = min(N, n0 + chunk)
-        b = dequantize_t(pw, x2.dtype, n0, n1, buf[:, : n1 - n0], unpermute=True)
-        torch.mm(x2, b, out=y[:, n0:n1])
+        main.wait_event(ready[i])
+        b = bufs[i % 2]
+        mm(b[: n1 - n0] if trans else b[:, : n1 - n0], out=y[:, n0:n1])
+        freed[i % 2] = main.record_event()
+    main.wait_stream(side)
     return y
 
 
