@@ -10,6 +10,7 @@ from lowbit.formats.affine import IntAffine
 from lowbit.formats.int8_rowwise import Int8Rowwise
 from lowbit.ops import cpu
 from lowbit.ops import reference as ref
+from lowbit.ops.repack import repack_quantized
 
 # bf16 compute: ‖y − ref‖/‖ref‖ ≈ 2e-3 on random data; fp32 compute: ≈ 1e-6.
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
@@ -27,8 +28,7 @@ def rel(a, b):
 def test_int4_path_matches_reference(fmt, K, dtype):
     torch.manual_seed(K)
     q = fmt.quantize(torch.randn(40, K))
-    w = cpu.pack(q, dtype)
-    assert isinstance(w, cpu.CpuInt4Weight)
+    w = cpu.pack_int4(repack_quantized(q), dtype)
     for M in (1, 5):
         x = torch.randn(M, K, dtype=dtype)
         y = cpu.linear(x, w)
@@ -42,7 +42,7 @@ def test_int4_path_act_order():
     fmt = IntAffine(bits=4, group_size=128)
     W = torch.randn(32, K)
     q = fmt.quantize(W, g_idx=(torch.randperm(K) // 128).to(torch.int32), **fmt.params(W))
-    w = cpu.pack(q, torch.float32)
+    w = cpu.pack_int4(repack_quantized(q), torch.float32)
     x = torch.randn(3, K)
     assert rel(cpu.linear(x, w), x @ q.dequantize().float().t()) < TOL[torch.float32]
 
@@ -62,7 +62,6 @@ def test_int8_path_matches_reference():
 def test_unsupported_formats_have_no_fast_path():
     assert cpu.pack(IntAffine(bits=3, group_size=128).quantize(torch.randn(8, 256))) is None
     with pytest.raises(ValueError, match="group_size=96"):
-        from lowbit.ops.repack import repack_quantized
         cpu.pack_int4(repack_quantized(IntAffine(bits=4, group_size=96).quantize(torch.randn(8, 192))))
 
 
@@ -135,6 +134,10 @@ def test_w8a8_path_is_bit_identical_to_reference(name, dtype):
 
 def test_float32_compute_choices():
     assert cpu.compute_dtype(torch.float32) == torch.bfloat16
+    int4 = IntAffine(bits=4, group_size=128)
+    assert cpu.compute_dtype(torch.float32, "auto", int4) == (torch.float32 if cpu.cpu_lut4.available()
+                                                                else torch.bfloat16)
+    assert cpu.compute_dtype(torch.float32, "auto", Int8Rowwise()) == torch.bfloat16
     assert cpu.compute_dtype(torch.float32, "float32") == torch.float32
     assert cpu.compute_dtype(torch.float16, "float32") == torch.float16
     with pytest.raises(ValueError, match="valid choices"):
@@ -143,7 +146,8 @@ def test_float32_compute_choices():
 
 def test_enabled_fast_path_w8a8_and_float32_compute():
     # In a subprocess (the registration is process-wide). W8A8 through the op is exact; weight-only int4 with
-    # float32 inputs computes in bf16 by default (bf16 rounding) and in float32 when asked (≈1e-6).
+    # float32 inputs: "auto" = float32 on the lut4 kernel where it builds (else bf16), "bfloat16" = bf16
+    # rounding, "float32" ≈ 1e-7.
     code = (
         "import torch\n"
         "from lowbit.formats.act_quant import ActQuant\n"
@@ -158,11 +162,14 @@ def test_enabled_fast_path_w8a8_and_float32_compute():
         "r8, r4 = m8(x), m4(x)\n"
         "cpu.enable_qlinear_fast_path()\n"
         "assert torch.equal(m8(x), r8)\n"
+        "d_auto = float((m4(x) - r4).norm() / r4.norm())\n"
+        "cpu.enable_qlinear_fast_path(float32_compute='bfloat16')\n"
         "d_bf16 = float((m4(x) - r4).norm() / r4.norm())\n"
         "cpu.enable_qlinear_fast_path(float32_compute='float32')\n"
         "d_f32 = float((m4(x) - r4).norm() / r4.norm())\n"
         "assert 1e-4 < d_bf16 < 1e-2 and 0 < d_f32 < 1e-5, (d_bf16, d_f32)\n"
-        "print('ok', d_bf16, d_f32)\n")
+        "assert d_auto == d_f32 if cpu.cpu_lut4.available() else d_auto == d_bf16, (d_auto, d_f32, d_bf16)\n"
+        "print('ok', d_auto, d_bf16, d_f32)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok")

@@ -11,9 +11,12 @@
   the reference: this path is **exact** (bit-identical outputs; tested).
 
 The ATen int4/int8 packed kernels compute in bf16 or fp16 fast; in float32 they are 13-32× slower (a scalar
-loop). float32 inputs are therefore cast to bf16 inside the weight-only paths unless
-``float32_compute="float32"`` is asked for: outputs then differ from the float32 reference by bf16 rounding
+loop). float32 inputs therefore go to the float32 lut4 kernel where it applies, else are cast to bf16 inside
+(``float32_compute``, :func:`compute_dtype`): outputs then differ from the float32 reference by bf16 rounding
 (relative error ≈ 2e-3 per layer on random data, bounded by the tests at 1e-2).
+- 4-bit weights through a lookup table (NF4/FP4 ``Codebook``; 4-bit ``IntAffine`` in float32) -> the
+  hand-written AVX-512 kernel of :mod:`lowbit.ops.cpu_lut4` (float32 math; compiled on first use, absent
+  without a C compiler or AVX-512), for up to ``cpu_lut4.MAX_ROWS`` input rows; more rows use the reference.
 
 Nothing here changes the default op dispatch: :func:`pack` returns ``None`` for formats it does not cover,
 and :func:`enable_qlinear_fast_path` (opt-in) registers it as the CPU kernel of ``lowbit::qlinear``. The
@@ -28,10 +31,12 @@ from functools import lru_cache
 import torch
 
 from lowbit.formats.act_quant import has_int_mm, quantize_activation
+from lowbit.formats.base import format_from_spec
+from lowbit.ops import cpu_lut4
 from lowbit.ops.repack import PackedWeight, repack_quantized, unpack_planes
 
 __all__ = ["CpuInt4Weight", "CpuInt8Weight", "CpuW8A8Weight", "pack_int4", "int4_linear", "pack_int8", "int8_linear",
-           "pack_w8a8", "w8a8_linear", "compute_dtype", "pack", "linear", "enable_qlinear_fast_path"]
+           "pack_w8a8", "w8a8_linear", "compute_dtype", "FLOAT32_COMPUTE", "pack", "linear", "enable_qlinear_fast_path"]
 
 INT4_GROUPS = (32, 64, 128, 256)
 
@@ -190,23 +195,33 @@ def w8a8_linear(x: torch.Tensor, w: CpuW8A8Weight, bias: torch.Tensor | None = N
     return y.to(x.dtype).reshape(*x.shape[:-1], w.qdata.shape[0])
 
 
-FLOAT32_COMPUTE = ("bfloat16", "float32")
-CpuWeight = CpuInt4Weight | CpuInt8Weight | CpuW8A8Weight
+FLOAT32_COMPUTE = ("auto", "bfloat16", "float32")
+CpuWeight = CpuInt4Weight | CpuInt8Weight | CpuW8A8Weight | cpu_lut4.Lut4Weight
 
 
-def compute_dtype(x_dtype: torch.dtype, float32_compute: str = "bfloat16") -> torch.dtype:
-    """The dtype the weight-only ATen kernels run in for inputs of ``x_dtype``."""
+def compute_dtype(x_dtype: torch.dtype, float32_compute: str = "auto", fmt=None) -> torch.dtype:  # type: ignore[no-untyped-def]
+    """The dtype the weight-only kernels run in for inputs of ``x_dtype`` and weights of format ``fmt``.
+
+    bf16/fp16 inputs: their own dtype. float32 inputs: ``"float32"`` keeps float32; ``"bfloat16"`` casts;
+    ``"auto"`` keeps float32 where a fast float32 kernel exists (4-bit affine on the lut4 kernel) and casts to
+    bf16 otherwise (ATen's packed kernels are 13-32× slower in float32).
+    """
     if float32_compute not in FLOAT32_COMPUTE:
         raise ValueError(f"float32_compute={float32_compute!r} unknown; valid choices: {list(FLOAT32_COMPUTE)}")
     if x_dtype in (torch.bfloat16, torch.float16):
         return x_dtype
+    if float32_compute == "auto":
+        lut4_fits = fmt is not None and fmt.kind == "int_affine" and fmt.bits == 4 and cpu_lut4.available()
+        return torch.float32 if lut4_fits else torch.bfloat16
     return torch.bfloat16 if float32_compute == "bfloat16" else torch.float32
 
 
 def pack(q, dtype: torch.dtype = torch.bfloat16) -> CpuWeight | None:  # type: ignore[no-untyped-def]
     """CPU fast layout of a :class:`~lowbit.formats.base.QuantizedTensor`, or ``None`` if none applies.
 
-    ``dtype`` is the compute dtype of the weight-only kernels (the W8A8 path computes in int32 / float32).
+    ``dtype`` is the compute dtype of the weight-only kernels: 4-bit affine weights go to ATen's int4 kernel in
+    bf16/fp16 and to the float32 lut4 kernel (:mod:`lowbit.ops.cpu_lut4`, where it builds) in float32; 4-bit
+    codebooks (NF4/FP4) always to the lut4 kernel (float32 math); the W8A8 path computes in int32 / float32.
     """
     fmt = q.format
     if fmt.kind == "int8_rowwise":
@@ -214,20 +229,32 @@ def pack(q, dtype: torch.dtype = torch.bfloat16) -> CpuWeight | None:  # type: i
         if act is None:
             return pack_int8(q["qdata"], q["scale"], dtype)
         return pack_w8a8(q) if act.dtype == "int8" and has_cpu_int_mm() else None
-    if fmt.kind == "int_affine" and fmt.bits == 4:
-        try:
+    try:
+        if fmt.kind == "int_affine" and fmt.bits == 4:
+            if dtype == torch.float32 and cpu_lut4.available():
+                return cpu_lut4.pack_affine4(q)
             return pack_int4(repack_quantized(q), dtype)
-        except ValueError:
-            return None
+        if fmt.kind == "codebook" and fmt.bits == 4 and cpu_lut4.available():
+            return cpu_lut4.pack_codebook(q)
+    except ValueError:  # a group size or block layout the kernels do not take
+        return None
     return None
 
 
-def linear(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ Wᵀ + b`` through the fast path of ``w`` (from :func:`pack`); output in ``x``'s dtype."""
+def linear(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ Wᵀ + b`` through the fast path of ``w`` (from :func:`pack`); output in ``x``'s dtype.
+
+    ``None`` when that path does not take this input: more than :data:`cpu_lut4.MAX_ROWS` rows on the lut4
+    kernel (it re-reads the weight per 4 rows; dequantize + matmul is faster there).
+    """
     if isinstance(w, CpuInt4Weight):
         return int4_linear(x, w, bias)
     if isinstance(w, CpuW8A8Weight):
         return w8a8_linear(x, w, bias)
+    if isinstance(w, cpu_lut4.Lut4Weight):
+        if x.numel() > cpu_lut4.MAX_ROWS * x.shape[-1]:
+            return None
+        return cpu_lut4.lut4_linear(x, w, bias)
     return int8_linear(x, w, bias)
 
 
@@ -235,13 +262,14 @@ _ENABLED: str | None = None
 _ATTR = "_lowbit_cpu_packed"  # the packed weight lives on the stored qdata tensor, and dies with it
 
 
-def enable_qlinear_fast_path(float32_compute: str = "bfloat16") -> None:
+def enable_qlinear_fast_path(float32_compute: str = "auto") -> None:
     """Opt in: make the CPU kernel of ``lowbit::qlinear`` use the fast paths where they apply.
 
     Args:
-        float32_compute: for float32 inputs to the weight-only 4/8-bit paths, ``"bfloat16"`` (cast inside:
-            13-32× faster than ATen's float32 loop, bf16 rounding error) or ``"float32"``. The W8A8 path is
-            exact either way.
+        float32_compute: float32 inputs to the weight-only paths: ``"auto"`` (float32 on the lut4 kernel for 4-bit
+            weights, a bf16 cast for ATen's int8 kernel), ``"bfloat16"`` (cast for every ATen kernel: bf16
+            rounding error) or ``"float32"`` (never cast; ATen's float32 loops are 13-32× slower). See
+            :func:`compute_dtype`. The W8A8 path is exact, NF4/FP4 run in float32, whatever this says.
 
     The packed weight is built once per stored ``qdata`` tensor (kept as an attribute of that tensor) and rebuilt
     if it changes. Calling again with another ``float32_compute`` switches it.
@@ -256,15 +284,14 @@ def enable_qlinear_fast_path(float32_compute: str = "bfloat16") -> None:
     @torch.library.register_kernel("lowbit::qlinear", "cpu")
     def _qlinear_cpu(x, data, spec, shape, bias):  # type: ignore[no-untyped-def]
         key = data[0]
-        dt = compute_dtype(x.dtype, _ENABLED or "bfloat16")
+        dt = compute_dtype(x.dtype, _ENABLED or "auto", format_from_spec(spec))
         stamp = (spec, dt, x.dtype, tuple(t.data_ptr() for t in data), tuple(t._version for t in data))
         hit = getattr(key, _ATTR, None)
         if hit is None or hit[0] != stamp:
             w = pack(reference.as_quantized(data, spec, shape, x.dtype), dt)
             hit = (stamp, w)
             setattr(key, _ATTR, hit)
-        if hit[1] is None:
-            return reference.qlinear(x, data, spec, shape, bias)
-        return linear(x, hit[1], bias)
+        y = None if hit[1] is None else linear(x, hit[1], bias)
+        return reference.qlinear(x, data, spec, shape, bias) if y is None else y
 
     _ENABLED = float32_compute

@@ -1,0 +1,283 @@
+"""A float32 CPU kernel for 4-bit weights through a 16-entry lookup table: NF4/FP4 and 4-bit IntAffine.
+
+``y[m, n] = Σ_g scale[n, g] · Σ_{k ∈ g} x[m, k] · lut[code[n, k]]  −  Σ_g xsum[m, g] · shift[n, g]``
+
+- NF4 / FP4 (``Codebook``): ``lut`` = the float32 code, ``scale`` = the first-level absmax per block, no shift.
+- IntAffine 4-bit: ``lut = [0, 1, …, 15]``, ``scale`` per group and ``shift = zero_point · scale`` (applied with
+  the per-group input sums ``xsum``, a ``(M, G) @ (G, N)`` matmul done by torch).
+
+Why hand-written: ATen has no lookup-table matmul (NF4 had no CPU fast path), and its int4 packed kernel runs a
+scalar loop for float32 inputs. This kernel keeps activations, code values and accumulation in float32 (AVX-512:
+``vpermps`` looks the 16 code values up in one register; four independent FMA chains per input row), so it
+matches the float32 reference to float32 rounding, and bf16 inputs are widened exactly to float32.
+
+The C source below is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a per-user
+cache directory and loaded with :mod:`ctypes`; no compiler, no AVX-512, or a failed build make
+:func:`available` return ``False`` (logged once) and callers keep their other paths.
+
+Layout (:class:`Lut4Weight`): ``codes (N, Kp/2) uint8`` where, for each chunk of 32 inputs, byte ``j`` holds the
+code of input ``j`` in its low nibble and of input ``j + 16`` in its high nibble; ``Kp`` = K padded to a whole
+group. Kernel reads ``x (M, Kp) float32`` (zero-padded), one output row per loop step, rows split over threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Lut4Weight", "available", "pack_lut4", "pack_codebook", "pack_affine4", "lut4_linear", "MAX_ROWS"]
+
+MAX_ROWS = 16  # inputs rows (M) the kernel takes; above it the weight is re-read per 4 rows: callers use ATen/reference
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <stddef.h>
+
+/* MB input rows at once (1..4): four independent accumulators per row, one vpermps per 16 codes. */
+static inline __attribute__((always_inline)) void row_kernel(
+        const float *x, const uint8_t *q, const float *s, __m512 lut, float *y,
+        int MB, int Kp, int N, int gs, int n) {
+    __m512 acc_row[4];
+    for (int m = 0; m < MB; m++) acc_row[m] = _mm512_setzero_ps();
+    const int G = Kp / gs;
+    for (int g = 0; g < G; g++) {
+        __m512 a[4][4];
+        for (int m = 0; m < MB; m++)
+            for (int j = 0; j < 4; j++) a[m][j] = _mm512_setzero_ps();
+        const int k_end = (g + 1) * gs;
+        int k = g * gs;
+        for (; k + 64 <= k_end; k += 64) {  /* two chunks of 32 codes: four independent FMA chains */
+            __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2)));
+            __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2 + 16)));
+            __m512 w0 = _mm512_permutexvar_ps(v0, lut);                      /* uses bits 0-3 of each lane */
+            __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), lut);
+            __m512 w2 = _mm512_permutexvar_ps(v1, lut);
+            __m512 w3 = _mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), lut);
+            for (int m = 0; m < MB; m++) {
+                const float *xk = x + (size_t)m * Kp + k;
+                a[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xk), a[m][0]);
+                a[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xk + 16), a[m][1]);
+                a[m][2] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xk + 32), a[m][2]);
+                a[m][3] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xk + 48), a[m][3]);
+            }
+        }
+        if (k < k_end) {  /* a last chunk of 32 (group sizes 32, 96, ...) */
+            __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2)));
+            __m512 w0 = _mm512_permutexvar_ps(v0, lut);
+            __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), lut);
+            for (int m = 0; m < MB; m++) {
+                const float *xk = x + (size_t)m * Kp + k;
+                a[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xk), a[m][0]);
+                a[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xk + 16), a[m][1]);
+            }
+        }
+        __m512 sg = _mm512_set1_ps(s[g]);
+        for (int m = 0; m < MB; m++) {
+            __m512 t = _mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]), _mm512_add_ps(a[m][2], a[m][3]));
+            acc_row[m] = _mm512_fmadd_ps(t, sg, acc_row[m]);
+        }
+    }
+    for (int m = 0; m < MB; m++) y[(size_t)m * N + n] = _mm512_reduce_add_ps(acc_row[m]);
+}
+
+void lowbit_lut4_gemm(const float *x, const uint8_t *q, const float *s, const float *lut16, float *y,
+                      int M, int N, int Kp, int gs, int n_threads) {
+    __m512 lut = _mm512_loadu_ps(lut16);
+    for (int m0 = 0; m0 < M; m0 += 4) {
+        int MB = M - m0 < 4 ? M - m0 : 4;
+        #pragma omp parallel for schedule(static) num_threads(n_threads)
+        for (int t = 0; t < n_threads; t++) {
+            int lo = (int)((long)N * t / n_threads), hi = (int)((long)N * (t + 1) / n_threads);
+            const float *xm = x + (size_t)m0 * Kp;
+            float *ym = y + (size_t)m0 * N;
+            for (int n = lo; n < hi; n++) {
+                const uint8_t *qn = q + (size_t)n * (Kp / 2);
+                const float *sn = s + (size_t)n * (Kp / gs);
+                switch (MB) {
+                    case 1: row_kernel(xm, qn, sn, lut, ym, 1, Kp, N, gs, n); break;
+                    case 2: row_kernel(xm, qn, sn, lut, ym, 2, Kp, N, gs, n); break;
+                    case 3: row_kernel(xm, qn, sn, lut, ym, 3, Kp, N, gs, n); break;
+                    default: row_kernel(xm, qn, sn, lut, ym, 4, Kp, N, gs, n); break;
+                }
+            }
+        }
+    }
+}
+"""
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("LOWBIT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "lowbit")
+    return os.path.join(base, "cpu_kernels")
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC", "cc")
+    flags = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
+    tag = hashlib.sha256((_SOURCE + cc + " ".join(flags) + sys.platform).encode()).hexdigest()[:16]
+    d = _cache_dir()
+    so = os.path.join(d, f"lut4_{tag}.so")
+    if not os.path.exists(so):
+        os.makedirs(d, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=d) as tmp:
+            src = os.path.join(tmp, "lut4.c")
+            with open(src, "w") as f:
+                f.write(_SOURCE)
+            out = os.path.join(tmp, "lut4.so")
+            r = subprocess.run([cc, *flags, src, "-o", out], capture_output=True, text=True, timeout=120)
+            if r.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {r.stderr[-800:]}")
+            os.replace(out, so)  # atomic: concurrent builders leave one complete file
+    lib = ctypes.CDLL(so)
+    fn = lib.lowbit_lut4_gemm
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
+    return lib
+
+
+@lru_cache(maxsize=1)
+def _lib() -> ctypes.CDLL | None:
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        logger.info("lut4 CPU kernel: needs AVX-512 (this CPU: %s); not used",
+                    torch.backends.cpu.get_cpu_capability())
+        return None
+    try:
+        return _build()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        logger.warning("lut4 CPU kernel not available (%s); the other CPU paths are used", e)
+        return None
+
+
+def available() -> bool:
+    """Whether the compiled kernel loads here (AVX-512 CPU and a working C compiler); cached per process."""
+    return _lib() is not None
+
+
+@dataclass(frozen=True, eq=False)
+class Lut4Weight:
+    """The kernel layout (module docstring). ``shift (G, N)`` float32 or None; ``perm (K,)`` for act-order."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    lut: torch.Tensor
+    shift: torch.Tensor | None
+    group_size: int
+    in_features: int
+    padded_in: int
+    perm: torch.Tensor | None
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+
+def pack_lut4(codes: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, group_size: int,
+              shift: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> Lut4Weight:
+    """Build the kernel layout from codes ``(N, K)`` in [0, 16), ``scale (N, ceil(K/group_size))``.
+
+    Raises:
+        ValueError: a group size that is not a multiple of 32, codes out of range, or mismatched shapes.
+    """
+    if group_size <= 0 or group_size % 32:
+        raise ValueError(f"the lut4 kernel takes group sizes that are multiples of 32, got {group_size}")
+    N, K = codes.shape
+    G = -(-K // group_size)
+    Kp = G * group_size
+    if scale.shape != (N, G):
+        raise ValueError(f"scale must be (out_features, groups) = {(N, G)}, got {tuple(scale.shape)}")
+    if lut.numel() != 16:
+        raise ValueError(f"lut must hold 16 values, got {lut.numel()}")
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, Kp - K)).reshape(N, Kp // 32, 2, 16)
+    if int(c.max()) > 15:
+        raise ValueError("codes must be in [0, 16)")
+    packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, Kp // 2).contiguous()
+    return Lut4Weight(packed, scale.to(torch.float32).contiguous(), lut.to(torch.float32).contiguous(),
+                      None if shift is None else shift.to(torch.float32).contiguous(), group_size, K, Kp, perm)
+
+
+def pack_codebook(q) -> Lut4Weight:  # type: ignore[no-untyped-def]
+    """NF4 / FP4 (``Codebook`` with 4-bit codes, double quantization or not).
+
+    Blocks run over the row-major flattened weight, so a row may start inside a block: the kernel's groups are
+    ``gcd(in_features, block_size)`` wide and each takes its block's absmax.
+
+    Raises:
+        ValueError: not a 4-bit codebook, or ``gcd(in_features, block_size)`` not a multiple of 32.
+    """
+    from lowbit.formats.bitpack import unpack
+
+    fmt = q.format
+    if fmt.kind != "codebook" or fmt.bits != 4:
+        raise ValueError(f"pack_codebook takes 4-bit codebook weights, got {fmt.spec()}")
+    N, K = q.shape
+    g = math.gcd(K, fmt.block_size)
+    if g % 32:
+        raise ValueError(f"gcd(in_features={K}, block_size={fmt.block_size}) = {g} is not a multiple of 32")
+    idx = unpack(q["qdata"].unsqueeze(0), 4, q.numel + q.numel % 2).reshape(-1)[: q.numel].reshape(N, K)
+    start = torch.arange(N).unsqueeze(1) * K + torch.arange(K // g).unsqueeze(0) * g  # first weight of each group
+    absmax = fmt.absmax(q)[start // fmt.block_size]
+    return pack_lut4(idx, absmax, fmt.code, g)
+
+
+def pack_affine4(q) -> Lut4Weight:  # type: ignore[no-untyped-def]
+    """4-bit ``IntAffine`` (symmetric or not, integer or float zero points, act-order ``g_idx``).
+
+    Raises:
+        ValueError: not 4-bit affine, or a group size that is not a multiple of 32.
+    """
+    from lowbit.ops.repack import repack_quantized, unpack_planes
+
+    pw = repack_quantized(q)
+    if pw.mode != "affine" or pw.bits != 4:
+        raise ValueError(f"pack_affine4 takes affine 4-bit weights, got mode={pw.mode!r} bits={pw.bits}")
+    K = pw.in_features
+    g = pw.group_size if pw.group_size < K else -(-K // 32) * 32
+    codes = unpack_planes(pw.q4, pw.q2, pw.q1, 4, K)  # (N, K) in the kernel (permuted) column order
+    assert pw.scale is not None and pw.zero_point is not None
+    G = -(-K // g)
+    s, z = pw.scale.float(), pw.zero_point.float()
+    if s.shape[0] != G:
+        s, z = s[:1].expand(G, -1), z[:1].expand(G, -1)
+    return pack_lut4(codes, s.t(), torch.arange(16, dtype=torch.float32), g, shift=(z * s).contiguous(),
+                     perm=pw.perm)
+
+
+def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (..., K) -> (..., N)`` in float32 through the kernel; output in ``x``'s dtype.
+
+    Raises:
+        RuntimeError: the kernel is not available here (check :func:`available` first).
+    """
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("the lut4 CPU kernel is not available (needs AVX-512 and a C compiler)")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    if w.perm is not None:
+        x2 = x2.index_select(1, w.perm.long())
+    if w.padded_in != w.in_features:
+        x2 = torch.nn.functional.pad(x2, (0, w.padded_in - w.in_features))
+    x2 = x2.contiguous()
+    M, N = x2.shape[0], w.out_features
+    y = torch.empty(M, N, dtype=torch.float32)
+    lib.lowbit_lut4_gemm(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.lut.data_ptr(), y.data_ptr(),
+                         M, N, w.padded_in, w.group_size, torch.get_num_threads())
+    if w.shift is not None:
+        y -= x2.reshape(M, -1, w.group_size).sum(-1) @ w.shift
+    if bias is not None:
+        y += bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*lead, N)
