@@ -55,9 +55,13 @@ RUNS: dict[str, tuple[str, int, int | None, dict[str, Any]]] = {
     "zqfp_w4a8": ("zeroquant_fp", 4, 128, {"lorc_rank": 0}),
     # diagnostics: where the W8A8 error comes from (weights alone; other thresholds / scale search)
     "llm_int8_w8a16": ("llm_int8", 8, None, {"threshold": 1e-30}),  # every nonzero input in float: int8 weights only
+    "llm_int8_t4": ("llm_int8", 8, None, {"threshold": 4.0}),
     "llm_int8_t2": ("llm_int8", 8, None, {"threshold": 2.0}),
     "fp8_e4m3_w8a16": ("fp8", 8, None, {"dtype": "e4m3", "act_dtype": None}),
     "fp8_e4m3_search": ("fp8", 8, None, {"dtype": "e4m3", "scale_search": True}),
+    "fp8_e4m3_gptq": ("fp8", 8, None, {"dtype": "e4m3", "gptq": True}),
+    "fp8_e4m3_gptq_search": ("fp8", 8, None, {"dtype": "e4m3", "gptq": True, "scale_search": True}),
+    "fp8_e4m3_gptq_w8a16": ("fp8", 8, None, {"dtype": "e4m3", "act_dtype": None, "gptq": True}),
 }
 
 

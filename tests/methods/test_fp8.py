@@ -78,3 +78,39 @@ def test_registry_and_bad_options() -> None:
         FP8Config.for_bits(4)
     with pytest.raises(ConfigError):
         FP8Config(format=Minifloat.preset("fp4"))
+
+
+def test_gptq_rounding_stays_on_the_fp8_grid_and_lowers_the_output_error() -> None:
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(24, 96, generator=g)
+    X = torch.randn(512, 96, generator=g) @ torch.randn(96, 96, generator=g)  # correlated inputs
+    H = 2 * X.T @ X / 512
+    for scale_search in (False, True):
+        rtn = FP8Config.for_bits(8, scale_search=scale_search)
+        cfg = FP8Config.for_bits(8, scale_search=scale_search, gptq=True)
+        assert cfg.stats == ("hessian",) and rtn.stats == () and FP8Config.stats == ()
+        q = cfg.quantize_weight(W, {"hessian": H})
+        Q = q.dequantize()
+        # every value is an E4M3 value times its channel's scale: re-rounding with the same scales moves nothing
+        again = cfg.format.quantize(Q, scale=q["scale"]).dequantize()
+        assert torch.equal(again, Q)
+        assert not torch.equal(Q, rtn.quantize_weight(W).dequantize())  # GPTQ is not round-to-nearest
+        out_err = lambda Wq: float((X @ (W - Wq).T).pow(2).sum())  # noqa: E731
+        assert out_err(Q) < 0.8 * out_err(rtn.quantize_weight(W).dequantize()), scale_search
+    with pytest.raises(Exception, match="hessian"):
+        FP8Config.for_bits(8, gptq=True).quantize_weight(W, None)
+    assert "gptq" in FP8Config.for_bits(8, gptq=True).describe()
+    assert MethodConfig.from_dict(FP8Config.for_bits(8, gptq=True).to_dict()).stats == ("hessian",)
+
+
+def test_gptq_fp8_end_to_end_beats_round_to_nearest() -> None:
+    ids, test = token_ids(4, 32, 1), token_ids(4, 32, 2)
+    with torch.no_grad():
+        ref = tiny_llama()(test).logits
+    errs = {}
+    for gptq in (False, True):
+        m = tiny_llama()
+        cfg = FP8Config.for_bits(8, act_dtype=None, gptq=gptq)
+        quantize_(m, cfg, calibration=ids if gptq else None)
+        errs[gptq] = logit_mse(m, ref, test)
+    assert errs[True] < errs[False], errs

@@ -39,6 +39,8 @@ def require_hessian(stats: Mapping[str, torch.Tensor] | None, W: torch.Tensor, k
 def _cat(groups: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     if not groups or not groups[0]:
         return {}
+    if len(groups) == 1:  # one group (per-channel formats): its params as the format shaped them, e.g. (out,)
+        return dict(groups[0])
     return {k: torch.cat([p[k] for p in groups], dim=1) for k in groups[0]}
 
 
