@@ -51,8 +51,7 @@ def test_int8_path_matches_reference():
     torch.manual_seed(1)
     q = Int8Rowwise().quantize(torch.randn(48, 320))
     for dtype in (torch.bfloat16, torch.float32):
-        w = cpu.pack(q, dtype)
-        assert isinstance(w, cpu.CpuInt8Weight)
+        w = cpu.pack_int8(q["qdata"], q["scale"], dtype)
         x = torch.randn(4, 320, dtype=dtype)
         b = torch.randn(48)
         y_ref = x.float() @ q.dequantize().float().t() + b

@@ -1,22 +1,26 @@
-"""CPU fast paths through ATen's packed-weight matmuls (no hand-written kernels).
+"""CPU fast paths of ``lowbit::qlinear``: ATen's packed-weight matmuls, ``torch._int_mm``, and two small
+hand-written kernels where ATen has nothing that fits.
 
-- 4-bit affine weights (``IntAffine`` bits=4, any zero point, act-order) -> ``aten._weight_int4pack_mm_for_cpu``,
-  which computes ``x · ((q − 8)·s + z')ᵀ`` per group; lowbit's ``(q − zero_point)·scale`` maps exactly to it with
-  ``z' = (8 − zero_point)·scale``. Group sizes 32, 64, 128, 256; K is padded to a whole group (zero inputs).
-- 8-bit weights (``Int8Rowwise`` without activation quantization, i.e. W8A16) -> ``aten._weight_int8pack_mm``.
 - W8A8 (``Int8Rowwise`` with int8 activations: SmoothQuant O1/O2/O3, LLM.int8() with its outlier columns) ->
   ``torch._int_mm`` (int8 × int8 → int32) on the CPU, for every number of rows (the reference's
   :func:`~lowbit.formats.act_quant.int8_matmul` takes it only for ``M > 16``, CUDA's limit, and otherwise an exact
   float64 matmul). Same activation quantizer, same integer products, same float epilogue in the same order as
   the reference: this path is **exact** (bit-identical outputs; tested).
+- weight-only int8 (``Int8Rowwise`` without ``act``, W8A16) -> the AVX-512 VNNI kernel of :mod:`lowbit.ops.cpu_w8`
+  (float inputs split into three int8 limbs: error ≈ 6e-8·max|x|, float32's level) where it builds, else
+  ``aten._weight_int8pack_mm``.
+- 4-bit affine (``IntAffine`` bits=4, any zero point, act-order) -> ``aten._weight_int4pack_mm_for_cpu`` for
+  bf16/fp16 inputs, which computes ``x · ((q − 8)·s + z')ᵀ`` per group; lowbit's ``(q − zero_point)·scale`` maps
+  exactly to it with ``z' = (8 − zero_point)·scale`` (group sizes 32, 64, 128, 256; K padded to a whole group).
+  float32 inputs -> the float32 lut4 kernel of :mod:`lowbit.ops.cpu_lut4` where it builds.
+- 4-bit codebooks (NF4/FP4 ``Codebook``, double quantization or not) -> the lut4 kernel (float32 math).
 
-The ATen int4/int8 packed kernels compute in bf16 or fp16 fast; in float32 they are 13-32× slower (a scalar
-loop). float32 inputs therefore go to the float32 lut4 kernel where it applies, else are cast to bf16 inside
-(``float32_compute``, :func:`compute_dtype`): outputs then differ from the float32 reference by bf16 rounding
+The hand-written kernels (AVX-512, compiled on first use by :mod:`lowbit.ops.cpu_native`) are absent without a
+C compiler or the instructions; the ATen paths or the reference take over. They serve up to 16 input rows;
+more rows go to the reference (dequantize + matmul). ATen's int4/int8 kernels are fast in bf16/fp16 only (13-32×
+slower in float32, a scalar loop): without the hand-written kernels, float32 inputs are cast to bf16 for them
+(``float32_compute``, :func:`compute_dtype`), and outputs then differ from the float32 reference by bf16 rounding
 (relative error ≈ 2e-3 per layer on random data, bounded by the tests at 1e-2).
-- 4-bit weights through a lookup table (NF4/FP4 ``Codebook``; 4-bit ``IntAffine`` in float32) -> the
-  hand-written AVX-512 kernel of :mod:`lowbit.ops.cpu_lut4` (float32 math; compiled on first use, absent
-  without a C compiler or AVX-512), for up to ``cpu_lut4.MAX_ROWS`` input rows; more rows use the reference.
 
 Nothing here changes the default op dispatch: :func:`pack` returns ``None`` for formats it does not cover,
 and :func:`enable_qlinear_fast_path` (opt-in) registers it as the CPU kernel of ``lowbit::qlinear``. The
@@ -32,7 +36,7 @@ import torch
 
 from lowbit.formats.act_quant import has_int_mm, quantize_activation
 from lowbit.formats.base import format_from_spec
-from lowbit.ops import cpu_lut4
+from lowbit.ops import cpu_lut4, cpu_w8
 from lowbit.ops.repack import PackedWeight, repack_quantized, unpack_planes
 
 __all__ = ["CpuInt4Weight", "CpuInt8Weight", "CpuW8A8Weight", "pack_int4", "int4_linear", "pack_int8", "int8_linear",
@@ -196,7 +200,7 @@ def w8a8_linear(x: torch.Tensor, w: CpuW8A8Weight, bias: torch.Tensor | None = N
 
 
 FLOAT32_COMPUTE = ("auto", "bfloat16", "float32")
-CpuWeight = CpuInt4Weight | CpuInt8Weight | CpuW8A8Weight | cpu_lut4.Lut4Weight
+CpuWeight = CpuInt4Weight | CpuInt8Weight | CpuW8A8Weight | cpu_lut4.Lut4Weight | cpu_w8.W8Weight
 
 
 def compute_dtype(x_dtype: torch.dtype, float32_compute: str = "auto", fmt=None) -> torch.dtype:  # type: ignore[no-untyped-def]
@@ -221,12 +225,16 @@ def pack(q, dtype: torch.dtype = torch.bfloat16) -> CpuWeight | None:  # type: i
 
     ``dtype`` is the compute dtype of the weight-only kernels: 4-bit affine weights go to ATen's int4 kernel in
     bf16/fp16 and to the float32 lut4 kernel (:mod:`lowbit.ops.cpu_lut4`, where it builds) in float32; 4-bit
-    codebooks (NF4/FP4) always to the lut4 kernel (float32 math); the W8A8 path computes in int32 / float32.
+    codebooks (NF4/FP4) always to the lut4 kernel (float32 math); weight-only int8 to the VNNI kernel
+    (:mod:`lowbit.ops.cpu_w8`: inputs in three int8 limbs, float32-level error) where it builds, else ATen's
+    int8 kernel in ``dtype``; the W8A8 path computes in int32 / float32.
     """
     fmt = q.format
     if fmt.kind == "int8_rowwise":
         act = getattr(fmt, "act", None)
         if act is None:
+            if cpu_w8.available():
+                return cpu_w8.pack_w8(q["qdata"], q["scale"])
             return pack_int8(q["qdata"], q["scale"], dtype)
         return pack_w8a8(q) if act.dtype == "int8" and has_cpu_int_mm() else None
     try:
@@ -244,8 +252,8 @@ def pack(q, dtype: torch.dtype = torch.bfloat16) -> CpuWeight | None:  # type: i
 def linear(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """``x @ Wᵀ + b`` through the fast path of ``w`` (from :func:`pack`); output in ``x``'s dtype.
 
-    ``None`` when that path does not take this input: more than :data:`cpu_lut4.MAX_ROWS` rows on the lut4
-    kernel (it re-reads the weight per 4 rows; dequantize + matmul is faster there).
+    ``None`` when that path does not take this input: more than ``MAX_ROWS`` (16) rows on the lut4 or int8 VNNI
+    kernels (they re-read the weight per 4 rows; dequantize + matmul is faster there).
     """
     if isinstance(w, CpuInt4Weight):
         return int4_linear(x, w, bias)
@@ -255,6 +263,10 @@ def linear(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None = None) -> t
         if x.numel() > cpu_lut4.MAX_ROWS * x.shape[-1]:
             return None
         return cpu_lut4.lut4_linear(x, w, bias)
+    if isinstance(w, cpu_w8.W8Weight):
+        if x.numel() > cpu_w8.MAX_ROWS * x.shape[-1]:
+            return None
+        return cpu_w8.w8_linear(x, w, bias)
     return int8_linear(x, w, bias)
 
 

@@ -11,9 +11,8 @@ scalar loop for float32 inputs. This kernel keeps activations, code values and a
 ``vpermps`` looks the 16 code values up in one register; four independent FMA chains per input row), so it
 matches the float32 reference to float32 rounding, and bf16 inputs are widened exactly to float32.
 
-The C source below is compiled on first use with the system C compiler (``$CC``, else ``cc``) into a per-user
-cache directory and loaded with :mod:`ctypes`; no compiler, no AVX-512, or a failed build make
-:func:`available` return ``False`` (logged once) and callers keep their other paths.
+The C source below is compiled on first use by :mod:`lowbit.ops.cpu_native`; no compiler, no AVX-512, or a failed
+build make :func:`available` return ``False`` (logged once) and callers keep their other paths.
 
 Layout (:class:`Lut4Weight`): ``codes (N, Kp/2) uint8`` where, for each chunk of 32 inputs, byte ``j`` holds the
 code of input ``j`` in its low nibble and of input ``j + 16`` in its high nibble; ``Kp`` = K padded to a whole
@@ -23,17 +22,14 @@ group. Kernel reads ``x (M, Kp) float32`` (zero-padded), one output row per loop
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import math
-import os
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+
+from lowbit.ops import cpu_native
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +41,8 @@ _SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <stddef.h>
+
+int lowbit_cpu_ok(void) { return __builtin_cpu_supports("avx512f"); }
 
 /* MB input rows at once (1..4): four independent accumulators per row, one vpermps per 16 codes. */
 static inline __attribute__((always_inline)) void row_kernel(
@@ -119,47 +117,13 @@ void lowbit_lut4_gemm(const float *x, const uint8_t *q, const float *s, const fl
 """
 
 
-def _cache_dir() -> str:
-    base = os.environ.get("LOWBIT_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "lowbit")
-    return os.path.join(base, "cpu_kernels")
-
-
-def _build() -> ctypes.CDLL:
-    cc = os.environ.get("CC", "cc")
-    flags = ["-O3", "-mavx512f", "-fopenmp", "-shared", "-fPIC"]
-    tag = hashlib.sha256((_SOURCE + cc + " ".join(flags) + sys.platform).encode()).hexdigest()[:16]
-    d = _cache_dir()
-    so = os.path.join(d, f"lut4_{tag}.so")
-    if not os.path.exists(so):
-        os.makedirs(d, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=d) as tmp:
-            src = os.path.join(tmp, "lut4.c")
-            with open(src, "w") as f:
-                f.write(_SOURCE)
-            out = os.path.join(tmp, "lut4.so")
-            r = subprocess.run([cc, *flags, src, "-o", out], capture_output=True, text=True, timeout=120)
-            if r.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {r.stderr[-800:]}")
-            os.replace(out, so)  # atomic: concurrent builders leave one complete file
-    lib = ctypes.CDLL(so)
-    fn = lib.lowbit_lut4_gemm
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
-    return lib
-
-
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        logger.info("lut4 CPU kernel: needs AVX-512 (this CPU: %s); not used",
-                    torch.backends.cpu.get_cpu_capability())
-        return None
-    try:
-        return _build()
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        logger.warning("lut4 CPU kernel not available (%s); the other CPU paths are used", e)
-        return None
+    lib = cpu_native.load("lut4", _SOURCE, ("-mavx512f",))
+    if lib is not None:
+        lib.lowbit_lut4_gemm.restype = None
+        lib.lowbit_lut4_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
+    return lib
 
 
 def available() -> bool:
