@@ -329,27 +329,28 @@ def gemv_sweep(out_dir: str, bw: float) -> dict:
     return res
 
 
-I8_CANDIDATES = {  # session 4 sweep: BM/BN/BK, warps, stages, GROUP_M, maxnreg (128 lets two CTAs share an SM)
+I8_CANDIDATES = {  # BM/BN/BK, warps, stages, GROUP_M, maxnreg (128 lets two CTAs share an SM); session 4 run 1
+    # swept 12 (NOTES_gpu.md); these are the session-3 tiles and the best four
     "t0 128/128/128 w8 s4 (session 3)": dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=4, GROUP_M=8),
-    "t1 128/128/128 w8 s3": dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, GROUP_M=8),
     "t2 128/128/128 w8 s3 r128": dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, GROUP_M=8, maxnreg=128),
     "t3 128/128/128 w8 s3 r128 g16": dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, GROUP_M=16,
                                          maxnreg=128),
-    "t4 128/128/64 w8 s4 r128": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4, GROUP_M=8, maxnreg=128),
-    "t5 128/128/64 w8 s3 r128": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, GROUP_M=8, maxnreg=128),
-    "t6 128/128/256 w8 s3": dict(BM=128, BN=128, BK=256, num_warps=8, num_stages=3, GROUP_M=8),
     "t7 128/256/128 w8 s3": dict(BM=128, BN=256, BK=128, num_warps=8, num_stages=3, GROUP_M=8),
-    "t8 128/128/128 w8 s2 r128": dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=2, GROUP_M=8, maxnreg=128),
-    "t9 64/128/128 w4 s4 r128": dict(BM=64, BN=128, BK=128, num_warps=4, num_stages=4, GROUP_M=8, maxnreg=128),
-    "t10 256/128/64 w8 s4": dict(BM=256, BN=128, BK=64, num_warps=8, num_stages=4, GROUP_M=8),
     "t11 128/128/64 w8 s4 r128 g16": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=4, GROUP_M=16, maxnreg=128),
+}
+MMT_CANDIDATES = {  # W4A16 M = 2048 fused, transposed (outᵀ = W·xᵀ, the weight tile from registers)
+    "mmt4 128/128/128 w8 s3": dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, v=4),
+    "mmt4 128/128/128 w8 s2 r128": dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=2, maxnreg=128, v=4),
+    "mmt4 128/128/128 w8 s4": dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=4, v=4),
+    "mmt4 64/128/128 w4 s3": dict(BM=64, BN=128, BK=128, num_warps=4, num_stages=3, v=4),
+    "mmt4 256/128/128 w8 s2": dict(BM=256, BN=128, BK=128, num_warps=8, num_stages=2, v=4),
+    "mmt v3 128/128/64 w8 s3": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, v=3),
+    "mmt v3 128/128/64 w8 s3 r128": dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, maxnreg=128, v=3),
 }
 DQ_CANDIDATES = {  # W4A16 M = 2048 dequantize + cuBLAS: (chunk, trans, overlap)
     "chunk2048 (session 3)": (2048, False, False), "unchunked": (0, False, False), "chunk1024": (1024, False, False),
     "chunk4096": (4096, False, False), "chunk2048 trans": (2048, True, False), "chunk1024 trans": (1024, True, False),
-    "chunk1024 overlap": (1024, False, True), "chunk2048 overlap": (2048, False, True),
-    "chunk1024 trans overlap": (1024, True, True), "chunk2048 trans overlap": (2048, True, True),
-    "chunk512 trans overlap": (512, True, True),
+    "chunk2048 overlap": (2048, False, True), "chunk2048 trans overlap": (2048, True, True),
 }
 
 
@@ -423,9 +424,20 @@ def big_m_sweep(out_dir: str) -> dict:
         xx = torch.randn(256, K, device="cuda", dtype=torch.bfloat16)
         refy = xx.float() @ Wd.t()
         del Wd
+        for lab, cfg in MMT_CANDIDATES.items():
+            if cfg.get("v") == 4 and not wq.mmt4_fits(pws[0], max(cfg["BK"], 256 if pws[0].bits == 2 else 0)):
+                continue
+            key = f"{name} {lab}"
+            try:
+                e = rel(wq.mmt(xx, pws[0], cfg), refy)
+                checks[key] = e
+                if e < 2e-2:
+                    nxt = cycler(pws)
+                    fns[key] = lambda nxt=nxt, cfg=cfg: wq.mmt(x, nxt(), cfg)
+            except Exception as ex:
+                checks[key] = repr(ex)[:200]
         for lab, (ch, tr, ov) in DQ_CANDIDATES.items():
-            if not full and lab not in ("chunk2048 (session 3)", "chunk2048 trans", "chunk1024 overlap",
-                                        "chunk1024 trans overlap", "chunk2048 trans overlap"):
+            if not full and lab not in ("chunk2048 (session 3)", "chunk2048 trans"):
                 continue
             key = f"{name} {lab}"
             try:

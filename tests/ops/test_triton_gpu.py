@@ -28,7 +28,7 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.spec())
-@pytest.mark.parametrize("path,M", [("gemv", 1), ("gemv", 3), ("mm", 16), ("mm", 100), ("dequant", 64),
+@pytest.mark.parametrize("path,M", [("gemv", 1), ("gemv", 3), ("mm", 16), ("mm", 100), ("mmt", 100), ("dequant", 64),
                                     ("dequant:256", 64)])
 @pytest.mark.parametrize("K", [576, 1536])
 def test_packed_linear_matches_reference(fmt, path, M, K):
@@ -52,7 +52,7 @@ def test_act_order_gemv_and_mm():
     q = fmt.quantize(Wf, g_idx=g_idx, **fmt.params(Wf)).to("cuda")
     pw = R.repack_quantized(q)
     W = q.dequantize().float()
-    for M, path in ((1, "gemv"), (32, "mm"), (64, "dequant")):
+    for M, path in ((1, "gemv"), (32, "mm"), (64, "dequant"), (100, "mmt")):
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         assert rel(wq.packed_linear(x, pw, None, path=path), x.float() @ W.t()) < TOL
 
@@ -220,7 +220,7 @@ def test_int8_fused_epilogue_equals_float64_up_to_output_rounding(tiles, K, dtyp
         assert rel(y, exact) < tol
 
 
-def test_outlier_columns_flags_exactly_the_columns_holding_a_large_value():
+def test_outlier_columns_flag_and_list_exactly_the_columns_holding_a_large_value():
     torch.manual_seed(21)
     x = torch.randn(300, 1000, device="cuda", dtype=torch.bfloat16)
     r, c = torch.randint(0, 300, (40,)), torch.randint(0, 1000, (40,))
@@ -229,8 +229,14 @@ def test_outlier_columns_flags_exactly_the_columns_holding_a_large_value():
     x[r[30:], c[30:]] = 5.96875  # just below (bf16) does not
     want = (x.float().abs() >= 6.0).any(0)
     assert 20 <= int(want.sum()) <= 30
-    assert torch.equal(w8a8.outlier_columns(x, 6.0).bool(), want)
+    flags = w8a8.outlier_columns(x, 6.0)
+    assert torch.equal(flags.bool(), want)
     assert int(w8a8.outlier_columns(x * 0.5, 6.0).sum()) == int((x.float().abs() >= 12).any(0).sum())
+    for f in (flags, torch.zeros_like(flags), torch.ones(9000, device="cuda", dtype=torch.int32),
+              (torch.rand(9000, device="cuda") < 0.3).to(torch.int32)):  # 9000: three chunks of the compaction
+        cols, count = w8a8.outlier_list(f)
+        want = torch.nonzero(f).flatten()
+        assert int(count) == want.numel() and torch.equal(cols[: want.numel()].long(), want)
 
 
 @pytest.mark.parametrize("trans", [False, True])

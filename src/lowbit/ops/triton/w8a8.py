@@ -75,45 +75,33 @@ def _col_flags_kernel(x_ptr, flag_ptr, M, K, stride_xm, threshold, BM: tl.conste
 
 
 @triton.jit
-def _outlier_pack_kernel(x_ptr, q_ptr, sw_ptr, cols_ptr, xo_ptr, wo_ptr, M, N, K, n_o, stride_xm,
-                         KO: tl.constexpr, JB: tl.constexpr, BR: tl.constexpr):
-    """LLM.int8() outlier operands for the GEMM epilogue, ``K_epi = 2·KO`` wide (``KO`` = outlier count padded to
-    16, zeros beyond it): ``xo[m] = [x[m, cols], x[m, cols]]`` and ``wo[n] = [hi, lo]`` with
-    ``hi = round(q[n, cols]·s_w[n])`` in x's dtype and ``lo`` the rounding of what ``hi`` missed, so that one
-    16-bit tensor-core dot gives ``x_O · W_Oᵀ`` with the weight exact to ~2⁻¹⁷ relative (fp32 accumulation)."""
-    pid = tl.program_id(0)
-    n_xp = tl.cdiv(M, BR)
-    j = tl.arange(0, JB)
-    mj = j < n_o
-    st = j < KO
-    c = tl.load(cols_ptr + j, mask=mj, other=0)
-    if pid < n_xp:
-        r = pid * BR + tl.arange(0, BR)
-        mr = r < M
-        v = tl.load(x_ptr + r[:, None] * stride_xm + c[None, :], mask=mr[:, None] & mj[None, :], other=0.0)
-        dst = xo_ptr + r[:, None] * (2 * KO) + j[None, :]
-        tl.store(dst, v, mask=mr[:, None] & st[None, :])
-        tl.store(dst + KO, v, mask=mr[:, None] & st[None, :])
-    else:
-        r = (pid - n_xp) * BR + tl.arange(0, BR)
-        mr = r < N
-        q = tl.load(q_ptr + r[:, None] * K + c[None, :], mask=mr[:, None] & mj[None, :], other=0)
-        w = q.to(tl.float32) * tl.load(sw_ptr + r, mask=mr, other=0.0)[:, None]
-        hi = w.to(wo_ptr.dtype.element_ty)
-        lo = (w - hi.to(tl.float32)).to(wo_ptr.dtype.element_ty)
-        dst = wo_ptr + r[:, None] * (2 * KO) + j[None, :]
-        tl.store(dst, hi, mask=mr[:, None] & st[None, :])
-        tl.store(dst + KO, lo, mask=mr[:, None] & st[None, :])
+def _compact_kernel(flag_ptr, cols_ptr, count_ptr, K, CH: tl.constexpr):
+    """Indices of the flagged columns, in order, into ``cols`` and their number into ``count`` (one program, on
+    the device: no host synchronisation)."""
+    base = 0
+    for k0 in range(0, K, CH):
+        offs = k0 + tl.arange(0, CH)
+        f = tl.load(flag_ptr + offs, mask=offs < K, other=0)
+        pos = base + tl.cumsum(f, axis=0) - f
+        tl.store(cols_ptr + pos, offs, mask=f > 0)
+        base += tl.sum(f, axis=0)
+    tl.store(count_ptr, base)
 
 
 @triton.jit
-def _i8_mm_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, out_ptr, xo_ptr, wo_ptr, bias_ptr, M, N, K, KO2,
+def _i8_mm_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, out_ptr, x_ptr, cols_ptr, count_ptr, bias_ptr, M, N, K, stride_xm,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                   EVEN_K: tl.constexpr, HAS_OUT: tl.constexpr, BKO: tl.constexpr, IEEE: tl.constexpr,
                   HAS_BIAS: tl.constexpr):
     """Fused int8 GEMM: ``a (M, K) int8 · b (N, K)ᵀ int8`` -> int32 accumulators -> ``acc·s_x·s_w`` in fp32,
-    plus (LLM.int8()) the outlier columns' product ``xo (M, KO2) · wo (N, KO2)ᵀ`` accumulated onto it by a
-    16-bit tensor-core dot in the epilogue, plus the bias; stored once in out's dtype.
+    plus (LLM.int8()) the outlier columns' product accumulated onto it in the epilogue, plus the bias; stored
+    once in out's dtype.
+
+    Outliers: ``count`` columns listed in ``cols`` (both on the device); ``BKO`` of them at a time, x's values
+    are gathered from ``x`` and the weight's from the int8 codes, ``w = q·s_w`` is split into ``hi`` (rounded to
+    x's dtype) and ``lo`` (what ``hi`` missed, rounded), and two 16-bit tensor-core dots ``x_O·hi + x_O·lo``
+    with fp32 accumulation give ``x_O · W_Oᵀ`` with the weight exact to ~2⁻¹⁷ relative (fp32 inputs: one
+    IEEE fp32 dot).
 
     Rows and columns past M / N are read modulo M / N (always in bounds, never stored), so the main loop's
     loads are unmasked when ``K % BK == 0`` (``EVEN_K``)."""
@@ -144,24 +132,29 @@ def _i8_mm_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, out_ptr, xo_ptr, wo_ptr, bias_pt
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BK
         b_ptrs += BK
-    mm_ = offs_m < M
-    mn_ = offs_n < N
     sx = tl.load(sx_ptr + rm)
     sw = tl.load(sw_ptr + rn)
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
     if HAS_OUT:
+        n_o = tl.load(count_ptr)
         ok = tl.arange(0, BKO)
-        for k0 in range(0, KO2, BKO):
-            xo = tl.load(xo_ptr + rm[:, None] * KO2 + (k0 + ok)[None, :])
-            wo = tl.load(wo_ptr + rn[None, :] * KO2 + (k0 + ok)[:, None])
+        for j0 in tl.range(0, n_o, BKO, num_stages=1):
+            mj = j0 + ok < n_o
+            c = tl.load(cols_ptr + j0 + ok, mask=mj, other=0)
+            xo = tl.load(x_ptr + rm[:, None] * stride_xm + c[None, :], mask=mj[None, :], other=0.0)
+            q = tl.load(b_ptr + rn[None, :] * K + c[:, None], mask=mj[:, None], other=0)
+            w = q.to(tl.float32) * sw[None, :]
             if IEEE:
-                y = tl.dot(xo, wo, y, input_precision="ieee")
+                y = tl.dot(xo, w, y, input_precision="ieee")
             else:
-                y = tl.dot(xo, wo, y)
+                hi = w.to(x_ptr.dtype.element_ty)
+                lo = (w - hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
+                y = tl.dot(xo, hi, y)
+                y = tl.dot(xo, lo, y)
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=mm_[:, None] & mn_[None, :])
+             mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 def outlier_columns(x2: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -201,26 +194,20 @@ def scale_epilogue(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: 
     return out
 
 
-# int8 GEMM tiles (H100 sweep, benchmarks/NOTES_gpu.md session 4). Triton makes an int8 wgmma synchronous (it
-# pipelines only fp32 accumulators), so a second resident CTA per SM is what hides each K step's wait.
-I8_TILES = dict(BM=128, BN=128, BK=128, GROUP_M=8, num_warps=8, num_stages=3)
+# int8 GEMM tiles (H100 sweep, benchmarks/NOTES_gpu.md session 4: 1028 -> 828 µs at 2048×8192×28672). Triton
+# makes an int8 wgmma synchronous (it pipelines only fp32 accumulators), so a second resident CTA per SM (3 stages
+# of 32 KB, at most 128 registers) is what hides each K step's wait.
+I8_TILES = dict(BM=128, BN=128, BK=128, GROUP_M=16, num_warps=8, num_stages=3, maxnreg=128)
 
 
-def outlier_operands(x2: torch.Tensor, qdata: torch.Tensor, sw: torch.Tensor, cols: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(xo (M, 2·KO), wo (N, 2·KO), 2·KO)`` for :func:`_i8_mm_kernel`'s outlier epilogue (``KO`` = the number of
-    outlier columns rounded up to 16; 16-bit operands in x's dtype, fp32 for fp32 inputs)."""
-    M, K = x2.shape
-    N = qdata.shape[0]
-    n_o = int(cols.numel())
-    KO = 16 * triton.cdiv(n_o, 16)
-    xo = torch.empty((M, 2 * KO), device=x2.device, dtype=x2.dtype)
-    wo = torch.empty((N, 2 * KO), device=x2.device, dtype=x2.dtype)
-    BR = 32
-    _outlier_pack_kernel[(triton.cdiv(M, BR) + triton.cdiv(N, BR),)](
-        x2, qdata, sw, cols, xo, wo, M, N, K, n_o, x2.stride(0), KO=KO, JB=triton.next_power_of_2(KO), BR=BR,
-        num_warps=4)
-    return xo, wo, 2 * KO
+def outlier_list(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cols (K,) int32, count (1,) int32)``: the flagged columns' indices (first ``count`` entries) — on the
+    device, without waiting for it."""
+    K = flags.numel()
+    cols = torch.empty(K, device=flags.device, dtype=torch.int32)
+    count = torch.empty(1, device=flags.device, dtype=torch.int32)
+    _compact_kernel[(1,)](flags, cols, count, K, CH=min(4096, triton.next_power_of_2(K)), num_warps=4)
+    return cols, count
 
 
 def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -228,30 +215,30 @@ def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
     """W8A8 int8: ``x (..., K)``, ``qdata (N, K) int8``, ``scale (N,) fp32`` -> ``(..., N)`` in x's dtype.
 
     ``fused=True`` (default, M >= 16) runs the Triton int8 GEMM with the scales, the LLM.int8() outlier columns'
-    product (a 16-bit tensor-core dot on ``[x_O, x_O]·[W_O hi, W_O lo]ᵀ``, fp32 accumulation) and the bias all
-    in its epilogue; otherwise ``torch._int_mm`` (cuBLAS int8) followed by the scale epilogue kernel (outliers
-    in fp32). ``tiles`` overrides :data:`I8_TILES` (benchmarks).
+    product (16-bit tensor-core dots on the gathered ``x_O`` and the weight split into ``hi + lo``, fp32
+    accumulation) and the bias all in its epilogue; the outlier columns are found and listed on the device, so
+    nothing waits for the GPU. Otherwise ``torch._int_mm`` (cuBLAS int8) followed by the scale epilogue kernel
+    (outliers in fp32). ``tiles`` overrides :data:`I8_TILES` (benchmarks).
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     M, K = x2.shape
     N = qdata.shape[0]
     xq, sx, col = quantize_rows(x2, torch.int8, threshold)
-    cols = torch.nonzero(col).flatten().to(torch.int32) if col is not None else None
     sw = scale.reshape(-1).to(torch.float32)
     if fused and M >= 16:
         t = dict(I8_TILES, **(tiles or {}))
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-        has_out = cols is not None and cols.numel() > 0
-        xo, wo, KO2 = outlier_operands(x2, qdata, sw, cols) if has_out else (out, out, 0)
+        cols, count = outlier_list(col) if col is not None else (sx, sx)
         BM, BN, BK = t["BM"], t["BN"], t["BK"]
         grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-        _i8_mm_kernel[grid](xq, qdata, sx, sw, out, xo, wo, bias if bias is not None else sw, M, N, K, KO2,
-                            BM=BM, BN=BN, BK=BK, GROUP_M=t["GROUP_M"], EVEN_K=K % BK == 0, HAS_OUT=has_out,
-                            BKO=32, IEEE=x.dtype == torch.float32, HAS_BIAS=bias is not None,
-                            num_warps=t["num_warps"], num_stages=t["num_stages"],
+        _i8_mm_kernel[grid](xq, qdata, sx, sw, out, x2, cols, count, bias if bias is not None else sw, M, N, K,
+                            x2.stride(0), BM=BM, BN=BN, BK=BK, GROUP_M=t["GROUP_M"], EVEN_K=K % BK == 0,
+                            HAS_OUT=col is not None, BKO=32, IEEE=x.dtype == torch.float32,
+                            HAS_BIAS=bias is not None, num_warps=t["num_warps"], num_stages=t["num_stages"],
                             **({"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}))
         return out.reshape(*lead, N)
+    cols = torch.nonzero(col).flatten() if col is not None else None
     extra = None
     if cols is not None and cols.numel():
         W_o = qdata[:, cols.long()].to(torch.float32) * scale.reshape(-1, 1)

@@ -46,6 +46,7 @@ MM4_MAX_M = 64  # mm v4 up to here (one dot per code position: fewer decode inst
 DEQUANT_CHUNK = 2048  # H100 sweep: 1563 µs vs 1591 µs unchunked at 2048×8192×28672
 DEQUANT_TRANS = False  # large-M buffer holds rows of W (F.linear's layout) instead of columns of W^T
 DEQUANT_OVERLAP = False  # large-M: dequantize chunk i + 1 on a side stream while cuBLAS multiplies chunk i
+MMT_TILES = dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, v=4)  # large-M fused, transposed
 
 
 @triton.jit
@@ -595,6 +596,83 @@ def _mm_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, 
 
 
 @triton.jit
+def _mmt_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, stride_om,
+                BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RS: tl.constexpr, SEL: tl.constexpr):
+    """Large-M fused dequantize-matmul computed transposed, ``outᵀ (N, M) = W (N, K) · xᵀ``: the dequantized
+    weight tile is the dot's first operand, which a Hopper wgmma reads from registers, and ``xᵀ`` the second,
+    loaded by the software pipeline into shared memory, so the dot can stay asynchronous while the next tile
+    is dequantized. Programs that share a weight tile run next to each other (M fastest)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    rm = offs_m % M
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        xt = tl.load(x_ptr + rm[None, :] * stride_xm + offs_k[:, None], mask=offs_k[:, None] < K, other=0.0)
+        w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE, RS, SEL)
+        acc = tl.dot(tl.trans(w.to(xt.dtype)), xt, acc)
+    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m < M)[None, :] & mask_n[:, None])
+
+
+@triton.jit
+def _mmt4_kernel(x_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_xm, stride_om, E23,
+                 B: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 ONE_GROUP: tl.constexpr):
+    """Large-M fused W4A16/W2A16 (affine codes with a zero point), transposed like :func:`_mmt_kernel`, decoding
+    each weight in about three instructions.
+
+    ``x`` comes with each ``BK``-block's columns in code-position order (:func:`permute_for_mmt4`): position
+    ``i`` of the block's ``NW = BK/PER`` words is columns ``[i·NW, (i + 1)·NW)``, which is the order in which
+    the decoded ``(PER, NW, BN)`` tile flattens, so the dot needs no interleaving of codes. Decode: a shift per word brings code ``i`` to bit ``q = 12 + B·(i mod SL)`` (``SL`` codes
+    share one shift), one LOP3 masks it and ORs in the exponent of ``2^(23 - q)`` (the float is then exactly
+    ``2^(23 - q) + c``), and one FMA gives ``w = f·s − (2^(23 - q) + z)·s``; the offset is rounded once per
+    column and group, an error of at most ``s·2^(−1−q)`` (``q >= 12``)."""
+    PER: tl.constexpr = 32 // B
+    NW: tl.constexpr = BK // PER
+    SL: tl.constexpr = (11 - B) // B + 1
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rn = offs_n % N
+    rm = offs_m % M
+    r = tl.arange(0, NW)
+    i3 = tl.arange(0, PER)[:, None, None]
+    q3 = 12 + B * (i3 % SL)  # the bit each code position is brought to
+    d3 = q3 - B * i3
+    mask3 = ((1 << B) - 1) << q3
+    exp3 = E23 - (q3 << 23)  # float bits of 2^(23 - q)
+    base3 = (1 << (23 - q3)).to(tl.float32)
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        w = tl.load(qp + (k0 // PER + r)[:, None] * N + rn[None, :])[None, :, :]
+        if ONE_GROUP:
+            s = tl.load(scale + (k0 // GROUP) * N + rn).to(tl.float32)[None, None, :]
+            z = tl.load(zero + (k0 // GROUP) * N + rn).to(tl.float32)[None, None, :]
+        else:
+            g = (k0 + PER * r) // GROUP
+            s = tl.load(scale + g[:, None] * N + rn[None, :]).to(tl.float32)[None, :, :]
+            z = tl.load(zero + g[:, None] * N + rn[None, :]).to(tl.float32)[None, :, :]
+        v = tl.where(d3 >= 0, w << tl.maximum(d3, 0), w >> tl.maximum(-d3, 0))
+        f = ((v & mask3) | exp3).to(tl.float32, bitcast=True)
+        a = f * s - (base3 + z) * s  # (PER, NW, BN): row i·NW + r of the block is code i of word r
+        a = tl.reshape(a.to(x_ptr.dtype.element_ty), (BK, BN))
+        xt = tl.load(x_ptr + rm[None, :] * stride_xm + (k0 + tl.arange(0, BK))[:, None])
+        acc = tl.dot(tl.trans(a), xt, acc)
+    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m < M)[None, :] & (offs_n < N)[:, None])
+
+
+@triton.jit
 def _mm4_kernel(x_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_xm, stride_om, E23,
                 B: tl.constexpr, GROUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                 SPLIT_K: tl.constexpr, K_PER_PROG: tl.constexpr):
@@ -859,6 +937,56 @@ def mm(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Ten
     return out.to(x2.dtype)
 
 
+def mmt4_fits(pw: PackedWeight, BK: int) -> bool:
+    """Whether :func:`_mmt4_kernel` takes this weight at K-tile ``BK`` (affine 2/4-bit codes with a zero point,
+    one dot of K-depth ``BK·bits/32 >= 16`` per code position, K a multiple of ``BK``)."""
+    return (pw.mode == "affine" and pw.bits in (2, 4) and BK * pw.bits // 32 >= 16 and pw.zero_point is not None
+            and pw.in_features % BK == 0 and (pw.group_size % BK == 0 or BK % pw.group_size == 0))
+
+
+def permute_for_mmt4(x2: torch.Tensor, bits: int, BK: int) -> torch.Tensor:
+    """``x2 (M, K)`` with each ``BK``-block's columns in code-position order: column ``k0 + PER·r + i`` moves to
+    ``k0 + NW·i + r`` (``PER = 32/bits`` codes per word, ``NW = BK/PER`` words per block)."""
+    M, K = x2.shape
+    PER = 32 // bits
+    return x2.reshape(M, K // BK, BK // PER, PER).transpose(2, 3).reshape(M, K)
+
+
+def mmt(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Tensor:
+    """Large-M fused dequantize-matmul computed as ``(W · xᵀ)ᵀ`` (:func:`_mmt4_kernel` for affine 2/4-bit codes
+    when ``cfg["v"] == 4``; :func:`_mmt_kernel` with a dequantized tile otherwise). ``x2 (M, K)`` is in the
+    weight's own column order (act-order's permutation and the code-position order are one gather here);
+    returns ``(M, N)`` in x's dtype."""
+    M, K = x2.shape
+    N = pw.out_features
+    cfg = dict(MMT_TILES, **(cfg or {}))
+    out = torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    if pw.bits == 2 and cfg.get("v", 4) == 4:
+        BK = max(BK, 256)
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
+    if cfg.get("v", 4) == 4 and mmt4_fits(pw, BK):
+        if pw.perm is None:
+            xp = permute_for_mmt4(x2, pw.bits, BK)
+        else:  # column k0 + NW·i + r of the kernel's x is column perm[k0 + PER·r + i] of x
+            PER = 32 // pw.bits
+            xp = x2.index_select(1, pw.perm.long().reshape(K // BK, BK // PER, PER).transpose(1, 2).reshape(K))
+        qp = pw.q4 if pw.bits == 4 else pw.q2
+        _mmt4_kernel[grid](xp, out, qp, pw.scale, pw.zero_point, M, N, K, qp.shape[0], K, out.stride(0),
+                           0x4B000000, B=pw.bits, GROUP=pw.group_size, BM=BM, BN=BN, BK=BK,
+                           ONE_GROUP=pw.group_size % BK == 0, num_warps=cfg["num_warps"],
+                           num_stages=cfg["num_stages"], **extra)
+        return out
+    xp = x2 if pw.perm is None else x2.index_select(1, pw.perm.long())
+    BK = _bk_for(pw.group_size, min(BK, 64))
+    q4, q2, q1, sc, zp, cb = _args(pw, out)
+    _mmt_kernel[grid](xp, out, q4, q2, q1, sc, zp, cb, M, N, K, xp.stride(0), out.stride(0), BITS=pw.bits,
+                      GROUP=pw.group_size, MODE=MODE_ID[pw.mode], BM=BM, BN=BN, BK=BK, RS=True,
+                      SEL=DEQUANT_SEL, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
+    return out
+
+
 def dequantize_t(pw: PackedWeight, dtype: torch.dtype, n_off: int = 0, n_end: int | None = None,
                  out: torch.Tensor | None = None, RS: bool = True, unpermute: bool = False,
                  SEL: bool | None = None, trans: bool = False) -> torch.Tensor:
@@ -965,10 +1093,12 @@ def packed_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None =
     else:
         if path == "mm":
             y = mm(x2 if pw.perm is None else x2.index_select(1, pw.perm.long()), pw)
+        elif path == "mmt":
+            y = mmt(x2, pw)
         elif path.startswith("dequant"):  # "dequant" or "dequant:<chunk>"
             y = dequant_matmul(x2, pw, int(path.split(":")[1]) if ":" in path else DEQUANT_CHUNK)
         else:
-            raise ValueError(f"path={path!r}; valid: gemv, mm, dequant, dequant:<chunk>")
+            raise ValueError(f"path={path!r}; valid: gemv, mm, mmt, dequant, dequant:<chunk>")
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, pw.out_features)
