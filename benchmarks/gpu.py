@@ -369,6 +369,47 @@ def interleaved(fns: dict, rounds: int = 3, rep: int = 60) -> dict:
     return out
 
 
+def w8a8_parts(out_dir: str) -> dict:
+    """Where LLM.int8()'s time goes at M = 2048, K×N = 8192×28672 (8 outlier columns): each stage of
+    ``int8_linear`` timed alone, the GEMM kernel with and without its outlier epilogue on the same inputs."""
+    K, N, M = 8192, 28672, 2048
+    torch.manual_seed(12)
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    Ws = [W] + [W.clone() for _ in range(2)]
+    nW = cycler(Ws)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    sw = (W.float().abs().amax(1) / 127).clamp(min=1e-12)
+    qd = torch.round(W.float() / sw[:, None]).clamp(-127, 127).to(torch.int8)
+    xo = x.clone()
+    xo[:, torch.randperm(K, device="cuda")[:8]] *= 8.0
+    flags = w8a8.outlier_columns(xo, 6.0)
+    cols, count = w8a8.outlier_list(flags)
+    xq, sx, _ = w8a8.quantize_rows(xo, torch.int8, 6.0)
+    t = w8a8.I8_TILES
+    out = torch.empty((M, N), device="cuda", dtype=torch.bfloat16)
+
+    def gemm(has_out: bool):
+        grid = (triton.cdiv(M, t["BM"]) * triton.cdiv(N, t["BN"]),)
+        w8a8._i8_mm_kernel[grid](xq, qd, sx, sw, out, xo, cols, count, sw, M, N, K, K, BM=t["BM"], BN=t["BN"],
+                                 BK=t["BK"], GROUP_M=t["GROUP_M"], EVEN_K=True, HAS_OUT=has_out, HAS_BIAS=False,
+                                 num_warps=t["num_warps"], num_stages=t["num_stages"], maxnreg=t.get("maxnreg"))
+    fns = {"bf16": lambda: torch.nn.functional.linear(x, nW()),
+           "int8 fused (default tiles)": lambda: w8a8.int8_linear(x, qd, sw, None, 0.0),
+           "llm.int8 fused (default tiles)": lambda: w8a8.int8_linear(xo, qd, sw, None, 6.0),
+           "part: outlier_columns": lambda: w8a8.outlier_columns(xo, 6.0),
+           "part: outlier_list": lambda: w8a8.outlier_list(flags),
+           "part: quantize_rows thr 6 (incl. outlier_columns)": lambda: w8a8.quantize_rows(xo, torch.int8, 6.0),
+           "part: quantize_rows thr 0": lambda: w8a8.quantize_rows(x, torch.int8, 0.0),
+           "part: GEMM kernel, no outlier epilogue": lambda: gemm(False),
+           "part: GEMM kernel, 8-column outlier epilogue": lambda: gemm(True)}
+    res = interleaved(fns)
+    print("w8a8 parts", json.dumps({k: (round(v["us"], 1), round(v["x bf16"], 3)) for k, v in res.items()}),
+          flush=True)
+    with open(os.path.join(out_dir, "w8a8_parts.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
 def big_m_sweep(out_dir: str) -> dict:
     """M = 2048, K×N = 8192×28672: int8 W8A8 and LLM.int8() tile candidates, the W4A16 dequantize+cuBLAS
     variants, bf16 / FP8 / cuBLAS int8 baselines, all checked on fresh inputs and timed interleaved."""
@@ -521,6 +562,8 @@ def run_matmuls(rows, out_rows, bw, bnb, quick):
             Wd = R.dequantize_packed(pws[0], torch.float32)
             ref = x.float() @ Wd.t()
             paths = ["gemv"] if M <= wq.GEMV_MAX_M else (["mm"] if M < wq.BIG_M else ["mm", "dequant"])
+            if M >= wq.BIG_M and name == "int4 g128 asym":
+                paths.append("mmt")  # session 4's fused transposed kernel (slower; kept for comparison)
             for path in paths:
                 key = f"{name} [{path}]"
                 try:
@@ -762,6 +805,7 @@ def main() -> None:
                     help="also time M <= 16 rows as CUDA-graph replays (bf16 too; the ' graph' rows compare with it)")
     ap.add_argument("--big-m-sweep", action="store_true",
                     help="only M = 2048: int8 / LLM.int8() tiles and W4A16 dequantize variants, timed interleaved")
+    ap.add_argument("--w8a8-parts", action="store_true", help="only the LLM.int8() stage timings at M = 2048")
     ap.add_argument("--graph-only", action="store_true",
                     help="M <= 16 rows only, with --graph, no bitsandbytes/W8A8/AdamW/opcheck (a short run)")
     args = ap.parse_args()
@@ -778,9 +822,11 @@ def main() -> None:
         print("no bitsandbytes:", e, flush=True)
         bnb = None
     t0 = time.time()
-    if args.big_m_sweep:
+    if args.big_m_sweep or args.w8a8_parts:
         os.makedirs(args.out, exist_ok=True)
-        big_m_sweep(args.out)
+        w8a8_parts(args.out)
+        if args.big_m_sweep:
+            big_m_sweep(args.out)
         print(f"(big-M sweep {time.time() - t0:.0f} s)")
         return
     if args.gemv_sweep:

@@ -197,7 +197,7 @@ I8_TILE_CASES = [dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, GROUP_M
 @pytest.mark.parametrize("K", [512, 576])  # 576 is not a multiple of BK: the masked K loop
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_int8_fused_epilogue_equals_float64_up_to_output_rounding(tiles, K, dtype):
-    """The fused int8 GEMM with the LLM.int8() outlier product (hi/lo 16-bit dot) and the bias in its epilogue,
+    """The fused int8 GEMM with the LLM.int8() outlier product (fp32 outer products) and the bias in its epilogue,
     M and N not tile multiples: float64 arithmetic on the same int8 codes and outlier columns, up to the
     rounding of the output dtype (the outlier weight is not rounded to 16 bits)."""
     torch.manual_seed(K + len(str(dtype)))

@@ -91,17 +91,14 @@ def _compact_kernel(flag_ptr, cols_ptr, count_ptr, K, CH: tl.constexpr):
 @triton.jit
 def _i8_mm_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, out_ptr, x_ptr, cols_ptr, count_ptr, bias_ptr, M, N, K, stride_xm,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                  EVEN_K: tl.constexpr, HAS_OUT: tl.constexpr, BKO: tl.constexpr, IEEE: tl.constexpr,
-                  HAS_BIAS: tl.constexpr):
+                  EVEN_K: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Fused int8 GEMM: ``a (M, K) int8 · b (N, K)ᵀ int8`` -> int32 accumulators -> ``acc·s_x·s_w`` in fp32,
     plus (LLM.int8()) the outlier columns' product accumulated onto it in the epilogue, plus the bias; stored
     once in out's dtype.
 
-    Outliers: ``count`` columns listed in ``cols`` (both on the device); ``BKO`` of them at a time, x's values
-    are gathered from ``x`` and the weight's from the int8 codes, ``w = q·s_w`` is split into ``hi`` (rounded to
-    x's dtype) and ``lo`` (what ``hi`` missed, rounded), and two 16-bit tensor-core dots ``x_O·hi + x_O·lo``
-    with fp32 accumulation give ``x_O · W_Oᵀ`` with the weight exact to ~2⁻¹⁷ relative (fp32 inputs: one
-    IEEE fp32 dot).
+    Outliers: ``count`` columns listed in ``cols`` (both on the device); for each, the column of x and the
+    dequantized weight column (``q·s_w``) are added as an fp32 outer product (run 2 of session 4: a 16-bit
+    tensor-core dot on a hi/lo split weight there cost ~210 µs at 2048×8192×28672, not yet explained).
 
     Rows and columns past M / N are read modulo M / N (always in bounds, never stored), so the main loop's
     loads are unmasked when ``K % BK == 0`` (``EVEN_K``)."""
@@ -135,22 +132,13 @@ def _i8_mm_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, out_ptr, x_ptr, cols_ptr, count_
     sx = tl.load(sx_ptr + rm)
     sw = tl.load(sw_ptr + rn)
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
-    if HAS_OUT:
+    if HAS_OUT:  # the few outlier columns as fp32 outer products: exact inputs, fp32 accumulation
         n_o = tl.load(count_ptr)
-        ok = tl.arange(0, BKO)
-        for j0 in tl.range(0, n_o, BKO, num_stages=1):
-            mj = j0 + ok < n_o
-            c = tl.load(cols_ptr + j0 + ok, mask=mj, other=0)
-            xo = tl.load(x_ptr + rm[:, None] * stride_xm + c[None, :], mask=mj[None, :], other=0.0)
-            q = tl.load(b_ptr + rn[None, :] * K + c[:, None], mask=mj[:, None], other=0)
-            w = q.to(tl.float32) * sw[None, :]
-            if IEEE:
-                y = tl.dot(xo, w, y, input_precision="ieee")
-            else:
-                hi = w.to(x_ptr.dtype.element_ty)
-                lo = (w - hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
-                y = tl.dot(xo, hi, y)
-                y = tl.dot(xo, lo, y)
+        for j in range(0, n_o):
+            c = tl.load(cols_ptr + j)
+            xv = tl.load(x_ptr + rm * stride_xm + c).to(tl.float32)
+            wv = tl.load(b_ptr + rn * K + c).to(tl.float32) * sw
+            y += xv[:, None] * wv[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
@@ -215,8 +203,7 @@ def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
     """W8A8 int8: ``x (..., K)``, ``qdata (N, K) int8``, ``scale (N,) fp32`` -> ``(..., N)`` in x's dtype.
 
     ``fused=True`` (default, M >= 16) runs the Triton int8 GEMM with the scales, the LLM.int8() outlier columns'
-    product (16-bit tensor-core dots on the gathered ``x_O`` and the weight split into ``hi + lo``, fp32
-    accumulation) and the bias all in its epilogue; the outlier columns are found and listed on the device, so
+    product (fp32 outer products of the gathered columns) and the bias all in its epilogue; the outlier columns are found and listed on the device, so
     nothing waits for the GPU. Otherwise ``torch._int_mm`` (cuBLAS int8) followed by the scale epilogue kernel
     (outliers in fp32). ``tiles`` overrides :data:`I8_TILES` (benchmarks).
     """
@@ -234,8 +221,7 @@ def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
         grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
         _i8_mm_kernel[grid](xq, qdata, sx, sw, out, x2, cols, count, bias if bias is not None else sw, M, N, K,
                             x2.stride(0), BM=BM, BN=BN, BK=BK, GROUP_M=t["GROUP_M"], EVEN_K=K % BK == 0,
-                            HAS_OUT=col is not None, BKO=32, IEEE=x.dtype == torch.float32,
-                            HAS_BIAS=bias is not None, num_warps=t["num_warps"], num_stages=t["num_stages"],
+                            HAS_OUT=col is not None, HAS_BIAS=bias is not None, num_warps=t["num_warps"], num_stages=t["num_stages"],
                             **({"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}))
         return out.reshape(*lead, N)
     cols = torch.nonzero(col).flatten() if col is not None else None

@@ -966,6 +966,7 @@ def mmt(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Te
         BK = max(BK, 256)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
     extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
+    stages = cfg["num_stages"] if BK <= 128 else min(2, cfg["num_stages"])  # 3 stages of BK 256 exceed 227 KB
     if cfg.get("v", 4) == 4 and mmt4_fits(pw, BK):
         if pw.perm is None:
             xp = permute_for_mmt4(x2, pw.bits, BK)
@@ -975,8 +976,8 @@ def mmt(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Te
         qp = pw.q4 if pw.bits == 4 else pw.q2
         _mmt4_kernel[grid](xp, out, qp, pw.scale, pw.zero_point, M, N, K, qp.shape[0], K, out.stride(0),
                            0x4B000000, B=pw.bits, GROUP=pw.group_size, BM=BM, BN=BN, BK=BK,
-                           ONE_GROUP=pw.group_size % BK == 0, num_warps=cfg["num_warps"],
-                           num_stages=cfg["num_stages"], **extra)
+                           ONE_GROUP=pw.group_size % BK == 0, num_warps=cfg["num_warps"], num_stages=stages,
+                           **extra)
         return out
     xp = x2 if pw.perm is None else x2.index_select(1, pw.perm.long())
     BK = _bk_for(pw.group_size, min(BK, 64))
