@@ -1,26 +1,28 @@
-"""CPU fast paths of ``lowbit::qlinear``: ATen's packed-weight matmuls, ``torch._int_mm``, and two small
-hand-written kernels where ATen has nothing that fits.
+"""CPU fast paths of ``lowbit::qlinear``: ATen's packed-weight matmuls, ``torch._int_mm``, and small hand-written
+AVX-512 kernels where ATen has nothing that fits or is slower.
 
 - W8A8 (``Int8Rowwise`` with int8 activations: SmoothQuant O1/O2/O3, LLM.int8() with its outlier columns) ->
   ``torch._int_mm`` (int8 × int8 → int32) on the CPU, for every number of rows (the reference's
   :func:`~lowbit.formats.act_quant.int8_matmul` takes it only for ``M > 16``, CUDA's limit, and otherwise an exact
   float64 matmul). Same activation quantizer, same integer products, same float epilogue in the same order as
   the reference: this path is **exact** (bit-identical outputs; tested).
-- weight-only int8 (``Int8Rowwise`` without ``act``, W8A16) -> the AVX-512 VNNI kernel of :mod:`lowbit.ops.cpu_w8`
-  (float inputs split into three int8 limbs: error ≈ 6e-8·max|x|, float32's level) where it builds, else
-  ``aten._weight_int8pack_mm``.
-- 4-bit affine (``IntAffine`` bits=4, any zero point, act-order) -> ``aten._weight_int4pack_mm_for_cpu`` for
-  bf16/fp16 inputs, which computes ``x · ((q − 8)·s + z')ᵀ`` per group; lowbit's ``(q − zero_point)·scale`` maps
-  exactly to it with ``z' = (8 − zero_point)·scale`` (group sizes 32, 64, 128, 256; K padded to a whole group).
-  float32 inputs -> the float32 lut4 kernel of :mod:`lowbit.ops.cpu_lut4` where it builds.
-- 4-bit codebooks (NF4/FP4 ``Codebook``, double quantization or not) -> the lut4 kernel (float32 math).
+- weight-only int8 (``Int8Rowwise`` without ``act``, W8A16) and 4-bit affine with group sizes that are multiples
+  of 128 (``IntAffine`` bits=4, any zero point, act-order) -> the VNNI kernels of :mod:`lowbit.ops.cpu_vnni`:
+  float inputs split into int8 limbs (3 for float32 inputs: error ≤ 6.1e-8·max|x|, float32's level; 2 for
+  bf16/fp16: ≤ 1.6e-5·max|x|), integer dot products, float epilogue. Not bit-identical to the reference; tested
+  against float64.
+- 4-bit codebooks (NF4/FP4 ``Codebook``, double quantization or not), and other 4-bit affine groups with float32
+  inputs -> the float32 lookup-table kernel of :mod:`lowbit.ops.cpu_lut4`.
+- otherwise 4-bit affine -> ``aten._weight_int4pack_mm_for_cpu``, which computes ``x · ((q − 8)·s + z')ᵀ`` per
+  group; lowbit's ``(q − zero_point)·scale`` maps exactly to it with ``z' = (8 − zero_point)·scale`` (group sizes
+  32, 64, 128, 256; K padded to a whole group); weight-only int8 -> ``aten._weight_int8pack_mm``.
 
-The hand-written kernels (AVX-512, compiled on first use by :mod:`lowbit.ops.cpu_native`) are absent without a
-C compiler or the instructions; the ATen paths or the reference take over. They serve up to 16 input rows;
-more rows go to the reference (dequantize + matmul). ATen's int4/int8 kernels are fast in bf16/fp16 only (13-32×
-slower in float32, a scalar loop): without the hand-written kernels, float32 inputs are cast to bf16 for them
-(``float32_compute``, :func:`compute_dtype`), and outputs then differ from the float32 reference by bf16 rounding
-(relative error ≈ 2e-3 per layer on random data, bounded by the tests at 1e-2).
+The hand-written kernels (compiled on first use by :mod:`lowbit.ops.cpu_native`) are absent without a C compiler
+or the instructions; the ATen paths or the reference take over. They serve up to 16 input rows; more rows go to
+the reference (dequantize + matmul). ATen's int4/int8 kernels are fast in bf16/fp16 only (13-32× slower in
+float32, a scalar loop): float32 inputs are cast to bf16 for them (``float32_compute``, :func:`compute_dtype`), and
+outputs then differ from the float32 reference by bf16 rounding (relative error ≈ 2e-3 per layer on random data,
+bounded by the tests at 1e-2).
 
 Nothing here changes the default op dispatch: :func:`pack` returns ``None`` for formats it does not cover,
 and :func:`enable_qlinear_fast_path` (opt-in) registers it as the CPU kernel of ``lowbit::qlinear``. The
@@ -36,7 +38,7 @@ import torch
 
 from lowbit.formats.act_quant import has_int_mm, quantize_activation
 from lowbit.formats.base import format_from_spec
-from lowbit.ops import cpu_lut4, cpu_w8
+from lowbit.ops import cpu_lut4, cpu_vnni
 from lowbit.ops.repack import PackedWeight, repack_quantized, unpack_planes
 
 __all__ = ["CpuInt4Weight", "CpuInt8Weight", "CpuW8A8Weight", "pack_int4", "int4_linear", "pack_int8", "int8_linear",
@@ -200,7 +202,7 @@ def w8a8_linear(x: torch.Tensor, w: CpuW8A8Weight, bias: torch.Tensor | None = N
 
 
 FLOAT32_COMPUTE = ("auto", "bfloat16", "float32")
-CpuWeight = CpuInt4Weight | CpuInt8Weight | CpuW8A8Weight | cpu_lut4.Lut4Weight | cpu_w8.W8Weight
+CpuWeight = CpuInt4Weight | CpuInt8Weight | CpuW8A8Weight | cpu_lut4.Lut4Weight | cpu_vnni.W8Weight
 
 
 def compute_dtype(x_dtype: torch.dtype, float32_compute: str = "auto", fmt=None) -> torch.dtype:  # type: ignore[no-untyped-def]
@@ -215,37 +217,49 @@ def compute_dtype(x_dtype: torch.dtype, float32_compute: str = "auto", fmt=None)
     if x_dtype in (torch.bfloat16, torch.float16):
         return x_dtype
     if float32_compute == "auto":
-        lut4_fits = fmt is not None and fmt.kind == "int_affine" and fmt.bits == 4 and cpu_lut4.available()
-        return torch.float32 if lut4_fits else torch.bfloat16
+        own = fmt is not None and fmt.kind == "int_affine" and fmt.bits == 4 and (cpu_lut4.available()
+                                                                                  or cpu_vnni.available())
+        return torch.float32 if own else torch.bfloat16
     return torch.bfloat16 if float32_compute == "bfloat16" else torch.float32
 
 
 def pack(q, dtype: torch.dtype = torch.bfloat16) -> CpuWeight | None:  # type: ignore[no-untyped-def]
     """CPU fast layout of a :class:`~lowbit.formats.base.QuantizedTensor`, or ``None`` if none applies.
 
-    ``dtype`` is the compute dtype of the weight-only kernels: 4-bit affine weights go to ATen's int4 kernel in
-    bf16/fp16 and to the float32 lut4 kernel (:mod:`lowbit.ops.cpu_lut4`, where it builds) in float32; 4-bit
-    codebooks (NF4/FP4) always to the lut4 kernel (float32 math); weight-only int8 to the VNNI kernel
-    (:mod:`lowbit.ops.cpu_w8`: inputs in three int8 limbs, float32-level error) where it builds, else ATen's
-    int8 kernel in ``dtype``; the W8A8 path computes in int32 / float32.
+    The hand-written kernels come first where they build and take the layout: 4-bit affine with group sizes
+    that are multiples of 128 -> :func:`lowbit.ops.cpu_vnni.int4_linear` (int8 limbs of the inputs); other 4-bit
+    affine groups -> the float32 lut4 kernel if ``dtype`` is float32, else ATen's int4 kernel in ``dtype``;
+    NF4/FP4 -> the lut4 kernel (float32 math); weight-only int8 -> the VNNI int8 kernel, else ATen's int8 kernel
+    in ``dtype``; W8A8 -> ``torch._int_mm`` (int32 / float32). ``dtype`` is the compute dtype of the ATen kernels.
     """
     fmt = q.format
     if fmt.kind == "int8_rowwise":
         act = getattr(fmt, "act", None)
         if act is None:
-            if cpu_w8.available():
-                return cpu_w8.pack_w8(q["qdata"], q["scale"])
+            if cpu_vnni.available():
+                return cpu_vnni.pack_w8(q["qdata"], q["scale"])
             return pack_int8(q["qdata"], q["scale"], dtype)
         return pack_w8a8(q) if act.dtype == "int8" and has_cpu_int_mm() else None
-    try:
-        if fmt.kind == "int_affine" and fmt.bits == 4:
-            if dtype == torch.float32 and cpu_lut4.available():
-                return cpu_lut4.pack_affine4(q)
-            return pack_int4(repack_quantized(q), dtype)
-        if fmt.kind == "codebook" and fmt.bits == 4 and cpu_lut4.available():
-            return cpu_lut4.pack_codebook(q)
-    except ValueError:  # a group size or block layout the kernels do not take
-        return None
+    if fmt.kind == "int_affine" and fmt.bits == 4:
+        packers = []
+        if cpu_vnni.available():
+            packers.append(cpu_vnni.pack_int4)  # group sizes that are multiples of 128 (or one group per row)
+        if dtype == torch.float32 and cpu_lut4.available():
+            packers.append(cpu_lut4.pack_affine4)
+        packers.append(lambda q: pack_int4(repack_quantized(q), dtype))
+        return _first_fit(packers, q)
+    if fmt.kind == "codebook" and fmt.bits == 4 and cpu_lut4.available():
+        return _first_fit([cpu_lut4.pack_codebook], q)
+    return None
+
+
+def _first_fit(packers, q):  # type: ignore[no-untyped-def]
+    """The first packer that takes ``q`` (a ``ValueError`` means: not this layout), or None."""
+    for packer in packers:
+        try:
+            return packer(q)
+        except ValueError:
+            continue
     return None
 
 
@@ -262,11 +276,11 @@ def linear(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None = None) -> t
     if isinstance(w, cpu_lut4.Lut4Weight):
         if x.numel() > cpu_lut4.MAX_ROWS * x.shape[-1]:
             return None
-        return cpu_lut4.lut4_linear(x, w, bias)
-    if isinstance(w, cpu_w8.W8Weight):
-        if x.numel() > cpu_w8.MAX_ROWS * x.shape[-1]:
+        return cpu_lut4.lut4_linear(x, w, bias) if w.span == 32 else cpu_vnni.int4_linear(x, w, bias)
+    if isinstance(w, cpu_vnni.W8Weight):
+        if x.numel() > cpu_vnni.MAX_ROWS * x.shape[-1]:
             return None
-        return cpu_w8.w8_linear(x, w, bias)
+        return cpu_vnni.w8_linear(x, w, bias)
     return int8_linear(x, w, bias)
 
 
@@ -278,10 +292,11 @@ def enable_qlinear_fast_path(float32_compute: str = "auto") -> None:
     """Opt in: make the CPU kernel of ``lowbit::qlinear`` use the fast paths where they apply.
 
     Args:
-        float32_compute: float32 inputs to the weight-only paths: ``"auto"`` (float32 on the lut4 kernel for 4-bit
-            weights, a bf16 cast for ATen's int8 kernel), ``"bfloat16"`` (cast for every ATen kernel: bf16
-            rounding error) or ``"float32"`` (never cast; ATen's float32 loops are 13-32× slower). See
-            :func:`compute_dtype`. The W8A8 path is exact, NF4/FP4 run in float32, whatever this says.
+        float32_compute: the dtype ATen's weight-only kernels run float32 inputs in, where no hand-written kernel
+            takes the weight: ``"auto"`` (float32 for 4-bit affine when a hand-written kernel exists here, so the
+            lut4 kernel takes the groups the VNNI one does not; bf16 otherwise), ``"bfloat16"`` (bf16 rounding
+            error) or ``"float32"`` (ATen's float32 loops are 13-32× slower). See :func:`compute_dtype`. The
+            hand-written kernels and the exact W8A8 path are used whatever this says.
 
     The packed weight is built once per stored ``qdata`` tensor (kept as an attribute of that tensor) and rebuilt
     if it changes. Calling again with another ``float32_compute`` switches it.

@@ -133,7 +133,7 @@ def available() -> bool:
 
 @dataclass(frozen=True, eq=False)
 class Lut4Weight:
-    """The kernel layout (module docstring). ``shift (G, N)`` float32 or None; ``perm (K,)`` for act-order."""
+    """The kernel layout (module docstring). ``shift (N, G)`` float32 or None; ``perm (K,)`` for act-order."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -143,6 +143,7 @@ class Lut4Weight:
     in_features: int
     padded_in: int
     perm: torch.Tensor | None
+    span: int = 32
 
     @property
     def out_features(self) -> int:
@@ -150,14 +151,20 @@ class Lut4Weight:
 
 
 def pack_lut4(codes: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, group_size: int,
-              shift: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> Lut4Weight:
+              shift: torch.Tensor | None = None, perm: torch.Tensor | None = None, span: int = 32) -> Lut4Weight:
     """Build the kernel layout from codes ``(N, K)`` in [0, 16), ``scale (N, ceil(K/group_size))``.
 
+    ``span=32``: this kernel's layout. ``span=128``: byte ``i`` of each 64-byte block holds codes ``i`` and
+    ``i + 64`` of its 128 inputs, the layout of :func:`lowbit.ops.cpu_vnni.int4_linear` (group sizes multiple of
+    128).
+
     Raises:
-        ValueError: a group size that is not a multiple of 32, codes out of range, or mismatched shapes.
+        ValueError: a group size that is not a multiple of ``span``, codes out of range, or mismatched shapes.
     """
-    if group_size <= 0 or group_size % 32:
-        raise ValueError(f"the lut4 kernel takes group sizes that are multiples of 32, got {group_size}")
+    if span not in (32, 128):
+        raise ValueError(f"span must be 32 or 128, got {span!r}")
+    if group_size <= 0 or group_size % span:
+        raise ValueError(f"this layout (span {span}) takes group sizes that are multiples of {span}, got {group_size}")
     N, K = codes.shape
     G = -(-K // group_size)
     Kp = G * group_size
@@ -165,12 +172,12 @@ def pack_lut4(codes: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, group
         raise ValueError(f"scale must be (out_features, groups) = {(N, G)}, got {tuple(scale.shape)}")
     if lut.numel() != 16:
         raise ValueError(f"lut must hold 16 values, got {lut.numel()}")
-    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, Kp - K)).reshape(N, Kp // 32, 2, 16)
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, Kp - K)).reshape(N, Kp // span, 2, span // 2)
     if int(c.max()) > 15:
         raise ValueError("codes must be in [0, 16)")
     packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, Kp // 2).contiguous()
     return Lut4Weight(packed, scale.to(torch.float32).contiguous(), lut.to(torch.float32).contiguous(),
-                      None if shift is None else shift.to(torch.float32).contiguous(), group_size, K, Kp, perm)
+                      None if shift is None else shift.to(torch.float32).contiguous(), group_size, K, Kp, perm, span)
 
 
 def pack_codebook(q) -> Lut4Weight:  # type: ignore[no-untyped-def]
@@ -197,11 +204,13 @@ def pack_codebook(q) -> Lut4Weight:  # type: ignore[no-untyped-def]
     return pack_lut4(idx, absmax, fmt.code, g)
 
 
-def pack_affine4(q) -> Lut4Weight:  # type: ignore[no-untyped-def]
+def pack_affine4(q, span: int = 32) -> Lut4Weight:  # type: ignore[no-untyped-def]
     """4-bit ``IntAffine`` (symmetric or not, integer or float zero points, act-order ``g_idx``).
 
+    Per-channel weights (one group) get a group of ``in_features`` rounded up to ``span``.
+
     Raises:
-        ValueError: not 4-bit affine, or a group size that is not a multiple of 32.
+        ValueError: not 4-bit affine, or a group size that is not a multiple of ``span``.
     """
     from lowbit.ops.repack import repack_quantized, unpack_planes
 
@@ -209,15 +218,15 @@ def pack_affine4(q) -> Lut4Weight:  # type: ignore[no-untyped-def]
     if pw.mode != "affine" or pw.bits != 4:
         raise ValueError(f"pack_affine4 takes affine 4-bit weights, got mode={pw.mode!r} bits={pw.bits}")
     K = pw.in_features
-    g = pw.group_size if pw.group_size < K else -(-K // 32) * 32
+    g = pw.group_size if pw.group_size < K else -(-K // span) * span
     codes = unpack_planes(pw.q4, pw.q2, pw.q1, 4, K)  # (N, K) in the kernel (permuted) column order
     assert pw.scale is not None and pw.zero_point is not None
     G = -(-K // g)
     s, z = pw.scale.float(), pw.zero_point.float()
     if s.shape[0] != G:
         s, z = s[:1].expand(G, -1), z[:1].expand(G, -1)
-    return pack_lut4(codes, s.t(), torch.arange(16, dtype=torch.float32), g, shift=(z * s).contiguous(),
-                     perm=pw.perm)
+    return pack_lut4(codes, s.t(), torch.arange(16, dtype=torch.float32), g, shift=(z * s).t().contiguous(),
+                     perm=pw.perm, span=span)
 
 
 def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -229,6 +238,8 @@ def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None
     lib = _lib()
     if lib is None:
         raise RuntimeError("the lut4 CPU kernel is not available (needs AVX-512 and a C compiler)")
+    if w.span != 32:
+        raise ValueError(f"lut4_linear needs the span-32 layout, got span {w.span}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
     if w.perm is not None:
@@ -241,7 +252,7 @@ def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None
     lib.lowbit_lut4_gemm(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.lut.data_ptr(), y.data_ptr(),
                          M, N, w.padded_in, w.group_size, torch.get_num_threads())
     if w.shift is not None:
-        y -= x2.reshape(M, -1, w.group_size).sum(-1) @ w.shift
+        y -= x2.reshape(M, -1, w.group_size).sum(-1) @ w.shift.t()
     if bias is not None:
         y += bias.to(torch.float32)
     return y.to(x.dtype).reshape(*lead, N)

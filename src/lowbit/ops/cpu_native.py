@@ -1,5 +1,5 @@
 """Build and load the small hand-written C kernels of the CPU fast path (:mod:`lowbit.ops.cpu_lut4`,
-:mod:`lowbit.ops.cpu_w8`).
+:mod:`lowbit.ops.cpu_vnni`).
 
 Each kernel is one C source string compiled on first use with the system C compiler (``$CC``, else ``cc``) into a
 per-user cache directory (``$LOWBIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowbit``, else ``~/.cache/lowbit``),
