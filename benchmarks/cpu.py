@@ -4,9 +4,11 @@ Run:  python benchmarks/cpu.py [--threads 2] [--K 4096] [--N 4096] [--M 1] [--re
       python benchmarks/cpu.py --build-peers      # once: fetch and build the peers into ./.peers (git-ignored)
 
 Prints two tables: median time (ms) of every path with its ratio to torch fp32 and its relative error against
-the float64 product with the dequantized weight, then each lowbit fast path against each peer of its weight
-width (peer ms / lowbit ms: above 1 = lowbit faster). Peers that are missing are listed with the reason, never
-estimated. Weights are random N(0, 0.02), inputs N(0, 1).
+the float64 product with the dequantized weight (bf16 rows: with the bf16-rounded input; every output is in its
+input's dtype, so bf16 rows carry bf16 output rounding, ~2e-3), then each lowbit fast path against each peer of
+its weight width (peer ms / lowbit ms: above 1 = lowbit faster). Peers that are missing are listed with the
+reason, never estimated. Weights are random N(0, 0.02), inputs N(0, 1). The last lowbit rows go through
+``QuantLinear`` with :func:`lowbit.ops.cpu.enable_qlinear_fast_path` (what a user runs: op dispatch included).
 
 Peers (``--build-peers`` puts them in ``<repo>/.peers``, never into the environment):
 
@@ -40,7 +42,7 @@ from lowbit.formats.act_quant import ActQuant
 from lowbit.formats.affine import IntAffine
 from lowbit.formats.codebook import Codebook
 from lowbit.formats.int8_rowwise import Int8Rowwise
-from lowbit.ops import cpu, cpu_lut4
+from lowbit.ops import cpu, cpu_lut4, cpu_vnni
 from lowbit.ops import reference as ref
 from lowbit.ops.repack import repack_quantized, unpack_planes
 
@@ -190,10 +192,15 @@ def main() -> None:
     w4b = cpu.pack_int4(repack_quantized(q4), torch.bfloat16)
     add("4", "lowbit int4 g128 ATen int4pack (bf16 in)", lambda: cpu.linear(xb, w4b), W4, xb.float())
     add("4", "lowbit int4 g128 ATen int4pack (fp32 in, cast to bf16 inside)", lambda: cpu.linear(x, w4b), W4)
+    if cpu_vnni.available():
+        w4v = cpu_vnni.pack_int4(q4)
+        add("4", "lowbit int4 g128 VNNI kernel (fp32 in: 3 int8 limbs)", lambda: cpu.linear(x, w4v), W4)
+        add("4", "lowbit int4 g128 VNNI kernel (bf16 in: 2 int8 limbs)", lambda: cpu.linear(xb, w4v), W4, xb.float())
+    else:
+        missing("4", "lowbit VNNI kernels", "not available here (needs AVX-512 VNNI and a C compiler)")
     if cpu_lut4.available():
         w4l = cpu_lut4.pack_affine4(q4)
         add("4", "lowbit int4 g128 lut4 kernel (fp32 in)", lambda: cpu.linear(x, w4l), W4)
-        add("4", "lowbit int4 g128 lut4 kernel (bf16 in)", lambda: cpu.linear(xb, w4l), W4, xb.float())
     else:
         missing("4", "lowbit lut4 kernel", "not available here (needs AVX-512 and a C compiler)")
     w4f = cpu.pack_int4(repack_quantized(q4), torch.float32)
@@ -211,10 +218,14 @@ def main() -> None:
 
     q8 = Int8Rowwise().quantize(W)
     W8 = q8.dequantize().float()
-    w8b = cpu.pack(q8, torch.bfloat16)
+    w8b = cpu.pack_int8(q8["qdata"], q8["scale"], torch.bfloat16)
     add("8", "lowbit int8 W8A16 ATen int8pack (bf16 in)", lambda: cpu.linear(xb, w8b), W8, xb.float())
     add("8", "lowbit int8 W8A16 ATen int8pack (fp32 in, cast to bf16 inside)", lambda: cpu.linear(x, w8b), W8)
-    w8f = cpu.pack(q8, torch.float32)
+    if cpu_vnni.available():
+        w8v = cpu_vnni.pack_w8(q8["qdata"], q8["scale"])
+        add("8", "lowbit int8 W8A16 VNNI kernel (fp32 in: 3 int8 limbs)", lambda: cpu.linear(x, w8v), W8)
+        add("8", "lowbit int8 W8A16 VNNI kernel (bf16 in: 2 int8 limbs)", lambda: cpu.linear(xb, w8v), W8, xb.float())
+    w8f = cpu.pack_int8(q8["qdata"], q8["scale"], torch.float32)
     add("8", "lowbit int8 W8A16 ATen int8pack (fp32 compute)", lambda: cpu.linear(x, w8f), W8)
     for label, fmt in (("SmoothQuant O1 (token)", Int8Rowwise(act=ActQuant("int8", "token"))),
                        ("LLM.int8() threshold 6", Int8Rowwise(act=ActQuant("int8", "token"), threshold=6.0))):
@@ -228,6 +239,15 @@ def main() -> None:
             lambda d=data_a, s=qa.format.spec(): ref.qlinear(x, d, s, [a.N, a.K], None), qa.dequantize().float())
         add("8", f"lowbit W8A8 {label} torch._int_mm (fp32 in)", lambda w=wa: cpu.linear(x, w),
             qa.dequantize().float(), note=exact)
+
+    # -- the user's path: QuantLinear -> lowbit::qlinear with the fast path enabled (op dispatch + cache lookup)
+    from lowbit.nn.linear import QuantLinear
+
+    cpu.enable_qlinear_fast_path()
+    for bits, label, qq, Wq in (("4", "int4 g128", q4, W4), ("4", "NF4", qn, Wn), ("8", "int8 W8A16", q8, W8)):
+        m = QuantLinear(qq)
+        add(bits, f"lowbit {label} QuantLinear, fast path enabled (fp32 in)",
+            torch.no_grad()(lambda m=m: m(x)), Wq)
 
     # -- report --------------------------------------------------------------------------------------------
     base = rows[0][2]
