@@ -387,17 +387,20 @@ def w8a8_parts(out_dir: str) -> dict:
     xq, sx, _ = w8a8.quantize_rows(xo, torch.int8, 6.0)
     t = w8a8.I8_TILES
     out = torch.empty((M, N), device="cuda", dtype=torch.bfloat16)
+    xop, wop = w8a8.outlier_operands(xo, qd, sw, cols, count)
 
     def gemm(has_out: bool):
         grid = (triton.cdiv(M, t["BM"]) * triton.cdiv(N, t["BN"]),)
-        w8a8._i8_mm_kernel[grid](xq, qd, sx, sw, out, xo, cols, count, sw, M, N, K, K, BM=t["BM"], BN=t["BN"],
-                                 BK=t["BK"], GROUP_M=t["GROUP_M"], EVEN_K=True, HAS_OUT=has_out, HAS_BIAS=False,
-                                 num_warps=t["num_warps"], num_stages=t["num_stages"], maxnreg=t.get("maxnreg"))
+        w8a8._i8_mm_kernel[grid](xq, qd, sx, sw, out, xo, cols, count, xop, wop, sw, M, N, K, K, BM=t["BM"],
+                                 BN=t["BN"], BK=t["BK"], GROUP_M=t["GROUP_M"], EVEN_K=True, HAS_OUT=has_out,
+                                 C=w8a8.OUTLIER_CAP, IEEE=False, HAS_BIAS=False, num_warps=t["num_warps"],
+                                 num_stages=t["num_stages"], maxnreg=t.get("maxnreg"))
     fns = {"bf16": lambda: torch.nn.functional.linear(x, nW()),
            "int8 fused (default tiles)": lambda: w8a8.int8_linear(x, qd, sw, None, 0.0),
            "llm.int8 fused (default tiles)": lambda: w8a8.int8_linear(xo, qd, sw, None, 6.0),
            "part: outlier_columns": lambda: w8a8.outlier_columns(xo, 6.0),
            "part: outlier_list": lambda: w8a8.outlier_list(flags),
+           "part: outlier_operands (pack)": lambda: w8a8.outlier_operands(xo, qd, sw, cols, count),
            "part: quantize_rows thr 6 (incl. outlier_columns)": lambda: w8a8.quantize_rows(xo, torch.int8, 6.0),
            "part: quantize_rows thr 0": lambda: w8a8.quantize_rows(x, torch.int8, 0.0),
            "part: GEMM kernel, no outlier epilogue": lambda: gemm(False),

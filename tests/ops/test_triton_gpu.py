@@ -256,3 +256,21 @@ def test_dequant_matmul_layouts_and_overlap_match_reference(trans):
         assert rel(y, x.float() @ W.t()) < TOL
         for _ in range(3):
             assert torch.equal(wq.dequant_matmul(x, pw, 128, trans, True), y)
+
+
+def test_llm_int8_outlier_columns_beyond_the_packed_ones_are_exact():
+    """More outlier columns than the epilogue packs (``cap``): the rest go through the gathered fp32 path."""
+    torch.manual_seed(23)
+    M, K, N = 150, 512, 200
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    x[:, torch.randperm(K)[:40].cuda()] *= 10
+    qd = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+    sw = torch.rand(N, device="cuda") * 1e-2 + 1e-3
+    xq, sx, col = w8a8.quantize_rows(x, torch.int8, 6.0)
+    c = torch.nonzero(col).flatten()
+    assert c.numel() >= 30
+    exact = (xq.double() @ qd.double().t()) * sx.double() * sw.double()[None, :]
+    exact += x[:, c].double() @ (qd[:, c].double() * sw.double()[:, None]).t()
+    for cap in (16, 64):
+        y = w8a8.int8_linear(x, qd, sw, None, 6.0, tiles=dict(cap=cap))
+        assert rel(y, exact) < 5e-4

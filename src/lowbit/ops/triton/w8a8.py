@@ -89,16 +89,47 @@ def _compact_kernel(flag_ptr, cols_ptr, count_ptr, K, CH: tl.constexpr):
 
 
 @triton.jit
-def _i8_mm_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, out_ptr, x_ptr, cols_ptr, count_ptr, bias_ptr, M, N, K, stride_xm,
+def _outlier_pack_kernel(x_ptr, q_ptr, sw_ptr, cols_ptr, count_ptr, xo_ptr, wo_ptr, M, N, K, stride_xm,
+                         C: tl.constexpr, BR: tl.constexpr):
+    """The first ``min(count, C)`` outlier columns as dense operands for the GEMM epilogue (zeros beyond):
+    ``xo (M, C)`` = x's columns, ``wo (N, 2C)`` = ``[hi, lo]`` with ``hi`` = ``q·s_w`` rounded to x's dtype and
+    ``lo`` = what ``hi`` missed, rounded (the weight to ~2⁻¹⁷ relative through two 16-bit dots)."""
+    pid = tl.program_id(0)
+    n_xp = tl.cdiv(M, BR)
+    j = tl.arange(0, C)
+    mj = j < tl.minimum(tl.load(count_ptr), C)
+    c = tl.load(cols_ptr + j, mask=mj, other=0)
+    if pid < n_xp:
+        r = pid * BR + tl.arange(0, BR)
+        mr = r < M
+        v = tl.load(x_ptr + r[:, None] * stride_xm + c[None, :], mask=mr[:, None] & mj[None, :], other=0.0)
+        tl.store(xo_ptr + r[:, None] * C + j[None, :], v, mask=mr[:, None])
+    else:
+        r = (pid - n_xp) * BR + tl.arange(0, BR)
+        mr = r < N
+        q = tl.load(q_ptr + r[:, None] * K + c[None, :], mask=mr[:, None] & mj[None, :], other=0)
+        w = q.to(tl.float32) * tl.load(sw_ptr + r, mask=mr, other=0.0)[:, None]
+        hi = w.to(wo_ptr.dtype.element_ty)
+        lo = (w - hi.to(tl.float32)).to(wo_ptr.dtype.element_ty)
+        tl.store(wo_ptr + r[:, None] * (2 * C) + j[None, :], hi, mask=mr[:, None])
+        tl.store(wo_ptr + r[:, None] * (2 * C) + C + j[None, :], lo, mask=mr[:, None])
+
+
+@triton.jit
+def _i8_mm_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, out_ptr, x_ptr, cols_ptr, count_ptr, xo_ptr, wo_ptr, bias_ptr,
+                  M, N, K, stride_xm,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                  EVEN_K: tl.constexpr, HAS_OUT: tl.constexpr, HAS_BIAS: tl.constexpr):
+                  EVEN_K: tl.constexpr, HAS_OUT: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
     """Fused int8 GEMM: ``a (M, K) int8 · b (N, K)ᵀ int8`` -> int32 accumulators -> ``acc·s_x·s_w`` in fp32,
     plus (LLM.int8()) the outlier columns' product accumulated onto it in the epilogue, plus the bias; stored
     once in out's dtype.
 
-    Outliers: ``count`` columns listed in ``cols`` (both on the device); for each, the column of x and the
-    dequantized weight column (``q·s_w``) are added as an fp32 outer product (run 2 of session 4: a 16-bit
-    tensor-core dot on a hi/lo split weight there cost ~210 µs at 2048×8192×28672, not yet explained).
+    Outliers: ``count`` columns listed in ``cols`` (both on the device). The first ``C`` of them come packed
+    by :func:`_outlier_pack_kernel` (``xo``, ``wo = [hi, lo]``) and are added by 16-deep tensor-core dots
+    ``x_O·hi + x_O·lo`` with fp32 accumulation (one IEEE fp32 dot for fp32 inputs, where ``lo`` is zero);
+    any beyond ``C`` by fp32 outer products gathered from ``x`` and the codes (correct, slow: session 4 run 3
+    measured 640 µs for 8 columns that way at 2048×8192×28672 — random reads of the weight per tile).
 
     Rows and columns past M / N are read modulo M / N (always in bounds, never stored), so the main loop's
     loads are unmasked when ``K % BK == 0`` (``EVEN_K``)."""
@@ -132,9 +163,19 @@ def _i8_mm_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, out_ptr, x_ptr, cols_ptr, count_
     sx = tl.load(sx_ptr + rm)
     sw = tl.load(sw_ptr + rn)
     y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
-    if HAS_OUT:  # the few outlier columns as fp32 outer products: exact inputs, fp32 accumulation
+    if HAS_OUT:
         n_o = tl.load(count_ptr)
-        for j in range(0, n_o):
+        ok = tl.arange(0, 16)
+        for j0 in range(0, tl.minimum(n_o, C), 16):  # packed columns: 16-deep tensor-core dots
+            xo = tl.load(xo_ptr + rm[:, None] * C + (j0 + ok)[None, :])
+            hi = tl.load(wo_ptr + rn[None, :] * (2 * C) + (j0 + ok)[:, None])
+            lo = tl.load(wo_ptr + rn[None, :] * (2 * C) + C + (j0 + ok)[:, None])
+            if IEEE:
+                y = tl.dot(xo, hi, y, input_precision="ieee")
+            else:
+                y = tl.dot(xo, hi, y)
+                y = tl.dot(xo, lo, y)
+        for j in range(C, n_o):  # columns past the packed ones (rare): fp32 outer products, gathered
             c = tl.load(cols_ptr + j)
             xv = tl.load(x_ptr + rm * stride_xm + c).to(tl.float32)
             wv = tl.load(b_ptr + rn * K + c).to(tl.float32) * sw
@@ -198,12 +239,29 @@ def outlier_list(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cols, count
 
 
+OUTLIER_CAP = 64  # outlier columns packed for the tensor-core epilogue; more are still exact, through gathers
+
+
+def outlier_operands(x2: torch.Tensor, qdata: torch.Tensor, sw: torch.Tensor, cols: torch.Tensor,
+                     count: torch.Tensor, cap: int = OUTLIER_CAP) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xo (M, cap), wo (N, 2·cap))`` packed from the device-side outlier list (:func:`_outlier_pack_kernel`)."""
+    M, K = x2.shape
+    N = qdata.shape[0]
+    xo = torch.empty((M, cap), device=x2.device, dtype=x2.dtype)
+    wo = torch.empty((N, 2 * cap), device=x2.device, dtype=x2.dtype)
+    BR = 32
+    _outlier_pack_kernel[(triton.cdiv(M, BR) + triton.cdiv(N, BR),)](
+        x2, qdata, sw, cols, count, xo, wo, M, N, K, x2.stride(0), C=cap, BR=BR, num_warps=4)
+    return xo, wo
+
+
 def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                 threshold: float = 0.0, fused: bool = True, tiles: dict | None = None) -> torch.Tensor:
     """W8A8 int8: ``x (..., K)``, ``qdata (N, K) int8``, ``scale (N,) fp32`` -> ``(..., N)`` in x's dtype.
 
     ``fused=True`` (default, M >= 16) runs the Triton int8 GEMM with the scales, the LLM.int8() outlier columns'
-    product (fp32 outer products of the gathered columns) and the bias all in its epilogue; the outlier columns are found and listed on the device, so
+    product (packed, 16-bit tensor-core dots on a hi/lo split weight, fp32 accumulation) and the bias all in its
+    epilogue; the outlier columns are found and listed on the device, so
     nothing waits for the GPU. Otherwise ``torch._int_mm`` (cuBLAS int8) followed by the scale epilogue kernel
     (outliers in fp32). ``tiles`` overrides :data:`I8_TILES` (benchmarks).
     """
@@ -217,11 +275,14 @@ def int8_linear(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor, bias:
         t = dict(I8_TILES, **(tiles or {}))
         out = torch.empty((M, N), device=x.device, dtype=x.dtype)
         cols, count = outlier_list(col) if col is not None else (sx, sx)
+        cap = t.get("cap", OUTLIER_CAP)
+        xo, wo = outlier_operands(x2, qdata, sw, cols, count, cap) if col is not None else (out, out)
         BM, BN, BK = t["BM"], t["BN"], t["BK"]
         grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
-        _i8_mm_kernel[grid](xq, qdata, sx, sw, out, x2, cols, count, bias if bias is not None else sw, M, N, K,
-                            x2.stride(0), BM=BM, BN=BN, BK=BK, GROUP_M=t["GROUP_M"], EVEN_K=K % BK == 0,
-                            HAS_OUT=col is not None, HAS_BIAS=bias is not None, num_warps=t["num_warps"], num_stages=t["num_stages"],
+        _i8_mm_kernel[grid](xq, qdata, sx, sw, out, x2, cols, count, xo, wo, bias if bias is not None else sw,
+                            M, N, K, x2.stride(0), BM=BM, BN=BN, BK=BK, GROUP_M=t["GROUP_M"], EVEN_K=K % BK == 0,
+                            HAS_OUT=col is not None, C=cap, IEEE=x.dtype == torch.float32,
+                            HAS_BIAS=bias is not None, num_warps=t["num_warps"], num_stages=t["num_stages"],
                             **({"maxnreg": t["maxnreg"]} if t.get("maxnreg") else {}))
         return out.reshape(*lead, N)
     cols = torch.nonzero(col).flatten() if col is not None else None
