@@ -161,6 +161,9 @@ def test_enabled_fast_path_w8a8_and_float32_compute():
         "r8, r4 = m8(x), m4(x)\n"
         "cpu.enable_qlinear_fast_path()\n"
         "assert torch.equal(m8(x), r8)\n"
+        "cpu.disable_qlinear_fast_path()\n"
+        "assert torch.equal(m4(x), r4)\n"
+        "cpu.enable_qlinear_fast_path()\n"
         "d_auto = float((m4(x) - r4).norm() / r4.norm())\n"
         "cpu.enable_qlinear_fast_path(float32_compute='bfloat16')\n"
         "d_bf16 = float((m4(x) - r4).norm() / r4.norm())\n"
@@ -169,6 +172,34 @@ def test_enabled_fast_path_w8a8_and_float32_compute():
         "assert 1e-4 < d_bf16 < 1e-2 and 0 < d_f32 < 1e-5, (d_bf16, d_f32)\n"
         "assert d_auto == d_f32 if cpu.cpu_lut4.available() else d_auto == d_bf16, (d_auto, d_f32, d_bf16)\n"
         "print('ok', d_auto, d_bf16, d_f32)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok")
+
+
+def test_enabled_fast_path_many_rows_bf16_takes_aten():
+    # More rows than the hand-written kernels take: bf16 inputs go to ATen's kernel (built on first use), float32
+    # ones to the reference; both close to the reference.
+    code = (
+        "import torch\n"
+        "from lowbit.formats.affine import IntAffine\n"
+        "from lowbit.formats.int8_rowwise import Int8Rowwise\n"
+        "from lowbit.nn.linear import QuantLinear\n"
+        "from lowbit.ops import cpu\n"
+        "torch.manual_seed(0)\n"
+        "for q in (IntAffine(bits=4, group_size=128).quantize(torch.randn(64, 256)),\n"
+        "          Int8Rowwise().quantize(torch.randn(64, 256))):\n"
+        "    m = QuantLinear(q)\n"
+        "    xs = [torch.randn(40, 256), torch.randn(2, 256).bfloat16(), torch.randn(40, 256).bfloat16()]\n"
+        "    refs = [m(x) for x in xs]\n"
+        "    cpu.enable_qlinear_fast_path()\n"
+        "    for x, r in zip(xs, refs):\n"
+        "        y = m(x)\n"
+        "        d = float((y.double() - r.double()).norm() / r.double().norm())\n"
+        "        assert y.dtype == x.dtype and d < (1e-6 if x.dtype == torch.float32 else 1e-2), (x.shape, d)\n"
+        "    hit = getattr(m.qdata, cpu._ATTR)  # the cache entry of the last (bf16, 40-row) call\n"
+        "    assert isinstance(hit[2], (cpu.CpuInt4Weight, cpu.CpuInt8Weight)), hit[2]\n"
+        "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok")

@@ -18,8 +18,9 @@ AVX-512 kernels where ATen has nothing that fits or is slower.
   32, 64, 128, 256; K padded to a whole group); weight-only int8 -> ``aten._weight_int8pack_mm``.
 
 The hand-written kernels (compiled on first use by :mod:`lowbit.ops.cpu_native`) are absent without a C compiler
-or the instructions; the ATen paths or the reference take over. They serve up to 16 input rows; more rows go to
-the reference (dequantize + matmul). ATen's int4/int8 kernels are fast in bf16/fp16 only (13-32× slower in
+or the instructions; the ATen paths or the reference take over. They serve up to 16 input rows (decoding); more
+rows (prefill) go, through the op, to ATen's kernel in the input's dtype for bf16/fp16 inputs (built on first
+use, a second copy of the weight) and to the reference (dequantize + matmul) otherwise. ATen's int4/int8 kernels are fast in bf16/fp16 only (13-32× slower in
 float32, a scalar loop): float32 inputs are cast to bf16 for them (``float32_compute``, :func:`compute_dtype`), and
 outputs then differ from the float32 reference by bf16 rounding (relative error ≈ 2e-3 per layer on random data,
 bounded by the tests at 1e-2).
@@ -42,7 +43,8 @@ from lowbit.ops import cpu_lut4, cpu_vnni
 from lowbit.ops.repack import PackedWeight, repack_quantized, unpack_planes
 
 __all__ = ["CpuInt4Weight", "CpuInt8Weight", "CpuW8A8Weight", "pack_int4", "int4_linear", "pack_int8", "int8_linear",
-           "pack_w8a8", "w8a8_linear", "compute_dtype", "FLOAT32_COMPUTE", "pack", "linear", "enable_qlinear_fast_path"]
+           "pack_w8a8", "w8a8_linear", "compute_dtype", "FLOAT32_COMPUTE", "pack", "linear", "enable_qlinear_fast_path",
+           "disable_qlinear_fast_path"]
 
 INT4_GROUPS = (32, 64, 128, 256)
 
@@ -246,11 +248,25 @@ def pack(q, dtype: torch.dtype = torch.bfloat16) -> CpuWeight | None:  # type: i
             packers.append(cpu_vnni.pack_int4)  # group sizes that are multiples of 128 (or one group per row)
         if dtype == torch.float32 and cpu_lut4.available():
             packers.append(cpu_lut4.pack_affine4)
-        packers.append(lambda q: pack_int4(repack_quantized(q), dtype))
+        packers.append(lambda q: _aten_pack(q, dtype))
         return _first_fit(packers, q)
     if fmt.kind == "codebook" and fmt.bits == 4 and cpu_lut4.available():
         return _first_fit([cpu_lut4.pack_codebook], q)
     return None
+
+
+def _aten_pack(q, dtype: torch.dtype) -> CpuInt4Weight | CpuInt8Weight:  # type: ignore[no-untyped-def]
+    """ATen's layout of a 4-bit affine or weight-only int8 tensor (for inputs the hand-written kernels do not take).
+
+    Raises:
+        ValueError: another format, or a group size ATen does not take.
+    """
+    fmt = q.format
+    if fmt.kind == "int8_rowwise" and fmt.act is None:
+        return pack_int8(q["qdata"], q["scale"], dtype)
+    if fmt.kind == "int_affine" and fmt.bits == 4:
+        return pack_int4(repack_quantized(q), dtype)
+    raise ValueError(f"no ATen kernel for {fmt.spec()}")
 
 
 def _first_fit(packers, q):  # type: ignore[no-untyped-def]
@@ -285,6 +301,7 @@ def linear(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None = None) -> t
 
 
 _ENABLED: str | None = None
+_REGISTERED = False
 _ATTR = "_lowbit_cpu_packed"  # the packed weight lives on the stored qdata tensor, and dies with it
 
 
@@ -301,24 +318,39 @@ def enable_qlinear_fast_path(float32_compute: str = "auto") -> None:
     The packed weight is built once per stored ``qdata`` tensor (kept as an attribute of that tensor) and rebuilt
     if it changes. Calling again with another ``float32_compute`` switches it.
     """
-    global _ENABLED
+    global _ENABLED, _REGISTERED
     compute_dtype(torch.float32, float32_compute)  # validate
-    if _ENABLED is not None:
-        _ENABLED = float32_compute
+    _ENABLED = float32_compute
+    if _REGISTERED:
         return
     from lowbit.ops import reference
 
     @torch.library.register_kernel("lowbit::qlinear", "cpu")
     def _qlinear_cpu(x, data, spec, shape, bias):  # type: ignore[no-untyped-def]
+        if _ENABLED is None:  # disable_qlinear_fast_path()
+            return reference.qlinear(x, data, spec, shape, bias)
         key = data[0]
-        dt = compute_dtype(x.dtype, _ENABLED or "auto", format_from_spec(spec))
+        dt = compute_dtype(x.dtype, _ENABLED, format_from_spec(spec))
         stamp = (spec, dt, x.dtype, tuple(t.data_ptr() for t in data), tuple(t._version for t in data))
         hit = getattr(key, _ATTR, None)
         if hit is None or hit[0] != stamp:
-            w = pack(reference.as_quantized(data, spec, shape, x.dtype), dt)
-            hit = (stamp, w)
+            hit = [stamp, pack(reference.as_quantized(data, spec, shape, x.dtype), dt), None]
             setattr(key, _ATTR, hit)
         y = None if hit[1] is None else linear(x, hit[1], bias)
+        if y is None and isinstance(hit[1], (cpu_lut4.Lut4Weight, cpu_vnni.W8Weight)) \
+                and x.dtype in (torch.bfloat16, torch.float16):
+            # more rows than the hand-written kernels take: ATen's kernel in the input's dtype, built on first use
+            if hit[2] is None:
+                q = reference.as_quantized(data, spec, shape, x.dtype)
+                hit[2] = _first_fit([lambda q: _aten_pack(q, x.dtype)], q) or False
+            if hit[2]:
+                y = linear(x, hit[2], bias)
         return reference.qlinear(x, data, spec, shape, bias) if y is None else y
 
-    _ENABLED = float32_compute
+    _REGISTERED = True
+
+
+def disable_qlinear_fast_path() -> None:
+    """Undo :func:`enable_qlinear_fast_path`: the CPU kernel of ``lowbit::qlinear`` is the reference again."""
+    global _ENABLED
+    _ENABLED = None
