@@ -585,6 +585,14 @@ def run_matmuls(rows, out_rows, bw, bnb, quick):
                     if path == "mm" and M <= wq.MM4_MAX_M and name == "int4 g128 asym":  # the earlier mm tiles
                         cfg3 = wq.mm_config(M, N, K, 128, wq._sms(x.device))
                         row[f"{name} [mm v3]"] = bench(lowbit_fn(pws, x, path, cfg3))
+                    if path == "gemv" and name in ("int4 g128 asym", "int4 g128 sym", "int4 g128 act-order",
+                                                   "int2 g128"):  # v5: x prepared once per call
+                        cfg5 = wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), pws[0].bits, "affine", v=5)
+                        xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                        row[f"{name} [gemv v5] err"] = rel(wq.gemv(xx, pws[0], cfg5), xx.float() @ Wd.t())
+                        row[f"{name} [gemv v5]"] = bench(lowbit_fn(pws, x, path, cfg5))
+                        if args_graph:
+                            row[f"{name} [gemv v5] graph"] = bench_graph(lowbit_fn(pws, x, path, cfg5))
                     if path == "gemv" and name in ("int4 g128 asym", "int2 g128"):  # the earlier GEMV
                         cfg3 = wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), pws[0].bits, "affine", v=3)
                         row[f"{name} [gemv v3]"] = bench(lowbit_fn(pws, x, path, cfg3))

@@ -176,14 +176,15 @@ def test_lut_row_gemv_one_vector_per_thread_tiles_are_right(BN, BK):
 
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if isinstance(f, IntAffine)], ids=lambda f: f.spec())
 def test_gemv_v3_and_v4_decodes_match_reference(fmt):
-    """Both affine decodes (v3 mantissa, v4 exact exponent) on fresh inputs, unmasked (EVEN) and masked tiles."""
+    """The affine decodes (v3 mantissa, v4 exact exponent, v5 = v4 on x prepared once per call) on fresh inputs,
+    unmasked (EVEN) and masked tiles."""
     torch.manual_seed(13)
     for N, K in ((512, 4096), (320, 1536)):
         q = fmt.quantize(torch.randn(N, K))
         pw = R.repack_quantized(q).to("cuda")
         W = q.dequantize().float().cuda()
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        for v in (3, 4):
+        for v in (3, 4, 5):
             cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, v=v, split=2)
             assert rel(wq.gemv(x, pw, cfg), x.float() @ W.t()) < 3e-4  # v4 PMIN 12: ~6e-5 at worst (int2)
 
@@ -274,3 +275,19 @@ def test_llm_int8_outlier_columns_beyond_the_packed_ones_are_exact():
     for cap in (16, 64):
         y = w8a8.int8_linear(x, qd, sw, None, 6.0, tiles=dict(cap=cap))
         assert rel(y, exact) < 5e-4
+
+
+def test_gemv_v5_act_order_and_several_rows_match_reference():
+    """v5's x preparation applies act-order's permutation and zeroes the split-K output for every row (M <= 4)."""
+    torch.manual_seed(24)
+    K = 2048
+    fmt = IntAffine(bits=4, group_size=128)
+    Wf = torch.randn(384, K)
+    q = fmt.quantize(Wf, g_idx=(torch.randperm(K) // 128).to(torch.int32), **fmt.params(Wf)).to("cuda")
+    pw = R.repack_quantized(q)
+    W = q.dequantize().float()
+    for M in (1, 3):
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        cfg = wq.gemv_config(384, K, pw.group_size, 132, 4, "affine", v=5, split=4)
+        for _ in range(2):  # the output buffer is reused from the allocator: stale sums would show
+            assert rel(wq.gemv(x, pw, cfg), x.float() @ W.t()) < 3e-4

@@ -262,7 +262,7 @@ def _exact_code(v, e23, P: tl.constexpr, B: tl.constexpr, SUB: tl.constexpr = Tr
 
 @triton.jit
 def _ex_dot(w, xr, perm, k0, K, e23, NW: tl.constexpr, B: tl.constexpr, HAS_PERM: tl.constexpr,
-            EVEN: tl.constexpr, PMIN: tl.constexpr = 24):
+            EVEN: tl.constexpr, PMIN: tl.constexpr = 24, xs=None, xb=None, XPRE: tl.constexpr = False):
     """One bit plane of a K-tile against x with exact float codes and one integer op per code (GEMV v4).
 
     A code at bits ``[p, p + B)`` with ``p + B <= 23`` is masked in place; OR-ing in the exponent of ``2^(23 - p)``
@@ -282,7 +282,7 @@ def _ex_dot(w, xr, perm, k0, K, e23, NW: tl.constexpr, B: tl.constexpr, HAS_PERM
     hi = w >> 9  # the codes above bit 22 land at bits B·i - 9 <= 23 - B (sign copies above bit 22 are masked)
     for i in tl.static_range(PER):
         kk = rows * PER + i
-        if HAS_PERM:
+        if HAS_PERM:  # (v5, XPRE: x is already fp32 and in kernel order, see :func:`_xprep_kernel`)
             src = tl.load(perm + kk) if EVEN else tl.load(perm + kk, mask=kk < K, other=0)
         else:
             src = kk
@@ -296,19 +296,57 @@ def _ex_dot(w, xr, perm, k0, K, e23, NW: tl.constexpr, B: tl.constexpr, HAS_PERM
             v = hi
         if B * i - 9 * (i >= LOW) >= PMIN:  # code at bit B·i - 9·(i >= LOW)
             A += _exact_code(v, e23, B * i - 9 * (i >= LOW), B, False) * xi[:, None]
-            XB += xi * float(1 << (23 - (B * i - 9 * (i >= LOW))))
+            if not XPRE:
+                XB += xi * float(1 << (23 - (B * i - 9 * (i >= LOW))))
         else:
             A += _exact_code(v, e23, B * i - 9 * (i >= LOW), B) * xi[:, None]
-        X += xi
+        if not XPRE:
+            X += xi
+    if XPRE:
+        if EVEN:
+            X = tl.load(xs + rows)
+            XB = tl.load(xb + rows)
+        else:
+            X = tl.load(xs + rows, mask=rows * PER < K, other=0.0)
+            XB = tl.load(xb + rows, mask=rows * PER < K, other=0.0)
     if PMIN < 24:
         A -= XB[:, None]
     return A, X
 
 
 @triton.jit
+def _xprep_kernel(x_ptr, perm, xf_ptr, xs_ptr, xb_ptr, out_ptr, K, KW, N, stride_xm, B: tl.constexpr,
+                  PMIN: tl.constexpr, HAS_PERM: tl.constexpr, BW: tl.constexpr, BZ: tl.constexpr,
+                  ZERO: tl.constexpr):
+    """GEMV v5's per-call preparation of x (one row per ``program_id(1)``): ``xf`` = x in fp32 and kernel order
+    (act-order applied), ``xs[w]`` = Σ of word ``w``'s x values, ``xb[w]`` = Σ x·2^(23−q) over the codes whose
+    subtract :func:`_ex_dot` skips (``q >= PMIN``); and it zeroes the split-K output (the memset it replaces)."""
+    PER: tl.constexpr = 32 // B
+    LOW: tl.constexpr = 23 // B
+    m = tl.program_id(1)
+    wd = tl.program_id(0) * BW + tl.arange(0, BW)
+    i = tl.arange(0, PER)
+    kk = wd[:, None] * PER + i[None, :]
+    mk = kk < K
+    if HAS_PERM:
+        src = tl.load(perm + kk, mask=mk, other=0)
+    else:
+        src = kk
+    x = tl.load(x_ptr + m * stride_xm + src, mask=mk, other=0.0).to(tl.float32)
+    tl.store(xf_ptr + m * K + kk, x, mask=mk)
+    q = B * i - 9 * (i >= LOW)
+    coef = tl.where(q >= PMIN, (1 << tl.maximum(23 - q, 0)).to(tl.float32), 0.0)
+    tl.store(xs_ptr + m * KW + wd, tl.sum(x, axis=1), mask=wd < KW)
+    tl.store(xb_ptr + m * KW + wd, tl.sum(x * coef[None, :], axis=1), mask=wd < KW)
+    if ZERO:
+        zo = tl.program_id(0) * BZ + tl.arange(0, BZ)
+        tl.store(out_ptr + m * N + zo, tl.zeros((BZ,), dtype=tl.float32), mask=zo < N)
+
+
+@triton.jit
 def _hm_plane(q_ptr, xr, perm, k0, offs_n, mask_n, N, K, KW, NW: tl.constexpr, B: tl.constexpr,
               HAS_PERM: tl.constexpr, DEC: tl.constexpr = 0, EVEN: tl.constexpr = False, e23=0,
-              PMIN: tl.constexpr = 24):
+              PMIN: tl.constexpr = 24, xs=None, xb=None, XPRE: tl.constexpr = False):
     """Load one bit plane of a K-tile and dot it with x: ``DEC=0`` mantissa decode (v3, ``Σ x c = 2^B (A - X)``),
     ``DEC=1`` exact exponent decode (v4, ``A = Σ x c``)."""
     if EVEN:
@@ -318,7 +356,7 @@ def _hm_plane(q_ptr, xr, perm, k0, offs_n, mask_n, N, K, KW, NW: tl.constexpr, B
     else:
         w = _hm_load(q_ptr, k0, K, offs_n, mask_n, N, KW, NW, B)
     if DEC == 1:
-        return _ex_dot(w, xr, perm, k0, K, e23, NW, B, HAS_PERM, EVEN, PMIN)
+        return _ex_dot(w, xr, perm, k0, K, e23, NW, B, HAS_PERM, EVEN, PMIN, xs, xb, XPRE)
     else:
         return _hm_dot(w, xr, perm, k0, K, NW, B, HAS_PERM)
 
@@ -461,7 +499,7 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
                   BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_PERM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr,
                   PF: tl.constexpr = False, DEC: tl.constexpr = 0, EVEN: tl.constexpr = False,
-                  PMIN: tl.constexpr = 24):
+                  PMIN: tl.constexpr = 24, xs_ptr=None, xb_ptr=None, XPRE: tl.constexpr = False):
     """GEMV v3: codes unpacked with constant shifts (``tl.static_range``), affine codes decoded by
     :func:`_hm_plane`, look-up tables held in registers (:func:`_select16`) instead of gathered from memory."""
     pid_n = tl.program_id(0)
@@ -479,6 +517,12 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
     KWP = KW4 if BITS == 4 else KW2
     BP: tl.constexpr = 4 if BITS == 4 else 2
     PFX: tl.constexpr = PF and MODE == 0 and BITS != 3
+    if XPRE:  # this row's word sums of x (v5)
+        xsr = xs_ptr + m * KWP
+        xbr = xb_ptr + m * KWP
+    else:
+        xsr = xs_ptr
+        xbr = xb_ptr
     if PFX:  # software prefetch: the next tile's words are in flight while this tile is computed
         w_next = _hm_load(QP, kstart, k_end, offs_n, mask_n, N, KWP, BK // P0, BP)
     for kt in range(0, K_PER_PROG, BK):
@@ -501,14 +545,14 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
                 z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
             if BITS == 4:
                 A, X = _hm_plane(q4, xr, perm, k0, offs_n, mask_n, N, K, KW4, BK // 8, 4, HAS_PERM, DEC, EVEN, E23,
-                                 PMIN)
+                                 PMIN, xsr, xbr, XPRE)
                 if DEC == 1:
                     acc += s[None, :] * (A - z[None, :] * X[:, None])
                 else:
                     acc += s[None, :] * (16.0 * A - (16.0 + z[None, :]) * X[:, None])
             else:
                 A, X = _hm_plane(q2, xr, perm, k0, offs_n, mask_n, N, K, KW2, BK // 16, 2, HAS_PERM, DEC, EVEN, E23,
-                                 PMIN)
+                                 PMIN, xsr, xbr, XPRE)
                 if DEC == 1:
                     acc += s[None, :] * (A - z[None, :] * X[:, None])
                 else:
@@ -801,12 +845,13 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
                 num_stages: int | None = None, pmin: int | None = None) -> dict:
     """Tile sizes for the GEMV path: enough programs to cover the SMs ``waves`` times (split-K when N is small).
 
-    ``v=4`` is :func:`_gemv3_kernel` with the exact exponent decode (the default), ``v=3`` the same kernel with
-    the mantissa decode, ``v=2`` the earlier kernel (both kept for the benchmark). The look-up-table modes
+    ``v=4`` is :func:`_gemv3_kernel` with the exact exponent decode (the default), ``v=5`` the same on x
+    prepared once per call by :func:`_xprep_kernel` (affine 2/4-bit), ``v=3`` the mantissa decode, ``v=2`` the
+    earlier kernel (kept for the benchmark). The look-up-table modes
     (v3 and v4 alike) read one scale per 32 codes, so their K-tile need not lie in one group.
     """
     if BN is None:
-        if v == 4 and mode == "affine":  # H100 sweeps (NOTES_gpu.md): 8192×28672 BN64 split 4 64.5 µs
+        if v >= 4 and mode == "affine":  # H100 sweeps (NOTES_gpu.md): 8192×28672 BN64 split 4 64.5 µs
             BN = (256 if bits == 3 else 64) if N >= 16384 else 32  # (int3 BN256 split 8); 4096×11008 BN32 split 4
             if waves == 4 and bits != 3:
                 waves = 8
@@ -850,11 +895,12 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
     N = pw.out_features
     cfg = cfg or gemv_config(N, K, pw.group_size, _sms(x2.device), pw.bits, pw.mode)
     atomic = cfg["split"] > 1
-    out = torch.zeros((M, N), device=x2.device, dtype=torch.float32) if atomic else \
+    v = cfg.get("v", 4)
+    prep = v == 5 and pw.mode == "affine" and pw.bits in (2, 4)  # the x preparation zeroes the output too
+    out = (torch.empty if prep else torch.zeros)((M, N), device=x2.device, dtype=torch.float32) if atomic else \
         torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     q4, q2, q1, sc, zp, cb = _args(pw, out)
     grid = (triton.cdiv(N, cfg["BN"]), cfg["split"], M)
-    v = cfg.get("v", 4)
     args = (x2, out, q4, q2, q1, sc, zp, cb, pw.perm if pw.perm is not None else out,
             N, K, pw.q4.shape[0], pw.q2.shape[0], pw.q1.shape[0], x2.stride(0))
     meta = dict(BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode], HAS_PERM=pw.perm is not None,
@@ -863,10 +909,27 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
         meta["num_stages"] = cfg["num_stages"]
     if v == 2:
         _gemv_kernel[grid](*args, **meta)
+    elif v == 5 and pw.mode == "affine" and pw.bits in (2, 4):  # v4 decode on x prepared once per call
+        B = pw.bits
+        KW = (pw.q4 if B == 4 else pw.q2).shape[0]
+        pmin = cfg.get("pmin", GEMV_PMIN)
+        xf = torch.empty((M, K), device=x2.device, dtype=torch.float32)
+        xs = torch.empty((M, KW), device=x2.device, dtype=torch.float32)
+        xb = torch.empty((M, KW), device=x2.device, dtype=torch.float32)
+        BW = 128
+        nprog = triton.cdiv(KW, BW)
+        _xprep_kernel[(nprog, M)](x2, pw.perm if pw.perm is not None else xs, xf, xs, xb, out, K, KW, N,
+                                  x2.stride(0), B=B, PMIN=pmin, HAS_PERM=pw.perm is not None, BW=BW,
+                                  BZ=triton.next_power_of_2(triton.cdiv(N, nprog)), ZERO=atomic, num_warps=4)
+        even = N % cfg["BN"] == 0 and K % cfg["k_per"] == 0
+        args = (xf, out, q4, q2, q1, sc, zp, cb, out, N, K, pw.q4.shape[0], pw.q2.shape[0], pw.q1.shape[0], K)
+        meta["HAS_PERM"] = False
+        _gemv3_kernel[grid](*args, 0x4B000000, **meta, PF=False, DEC=1, EVEN=even, PMIN=pmin, xs_ptr=xs, xb_ptr=xb,
+                            XPRE=True)
     else:  # v3: mantissa decode; v4: exact exponent decode, unmasked when the tiles divide the weight
-        even = v == 4 and N % cfg["BN"] == 0 and K % cfg["k_per"] == 0
+        even = v >= 4 and N % cfg["BN"] == 0 and K % cfg["k_per"] == 0
         _gemv3_kernel[grid](*args, 0x4B000000, **meta, PF=bool(cfg.get("pf")) and pw.mode == "affine" and pw.bits != 3,
-                            DEC=1 if v == 4 else 0, EVEN=even, PMIN=cfg.get("pmin", GEMV_PMIN))
+                            DEC=1 if v >= 4 else 0, EVEN=even, PMIN=cfg.get("pmin", GEMV_PMIN))
     return out
 
 
