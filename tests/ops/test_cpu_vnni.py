@@ -129,3 +129,13 @@ def test_two_limbs_error_bound():
     x_hat = ((u.double() - 128) * s.unsqueeze(-1)).sum(1)
     amax = x.abs().amax(1, keepdim=True).double()
     assert bool(((x_hat - x.double()).abs() <= amax / (127 * 254 * 2) * 1.01).all())
+
+
+
+@needs_kernel
+def test_pack_w8_shares_the_stored_weight_when_it_can():
+    b = torch.randint(-127, 128, (8, 128), dtype=torch.int8)
+    assert cpu_vnni.pack_w8(b, torch.ones(8)).qdata.data_ptr() == b.data_ptr()  # K % 64 == 0: no copy
+    w = cpu_vnni.pack_w8(b[:, :100], torch.ones(8))  # padded copy
+    assert w.qdata.shape == (8, 128) and bool((w.qdata[:, 100:] == 0).all())
+    assert torch.equal(w.offset, 128 * b[:, :100].sum(1).to(torch.int32))

@@ -52,7 +52,7 @@ int lowbit_cpu_ok(void) {
 #define LMAX 3  /* limbs: 2 or 3 (NL) */
 /* MB rows (1..4) x L limbs: two accumulators each (k and k + 64), 64 unsigned x signed byte products each. */
 static inline __attribute__((always_inline)) void row_kernel(
-        const uint8_t *xu, const double *sx, const int8_t *w, double off, double sw, float *y,
+        const uint8_t *xu, const double *sx, const int8_t *w, int32_t off, double sw, float *y,
         int MB, int NL, int Kp, int N, int n) {
     __m512i a[4][LMAX][2];
     for (int m = 0; m < MB; m++)
@@ -80,7 +80,7 @@ static inline __attribute__((always_inline)) void row_kernel(
     for (int m = 0; m < MB; m++) {  /* y = scale_n · Σ_l s_l · (Σ_k (q_l + 128)·w − 128·Σ_k w), in double */
         double t = 0.0;
         for (int l = 0; l < NL; l++)
-            t += sx[m * NL + l] * ((double)_mm512_reduce_add_epi32(_mm512_add_epi32(a[m][l][0], a[m][l][1])) - off);
+            t += sx[m * NL + l] * (double)(_mm512_reduce_add_epi32(_mm512_add_epi32(a[m][l][0], a[m][l][1])) - off);
         y[(size_t)m * N + n] = (float)(t * sw);
     }
 }
@@ -125,7 +125,7 @@ void lowbit_vnni_split(const float *x, uint8_t *xu, double *sx, float *xs, int M
 }
 
 /* y (M, N) float32 = x̂ (M, K) · (w · sw)ᵀ with x̂ the L limbs of x; w: (N, Kp) int8, off_n = 128·Σ_k w[n, k]. */
-void lowbit_w8_gemm(const uint8_t *xu, const double *sx, const int8_t *w, const double *off, const float *sw,
+void lowbit_w8_gemm(const uint8_t *xu, const double *sx, const int8_t *w, const int32_t *off, const float *sw,
                     float *y, int M, int NL, int N, int Kp, int n_threads) {
     for (int m0 = 0; m0 < M; m0 += 4) {
         int MB = M - m0 < 4 ? M - m0 : 4;
@@ -253,8 +253,8 @@ def available() -> bool:
 
 @dataclass(frozen=True, eq=False)
 class W8Weight:
-    """``qdata (N, Kp) int8`` (K zero-padded to a multiple of 64), ``scale (N,)`` float32, ``offset (N,)`` =
-    ``128·Σ_k qdata[n, k]`` as float64."""
+    """``qdata (N, Kp) int8`` (K zero-padded to a multiple of 64: the stored tensor itself when K already is),
+    ``scale (N,)`` float32, ``offset (N,)`` int32 = ``128·Σ_k qdata[n, k]``."""
 
     qdata: torch.Tensor
     scale: torch.Tensor
@@ -278,9 +278,11 @@ def pack_w8(qdata: torch.Tensor, scale: torch.Tensor) -> W8Weight:
     s = scale.reshape(-1).to(torch.float32)
     if s.numel() not in (1, N):
         raise ValueError(f"scale must hold 1 or {N} values, got {s.numel()}")
+    if K > 130000:
+        raise ValueError(f"in_features={K} could overflow the int32 sums (at most 130000)")
     Kp = -(-K // 64) * 64
-    q = torch.nn.functional.pad(qdata, (0, Kp - K)).contiguous()
-    return W8Weight(q, s.expand(N).contiguous(), 128.0 * q.sum(1, dtype=torch.float64), K)
+    q = qdata if Kp == K and qdata.is_contiguous() else torch.nn.functional.pad(qdata, (0, Kp - K)).contiguous()
+    return W8Weight(q, s.expand(N).contiguous(), (128 * q.sum(1, dtype=torch.int64)).to(torch.int32), K)
 
 
 def split_limbs(x: torch.Tensor, padded_in: int, signed: bool = False, n_limbs: int = LIMBS,
