@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,9 @@ def _compile(name: str, source: str, flags: tuple[str, ...]) -> str:
 @lru_cache(maxsize=None)
 def load(name: str, source: str, flags: tuple[str, ...]) -> ctypes.CDLL | None:
     """The compiled library of ``source`` (cached per process), or ``None`` where it cannot run here."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        logger.info("CPU kernel %s: x86-64 only (this machine: %s); not used", name, platform.machine())
+        return None
     try:
         lib = ctypes.CDLL(_compile(name, source, flags))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
