@@ -39,6 +39,7 @@ def _compile(name: str, source: str, flags: tuple[str, ...]) -> str:
     d = cache_dir()
     so = os.path.join(d, f"{name}_{tag}.so")
     if not os.path.exists(so):
+        logger.info("compiling CPU kernel %s once (a few seconds) into %s", name, d)
         os.makedirs(d, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=d) as tmp:
             src = os.path.join(tmp, f"{name}.c")
