@@ -8,8 +8,8 @@ Registered for ``"cuda"``:
 
 - ``lowbit::packed_linear`` -> :mod:`.wq` (GEMV split-K for M <= 4, fused dequant + ``tl.dot`` below
   M = 1024, Triton dequant + cuBLAS above);
-- ``lowbit::w8a8_linear`` -> :mod:`.w8a8` (``torch._int_mm`` / ``torch._scaled_mm`` with Triton
-  activation quantization and scale epilogue);
+- ``lowbit::w8a8_linear`` -> :mod:`.w8a8` (fused Triton int8 GEMM with the LLM.int8() outliers in its
+  epilogue, ``torch._int_mm`` below M = 16, ``torch._scaled_mm`` for FP8; Triton activation quantization);
 - ``lowbit::adamw8bit_step_`` -> :mod:`.adam8` (one fused pass);
 - ``lowbit::qlinear`` -> repack once (cached per stored ``qdata`` tensor) and call the above for the
   formats that have a kernel layout; every other format runs the reference.

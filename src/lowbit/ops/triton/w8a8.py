@@ -1,10 +1,11 @@
-"""W8A8 on tensor cores: int8 (SmoothQuant, LLM.int8()) through ``torch._int_mm`` and FP8 through
-``torch._scaled_mm``, with Triton kernels for the per-token activation quantization and the scale epilogue.
+"""W8A8 on tensor cores: int8 (SmoothQuant, LLM.int8()) through a fused Triton int8 GEMM (default for M >= 16)
+or ``torch._int_mm``, and FP8 through ``torch._scaled_mm``, with Triton kernels for the per-token activation
+quantization, the LLM.int8() outlier columns (flagged, listed and packed on the device) and the epilogues.
 
 Semantics follow :class:`lowbit.formats.int8_rowwise.Int8Rowwise` exactly (per-token ``s_x = absmax/127``
 clamped at 1e-12, ``round(x / s_x)`` half-to-even; LLM.int8() outlier columns = columns holding any
-``|x| ≥ threshold``, excluded from the int8 product and multiplied in fp32 against the dequantized weight
-columns), so the int8 codes and the int32 product are bit-exact against the reference.
+``|x| ≥ threshold``, excluded from the int8 product and multiplied against the dequantized weight columns with
+fp32 accumulation), so the int8 codes and the int32 product are bit-exact against the reference.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ Three paths, chosen by the number of activation rows ``M``:
 - ``GEMV_MAX_M < M < BIG_M``: tiled ``tl.dot`` kernel that dequantizes a ``(BK, BN)`` tile in registers; for
   ``M <= MM4_MAX_M`` and affine 2/4-bit codes, :func:`_mm4_kernel` (one dot per code position) instead.
 - ``M >= BIG_M``: dequantize to a bf16 ``(K, N)`` buffer with a Triton kernel (act-order rows scattered back
-  to the weight's column order), then cuBLAS, in column chunks that stay in L2.
+  to the weight's column order), then cuBLAS, in column chunks that stay in L2. ``path="mmt"`` is a fused
+  kernel computed transposed (:func:`_mmt4_kernel`, :func:`_mmt_kernel`): measured 2–3× slower there on the
+  H100 (session 4), kept for the benchmark, never chosen by default.
 
 Measured choices and what they gained: ``benchmarks/NOTES_gpu.md``; numbers: ``results/gpu_kernels.md``.
 
