@@ -369,19 +369,26 @@ def interleaved(fns: dict, rounds: int = 3, rep: int = 60) -> dict:
     return out
 
 
-def w8a8_parts(out_dir: str) -> dict:
-    """Where LLM.int8()'s time goes at M = 2048, K×N = 8192×28672 (8 outlier columns): each stage of
-    ``int8_linear`` timed alone, the GEMM kernel with and without its outlier epilogue on the same inputs."""
-    K, N, M = 8192, 28672, 2048
-    torch.manual_seed(12)
+def big_m_operands(K: int, N: int, M: int, seed: int):
+    """``(W, next bf16 weight copy, x, x with 8 outlier columns, s_w, int8 codes)`` for the M = 2048 sweeps: three
+    rotating bf16 copies of W (beyond L2), per-row int8 codes of W, and x with 8 columns scaled by 8 (|x| >= 6
+    somewhere in each)."""
+    torch.manual_seed(seed)
     W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-    Ws = [W] + [W.clone() for _ in range(2)]
-    nW = cycler(Ws)
+    nW = cycler([W] + [W.clone() for _ in range(2)])
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     sw = (W.float().abs().amax(1) / 127).clamp(min=1e-12)
     qd = torch.round(W.float() / sw[:, None]).clamp(-127, 127).to(torch.int8)
     xo = x.clone()
     xo[:, torch.randperm(K, device="cuda")[:8]] *= 8.0
+    return W, nW, x, xo, sw, qd
+
+
+def w8a8_parts(out_dir: str) -> dict:
+    """Where LLM.int8()'s time goes at M = 2048, K×N = 8192×28672 (8 outlier columns): each stage of
+    ``int8_linear`` timed alone, the GEMM kernel with and without its outlier epilogue on the same inputs."""
+    K, N, M = 8192, 28672, 2048
+    W, nW, x, xo, sw, qd = big_m_operands(K, N, M, 12)
     flags = w8a8.outlier_columns(xo, 6.0)
     cols, count = w8a8.outlier_list(flags)
     xq, sx, _ = w8a8.quantize_rows(xo, torch.int8, 6.0)
@@ -419,18 +426,10 @@ def big_m_sweep(out_dir: str) -> dict:
     from lowbit.ops import reference as ref_ops
 
     K, N, M = 8192, 28672, 2048
-    torch.manual_seed(11)
     res: dict = {}
-    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-    Ws = [W] + [W.clone() for _ in range(2)]
-    nW = cycler(Ws)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    sw = (W.float().abs().amax(1) / 127).clamp(min=1e-12)
-    qd = torch.round(W.float() / sw[:, None]).clamp(-127, 127).to(torch.int8)
+    W, nW, x, xo, sw, qd = big_m_operands(K, N, M, 11)
     sw8 = (W.float().abs().amax(1) / 448).clamp(min=1e-12)
     qd8 = (W.float() / sw8[:, None]).to(torch.float8_e4m3fn)
-    xo = x.clone()
-    xo[:, torch.randperm(K, device="cuda")[:8]] *= 8.0  # 8 outlier columns, |x| >= 6 somewhere in each
     fns = {"bf16": lambda: torch.nn.functional.linear(x, nW()),
            "fp8 _scaled_mm": lambda: w8a8.fp8_linear(x, qd8, sw8),
            "int8 _int_mm": lambda: w8a8.int8_linear(x, qd, sw, None, 0.0, fused=False),

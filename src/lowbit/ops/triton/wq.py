@@ -642,6 +642,15 @@ def _mm_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, 
 
 
 @triton.jit
+def _m_first_offsets(M, BM: tl.constexpr, BN: tl.constexpr):
+    """Row and column offsets of this program's tile, M fastest: the programs that share a weight tile (the
+    same ``BN`` columns) run next to each other."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    return (pid % num_m) * BM + tl.arange(0, BM), (pid // num_m) * BN + tl.arange(0, BN)
+
+
+@triton.jit
 def _mmt_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm, stride_om,
                 BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RS: tl.constexpr, SEL: tl.constexpr):
@@ -649,12 +658,7 @@ def _mmt_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, M, N, K, stride_xm,
     weight tile is the dot's first operand, which a Hopper wgmma reads from registers, and ``xᵀ`` the second,
     loaded by the software pipeline into shared memory, so the dot can stay asynchronous while the next tile
     is dequantized. Programs that share a weight tile run next to each other (M fastest)."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    pid_m = pid % num_m
-    pid_n = pid // num_m
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m, offs_n = _m_first_offsets(M, BM, BN)
     mask_n = offs_n < N
     rm = offs_m % M
     acc = tl.zeros((BN, BM), dtype=tl.float32)
@@ -676,19 +680,14 @@ def _mmt4_kernel(x_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_xm, stride
 
     ``x`` comes with each ``BK``-block's columns in code-position order (:func:`permute_for_mmt4`): position
     ``i`` of the block's ``NW = BK/PER`` words is columns ``[i·NW, (i + 1)·NW)``, which is the order in which
-    the decoded ``(PER, NW, BN)`` tile flattens, so the dot needs no interleaving of codes. Decode: a shift per word brings code ``i`` to bit ``q = 12 + B·(i mod SL)`` (``SL`` codes
-    share one shift), one LOP3 masks it and ORs in the exponent of ``2^(23 - q)`` (the float is then exactly
+    the decoded ``(PER, NW, BN)`` tile flattens, so the dot needs no interleaving of codes. Decode: a shift per
+    word brings code ``i`` to bit ``q = 12 + B·(i mod SL)`` (``SL`` codes share one shift), one LOP3 masks it and ORs in the exponent of ``2^(23 - q)`` (the float is then exactly
     ``2^(23 - q) + c``), and one FMA gives ``w = f·s − (2^(23 - q) + z)·s``; the offset is rounded once per
     column and group, an error of at most ``s·2^(−1−q)`` (``q >= 12``)."""
     PER: tl.constexpr = 32 // B
     NW: tl.constexpr = BK // PER
     SL: tl.constexpr = (11 - B) // B + 1
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    pid_m = pid % num_m
-    pid_n = pid // num_m
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_m, offs_n = _m_first_offsets(M, BM, BN)
     rn = offs_n % N
     rm = offs_m % M
     r = tl.arange(0, NW)
