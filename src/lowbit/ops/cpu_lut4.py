@@ -4,7 +4,8 @@
 
 - NF4 / FP4 (``Codebook``): ``lut`` = the float32 code, ``scale`` = the first-level absmax per block, no shift.
 - IntAffine 4-bit: ``lut = [0, 1, …, 15]``, ``scale`` per group and ``shift = zero_point · scale`` (applied with
-  the per-group input sums ``xsum``, a ``(M, G) @ (G, N)`` matmul done by torch).
+  the per-group input sums ``xsum``, a ``(M, G) @ (G, N)`` matmul done by torch). 4-bit affine with group sizes
+  that are multiples of 128 usually runs :mod:`lowbit.ops.cpu_vnni` instead (faster); this kernel takes the rest.
 
 Why hand-written: ATen has no lookup-table matmul (NF4 had no CPU fast path), and its int4 packed kernel runs a
 scalar loop for float32 inputs. This kernel keeps activations, code values and accumulation in float32 (AVX-512:
@@ -14,15 +15,15 @@ matches the float32 reference to float32 rounding, and bf16 inputs are widened e
 The C source below is compiled on first use by :mod:`lowbit.ops.cpu_native`; no compiler, no AVX-512, or a failed
 build make :func:`available` return ``False`` (logged once) and callers keep their other paths.
 
-Layout (:class:`Lut4Weight`): ``codes (N, Kp/2) uint8`` where, for each chunk of 32 inputs, byte ``j`` holds the
-code of input ``j`` in its low nibble and of input ``j + 16`` in its high nibble; ``Kp`` = K padded to a whole
-group. Kernel reads ``x (M, Kp) float32`` (zero-padded), one output row per loop step, rows split over threads.
+Layout (:class:`Lut4Weight`, ``span=32``): ``codes (N, Kp/2) uint8`` where, for each chunk of 32 inputs, byte ``j``
+holds the code of input ``j`` in its low nibble and of input ``j + 16`` in its high nibble; ``Kp`` = K padded to a
+whole group. Kernel reads ``x (M, Kp) float32`` (zero-padded), one output row per loop step, rows split over
+threads. ``span=128`` is the VNNI kernel's layout of the same codes (see :func:`pack_lut4`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import logging
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,8 +31,6 @@ from functools import lru_cache
 import torch
 
 from lowbit.ops import cpu_native
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["Lut4Weight", "available", "pack_lut4", "pack_codebook", "pack_affine4", "lut4_linear", "MAX_ROWS"]
 
