@@ -141,3 +141,16 @@ def test_pack_w8_shares_the_stored_weight_when_it_can():
     w = cpu_vnni.pack_w8(b[:, :100], torch.ones(8))  # padded copy
     assert w.qdata.shape == (8, 128) and bool((w.qdata[:, 100:] == 0).all())
     assert torch.equal(w.offset, 128 * b[:, :100].sum(1).to(torch.int32))
+
+
+@needs_kernel
+def test_nonfinite_inputs_give_nan_rows():
+    torch.manual_seed(3)
+    q8 = Int8Rowwise().quantize(torch.randn(16, 128))
+    q4 = IntAffine(bits=4, group_size=128).quantize(torch.randn(16, 128))
+    x = torch.randn(3, 128)
+    x[1, 7] = float("inf")
+    x[2, 100] = float("nan")
+    for y in (cpu_vnni.w8_linear(x, cpu_vnni.pack_w8(q8["qdata"], q8["scale"])),
+              cpu_vnni.int4_linear(x, cpu_vnni.pack_int4(q4))):
+        assert bool(torch.isfinite(y[0]).all()) and bool(torch.isnan(y[1:]).all())

@@ -92,14 +92,21 @@ void lowbit_vnni_split(const float *x, uint8_t *xu, double *sx, float *xs, int M
     for (int m = 0; m < M; m++) {
         const float *xm = x + (size_t)m * K;
         __m512 vmax = _mm512_setzero_ps();
+        __mmask16 bad = 0;  /* inf or NaN inputs: their row's outputs become NaN (the scales are set to NaN) */
         for (int k = 0; k < K; k += 16) {
             __mmask16 mk = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, xm + k)));
+            __m512 ax = _mm512_abs_ps(_mm512_maskz_loadu_ps(mk, xm + k));
+            bad |= _mm512_cmp_ps_mask(ax, _mm512_set1_ps(3.4028235e38f), _CMP_NLE_UQ);
+            vmax = _mm512_max_ps(vmax, ax);
         }
         float s = _mm512_reduce_max_ps(vmax) / 127.0f;
-        if (!(s >= 1e-30f)) s = 1e-30f;  /* also catches NaN */
+        if (!(s >= 1e-30f)) s = 1e-30f;
         __m512 sl[LMAX];
-        for (int l = 0; l < NL; l++) { sl[l] = _mm512_set1_ps(s); sx[m * NL + l] = s; s = s / 254.0f; }
+        for (int l = 0; l < NL; l++) {
+            sl[l] = _mm512_set1_ps(s);
+            sx[m * NL + l] = bad ? __builtin_nan("") : s;
+            s = s / 254.0f;
+        }
         const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
         const __m512i off = _mm512_set1_epi32(offset);
         __m512 gsum = _mm512_setzero_ps();
