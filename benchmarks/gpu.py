@@ -197,6 +197,48 @@ def sweep(pws, x, path, M, N, K, quick_names):
     return res
 
 
+def gemv_waves(out_dir: str) -> dict:
+    """M = 1 GEMV (v4) split-K and tile width by how many waves the grid makes (ncu, session 4: the default grid at
+    8192×28672 is 1.51 waves of 9 resident CTAs per SM); every config checked, then timed plain and as CUDA-graph
+    replays against bf16 in the same process."""
+    res: dict = {}
+    for (K, N), name in (((8192, 28672), "int4 g128 asym"), ((8192, 28672), "int2 g128"),
+                         ((4096, 11008), "int4 g128 asym")):
+        torch.manual_seed(K + N)
+        ncopy = max(1, math.ceil(3 * L2_BYTES / (N * K * 0.375)))
+        pws = [VARIANTS[name](N, K) for _ in range(ncopy)]
+        Wd = R.dequantize_packed(pws[0], torch.float32)
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, ncopy // 4))]
+        nW = cycler(Ws)
+        out = {"bf16": bench(lambda: torch.nn.functional.linear(x, nW())),
+               "bf16 graph": bench_graph(lambda: torch.nn.functional.linear(x, nW()))}
+        for bn in (32, 64, 128):
+            for sp in (2, 4, 8, 16):
+                for w in (4, 8):
+                    cfg = wq.gemv_config(N, K, pws[0].group_size, 132, pws[0].bits, "affine", BN=bn, split=sp,
+                                         num_warps=w)
+                    lab = f"BN{bn} split{cfg['split']} w{w} programs {-(-N // bn) * cfg['split']}"
+                    if lab in out:
+                        continue
+                    xx = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+                    e = rel(wq.gemv(xx, pws[0], cfg), xx.float() @ Wd.t())
+                    if not e < 1e-3:
+                        out[lab] = f"wrong: err {e:.3e}"
+                        continue
+                    out[lab] = (bench(lowbit_fn(pws, x, "gemv", cfg)), bench_graph(lowbit_fn(pws, x, "gemv", cfg)))
+        d = wq.gemv_config(N, K, pws[0].group_size, 132, pws[0].bits, "affine")
+        key = f"{name} {K}x{N} (default BN{d['BN']} split{d['split']} w{d['num_warps']})"
+        res[key] = out
+        timed = sorted((v[1], k) for k, v in out.items() if isinstance(v, tuple))
+        print(key, f"bf16 {out['bf16']:.1f} graph {out['bf16 graph']:.1f};",
+              "best under graphs:", [(f"{v:.1f}", k) for v, k in timed[:6]], flush=True)
+        del pws, Wd, Ws
+    with open(os.path.join(out_dir, "gemv_waves.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
 def gemv_sweep(out_dir: str, bw: float) -> dict:
     """M = 1 GEMV versions and tiles (v3 mantissa decode vs v4 exact exponent decode), the per-row 4-bit LUT tiles
     that once gave wrong sums (with a K-segment / column localisation of any error), all checked before timing."""
@@ -816,6 +858,7 @@ def main() -> None:
     ap.add_argument("--big-m-sweep", action="store_true",
                     help="only M = 2048: int8 / LLM.int8() tiles and W4A16 dequantize variants, timed interleaved")
     ap.add_argument("--w8a8-parts", action="store_true", help="only the LLM.int8() stage timings at M = 2048")
+    ap.add_argument("--gemv-waves", action="store_true", help="only the M = 1 GEMV split-K / tile-width grid")
     ap.add_argument("--graph-only", action="store_true",
                     help="M <= 16 rows only, with --graph, no bitsandbytes/W8A8/AdamW/opcheck (a short run)")
     args = ap.parse_args()
@@ -838,6 +881,10 @@ def main() -> None:
         if args.big_m_sweep:
             big_m_sweep(args.out)
         print(f"(big-M sweep {time.time() - t0:.0f} s)")
+        return
+    if args.gemv_waves:
+        os.makedirs(args.out, exist_ok=True)
+        gemv_waves(args.out)
         return
     if args.gemv_sweep:
         os.makedirs(args.out, exist_ok=True)
