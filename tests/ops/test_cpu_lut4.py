@@ -105,3 +105,39 @@ def test_no_compiler_falls_back(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok")
+
+
+def test_avx2_variant_matches_float64_reference():
+    # The AVX2 kernel (laptops without AVX-512), forced on this machine in a subprocess.
+    code = (
+        "import torch\n"
+        "from lowbit.formats.affine import IntAffine\n"
+        "from lowbit.formats.codebook import Codebook\n"
+        "from lowbit.ops import cpu_lut4 as L\n"
+        "if L.isa() != 'avx2':\n"
+        "    print('skip', L.isa()); raise SystemExit\n"
+        "torch.manual_seed(0)\n"
+        "for fmt in (Codebook('nf4', 64, True), Codebook('fp4', 128, False), IntAffine(bits=4, group_size=32),\n"
+        "            IntAffine(bits=4, group_size=64, float_zero_point=True)):\n"
+        "    for K in (576, 96):\n"
+        "        q = fmt.quantize(torch.randn(24, K))\n"
+        "        w = L.pack_codebook(q) if fmt.kind == 'codebook' else L.pack_affine4(q)\n"
+        "        for M in (1, 3):\n"
+        "            x = torch.randn(M, K)\n"
+        "            r = x.double() @ q.dequantize().double().t()\n"
+        "            d = float((L.lut4_linear(x, w).double() - r).norm() / r.norm())\n"
+        "            assert d < 2e-6, (fmt, K, M, d)\n"
+        "print('ok')\n")
+    env = dict(os.environ, LOWBIT_CPU_ISA="avx2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if out.stdout.startswith("skip"):
+        pytest.skip(f"no AVX2 kernel here ({out.stdout.strip()})")
+    assert out.stdout.startswith("ok")
+
+
+def test_unknown_isa_is_an_error():
+    code = "from lowbit.ops import cpu_lut4\ncpu_lut4.available()\n"
+    env = dict(os.environ, LOWBIT_CPU_ISA="sse9")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode != 0 and "valid choices" in out.stderr and "avx2" in out.stderr

@@ -12,8 +12,9 @@ scalar loop for float32 inputs. This kernel keeps activations, code values and a
 ``vpermps`` looks the 16 code values up in one register; four independent FMA chains per input row), so it
 matches the float32 reference to float32 rounding, and bf16 inputs are widened exactly to float32.
 
-The C source below is compiled on first use by :mod:`lowbit.ops.cpu_native`; no compiler, no AVX-512, or a failed
-build make :func:`available` return ``False`` (logged once) and callers keep their other paths.
+The C sources below are compiled on first use by :mod:`lowbit.ops.cpu_native`: the AVX-512 kernel, else an AVX2
+one (8-lane permutes of both table halves and a blend: about 3× the lookup work, for laptops without AVX-512). No
+compiler or neither instruction set: :func:`available` is ``False`` (logged once) and callers keep their other paths.
 
 Layout (:class:`Lut4Weight`, ``span=32``): ``codes (N, Kp/2) uint8`` where, for each chunk of 32 inputs, byte ``j``
 holds the code of input ``j`` in its low nibble and of input ``j + 16`` in its high nibble; ``Kp`` = K padded to a
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -32,7 +34,7 @@ import torch
 
 from lowbit.ops import cpu_native
 
-__all__ = ["Lut4Weight", "available", "pack_lut4", "pack_codebook", "pack_affine4", "lut4_linear", "MAX_ROWS"]
+__all__ = ["Lut4Weight", "available", "isa", "pack_lut4", "pack_codebook", "pack_affine4", "lut4_linear", "MAX_ROWS"]
 
 MAX_ROWS = 16  # inputs rows (M) the kernel takes; above it the weight is re-read per 4 rows: callers use ATen/reference
 
@@ -116,13 +118,84 @@ void lowbit_lut4_gemm(const float *x, const uint8_t *q, const float *s, const fl
 """
 
 
+_SOURCE_AVX2 = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <stddef.h>
+
+int lowbit_cpu_ok(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+/* 16-entry lookup with 8-lane permutes: both halves of the table, then a blend on bit 3 of the index. */
+static inline __attribute__((always_inline)) __m256 lut16(__m256i idx, __m256 lo8, __m256 hi8) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo8, idx), _mm256_permutevar8x32_ps(hi8, idx),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One input row, one output row: per 32 codes (16 bytes, span-32 layout) four 8-lane FMA chains. */
+static inline __attribute__((always_inline)) float row_kernel(
+        const float *x, const uint8_t *q, const float *s, __m256 lo8, __m256 hi8, int Kp, int gs) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < Kp / gs; g++) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int k = g * gs; k < (g + 1) * gs; k += 32) {
+            __m128i b = _mm_loadu_si128((const __m128i *)(q + k / 2));
+            __m256i v0 = _mm256_cvtepu8_epi32(b);                     /* bytes 0-7: codes k.., k + 16.. */
+            __m256i v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));  /* bytes 8-15: codes k + 8.., k + 24.. */
+            a0 = _mm256_fmadd_ps(lut16(v0, lo8, hi8), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(lut16(_mm256_srli_epi32(v0, 4), lo8, hi8), _mm256_loadu_ps(x + k + 16), a1);
+            a2 = _mm256_fmadd_ps(lut16(v1, lo8, hi8), _mm256_loadu_ps(x + k + 8), a2);
+            a3 = _mm256_fmadd_ps(lut16(_mm256_srli_epi32(v1, 4), lo8, hi8), _mm256_loadu_ps(x + k + 24), a3);
+        }
+        acc = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), _mm256_set1_ps(s[g]), acc);
+    }
+    return hsum(acc);
+}
+
+void lowbit_lut4_gemm(const float *x, const uint8_t *q, const float *s, const float *lut16v, float *y,
+                      int M, int N, int Kp, int gs, int n_threads) {
+    __m256 lo8 = _mm256_loadu_ps(lut16v), hi8 = _mm256_loadu_ps(lut16v + 8);
+    #pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int t = 0; t < n_threads; t++) {
+        int lo = (int)((long)N * t / n_threads), hi = (int)((long)N * (t + 1) / n_threads);
+        for (int n = lo; n < hi; n++)
+            for (int m = 0; m < M; m++)
+                y[(size_t)m * N + n] = row_kernel(x + (size_t)m * Kp, q + (size_t)n * (Kp / 2),
+                                                  s + (size_t)n * (Kp / gs), lo8, hi8, Kp, gs);
+    }
+}
+"""
+
+_VARIANTS = {"avx512": (_SOURCE, ("-mavx512f",)), "avx2": (_SOURCE_AVX2, ("-mavx2", "-mfma"))}
+
+
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
-    lib = cpu_native.load("lut4", _SOURCE, ("-mavx512f",))
-    if lib is not None:
-        lib.lowbit_lut4_gemm.restype = None
-        lib.lowbit_lut4_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
-    return lib
+    """The AVX-512 kernel, else the AVX2 one (``LOWBIT_CPU_ISA=avx2`` forces the latter: tests)."""
+    forced = os.environ.get("LOWBIT_CPU_ISA")
+    if forced is not None and forced not in _VARIANTS:
+        raise ValueError(f"LOWBIT_CPU_ISA={forced!r} unknown; valid choices: {sorted(_VARIANTS)}")
+    for name in [forced] if forced else list(_VARIANTS):
+        source, flags = _VARIANTS[name]
+        lib = cpu_native.load(f"lut4_{name}", source, flags)
+        if lib is not None:
+            lib.lowbit_lut4_gemm.restype = None
+            lib.lowbit_lut4_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
+            lib.lowbit_isa = name
+            return lib
+    return None
+
+
+def isa() -> str | None:
+    """Which variant runs here (``"avx512"``, ``"avx2"``), or None."""
+    lib = _lib()
+    return None if lib is None else lib.lowbit_isa
 
 
 def available() -> bool:
