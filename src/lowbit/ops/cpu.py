@@ -211,15 +211,15 @@ def compute_dtype(x_dtype: torch.dtype, float32_compute: str = "auto", fmt=None)
     """The dtype the weight-only kernels run in for inputs of ``x_dtype`` and weights of format ``fmt``.
 
     bf16/fp16 inputs: their own dtype. float32 inputs: ``"float32"`` keeps float32; ``"bfloat16"`` casts;
-    ``"auto"`` keeps float32 where a fast float32 kernel exists (4-bit affine on the lut4 kernel) and casts to
-    bf16 otherwise (ATen's packed kernels are 13-32× slower in float32).
+    ``"auto"`` keeps float32 where a fast float32 kernel exists (4-bit affine on the VNNI or the AVX-512 lut4
+    kernel) and casts to bf16 otherwise (ATen's packed kernels are 13-32× slower in float32).
     """
     if float32_compute not in FLOAT32_COMPUTE:
         raise ValueError(f"float32_compute={float32_compute!r} unknown; valid choices: {list(FLOAT32_COMPUTE)}")
     if x_dtype in (torch.bfloat16, torch.float16):
         return x_dtype
-    if float32_compute == "auto":
-        own = fmt is not None and fmt.kind == "int_affine" and fmt.bits == 4 and (cpu_lut4.available()
+    if float32_compute == "auto":  # float32 where a hand-written kernel is faster than ATen's in bf16
+        own = fmt is not None and fmt.kind == "int_affine" and fmt.bits == 4 and (cpu_lut4.isa() == "avx512"
                                                                                   or cpu_vnni.available())
         return torch.float32 if own else torch.bfloat16
     return torch.bfloat16 if float32_compute == "bfloat16" else torch.float32
