@@ -134,8 +134,8 @@ def test_w8a8_path_is_bit_identical_to_reference(name, dtype):
 def test_float32_compute_choices():
     assert cpu.compute_dtype(torch.float32) == torch.bfloat16
     int4 = IntAffine(bits=4, group_size=128)
-    assert cpu.compute_dtype(torch.float32, "auto", int4) == (torch.float32 if cpu.cpu_lut4.available()
-                                                                else torch.bfloat16)
+    fast32 = cpu.cpu_lut4.isa() == "avx512" or cpu.cpu_vnni.available()
+    assert cpu.compute_dtype(torch.float32, "auto", int4) == (torch.float32 if fast32 else torch.bfloat16)
     assert cpu.compute_dtype(torch.float32, "auto", Int8Rowwise()) == torch.bfloat16
     assert cpu.compute_dtype(torch.float32, "float32") == torch.float32
     assert cpu.compute_dtype(torch.float16, "float32") == torch.float16
@@ -170,7 +170,8 @@ def test_enabled_fast_path_w8a8_and_float32_compute():
         "cpu.enable_qlinear_fast_path(float32_compute='float32')\n"
         "d_f32 = float((m4(x) - r4).norm() / r4.norm())\n"
         "assert 1e-4 < d_bf16 < 1e-2 and 0 < d_f32 < 1e-5, (d_bf16, d_f32)\n"
-        "assert d_auto == d_f32 if cpu.cpu_lut4.available() else d_auto == d_bf16, (d_auto, d_f32, d_bf16)\n"
+        "fast32 = cpu.cpu_lut4.isa() == 'avx512' or cpu.cpu_vnni.available()\n"
+        "assert d_auto == d_f32 if fast32 else d_auto == d_bf16, (d_auto, d_f32, d_bf16)\n"
         "print('ok', d_auto, d_bf16, d_f32)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
