@@ -197,10 +197,10 @@ def sweep(pws, x, path, M, N, K, quick_names):
     return res
 
 
-def gemv_waves(out_dir: str) -> dict:
+def gemv_waves(out_dir: str, pf_only: bool = False) -> dict:
     """M = 1 GEMV (v4) split-K and tile width by how many waves the grid makes (ncu, session 4: the default grid at
     8192×28672 is 1.51 waves of 9 resident CTAs per SM); every config checked, then timed plain and as CUDA-graph
-    replays against bf16 in the same process."""
+    replays against bf16 in the same process. ``pf_only``: v4 with and without the next K-tile's words prefetched."""
     res: dict = {}
     for (K, N), name in (((8192, 28672), "int4 g128 asym"), ((8192, 28672), "int2 g128"),
                          ((4096, 11008), "int4 g128 asym")):
@@ -213,20 +213,20 @@ def gemv_waves(out_dir: str) -> dict:
         nW = cycler(Ws)
         out = {"bf16": bench(lambda: torch.nn.functional.linear(x, nW())),
                "bf16 graph": bench_graph(lambda: torch.nn.functional.linear(x, nW()))}
-        for bn in (32, 64, 128):
-            for sp in (2, 4, 8, 16):
-                for w in (4, 8):
-                    cfg = wq.gemv_config(N, K, pws[0].group_size, 132, pws[0].bits, "affine", BN=bn, split=sp,
-                                         num_warps=w)
-                    lab = f"BN{bn} split{cfg['split']} w{w} programs {-(-N // bn) * cfg['split']}"
-                    if lab in out:
-                        continue
-                    xx = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-                    e = rel(wq.gemv(xx, pws[0], cfg), xx.float() @ Wd.t())
-                    if not e < 1e-3:
-                        out[lab] = f"wrong: err {e:.3e}"
-                        continue
-                    out[lab] = (bench(lowbit_fn(pws, x, "gemv", cfg)), bench_graph(lowbit_fn(pws, x, "gemv", cfg)))
+        grid = [(bn, sp, w, False) for bn in (32, 64, 128) for sp in (2, 4, 8, 16) for w in (4, 8)] if not pf_only \
+            else [(bn, sp, 4, pf) for bn in (32, 64) for sp in (4, 8) for pf in (False, True)]
+        for bn, sp, w, pf in grid:
+            cfg = wq.gemv_config(N, K, pws[0].group_size, 132, pws[0].bits, "affine", BN=bn, split=sp,
+                                 num_warps=w, pf=pf)
+            lab = f"BN{bn} split{cfg['split']} w{w} programs {-(-N // bn) * cfg['split']}{' prefetch' if pf else ''}"
+            if lab in out:
+                continue
+            xx = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+            e = rel(wq.gemv(xx, pws[0], cfg), xx.float() @ Wd.t())
+            if not e < 1e-3:
+                out[lab] = f"wrong: err {e:.3e}"
+                continue
+            out[lab] = (bench(lowbit_fn(pws, x, "gemv", cfg)), bench_graph(lowbit_fn(pws, x, "gemv", cfg)))
         d = wq.gemv_config(N, K, pws[0].group_size, 132, pws[0].bits, "affine")
         key = f"{name} {K}x{N} (default BN{d['BN']} split{d['split']} w{d['num_warps']})"
         res[key] = out
@@ -859,6 +859,7 @@ def main() -> None:
                     help="only M = 2048: int8 / LLM.int8() tiles and W4A16 dequantize variants, timed interleaved")
     ap.add_argument("--w8a8-parts", action="store_true", help="only the LLM.int8() stage timings at M = 2048")
     ap.add_argument("--gemv-waves", action="store_true", help="only the M = 1 GEMV split-K / tile-width grid")
+    ap.add_argument("--gemv-prefetch", action="store_true", help="only the M = 1 GEMV v4 with / without prefetch")
     ap.add_argument("--graph-only", action="store_true",
                     help="M <= 16 rows only, with --graph, no bitsandbytes/W8A8/AdamW/opcheck (a short run)")
     args = ap.parse_args()
@@ -882,9 +883,9 @@ def main() -> None:
             big_m_sweep(args.out)
         print(f"(big-M sweep {time.time() - t0:.0f} s)")
         return
-    if args.gemv_waves:
+    if args.gemv_waves or args.gemv_prefetch:
         os.makedirs(args.out, exist_ok=True)
-        gemv_waves(args.out)
+        gemv_waves(args.out, pf_only=args.gemv_prefetch)
         return
     if args.gemv_sweep:
         os.makedirs(args.out, exist_ok=True)

@@ -536,8 +536,12 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
             w_next = _hm_load(QP, k0 + BK, k_end, offs_n, mask_n, N, KWP, BK // P0, BP)
             s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
             z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
-            A, X = _hm_dot(w, xr, perm, k0, K, BK // P0, BP, HAS_PERM)
-            acc += s[None, :] * ((1 << BP) * A - ((1 << BP) + z[None, :]) * X[:, None])
+            if DEC == 1:  # v4 decode on the prefetched words
+                A, X = _ex_dot(w, xr, perm, k0, K, E23, BK // P0, BP, HAS_PERM, EVEN, PMIN)
+                acc += s[None, :] * (A - z[None, :] * X[:, None])
+            else:
+                A, X = _hm_dot(w, xr, perm, k0, K, BK // P0, BP, HAS_PERM)
+                acc += s[None, :] * ((1 << BP) * A - ((1 << BP) + z[None, :]) * X[:, None])
         elif MODE == 0:
             if EVEN:
                 s = tl.load(scale + g * N + offs_n).to(tl.float32)
@@ -681,7 +685,8 @@ def _mmt4_kernel(x_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_xm, stride
     ``x`` comes with each ``BK``-block's columns in code-position order (:func:`permute_for_mmt4`): position
     ``i`` of the block's ``NW = BK/PER`` words is columns ``[i·NW, (i + 1)·NW)``, which is the order in which
     the decoded ``(PER, NW, BN)`` tile flattens, so the dot needs no interleaving of codes. Decode: a shift per
-    word brings code ``i`` to bit ``q = 12 + B·(i mod SL)`` (``SL`` codes share one shift), one LOP3 masks it and ORs in the exponent of ``2^(23 - q)`` (the float is then exactly
+    word brings code ``i`` to bit ``q = 12 + B·(i mod SL)`` (``SL`` codes share one shift), one LOP3 masks it
+    and ORs in the exponent of ``2^(23 - q)`` (the float is then exactly
     ``2^(23 - q) + c``), and one FMA gives ``w = f·s − (2^(23 - q) + z)·s``; the offset is rounded once per
     column and group, an error of at most ``s·2^(−1−q)`` (``q >= 12``)."""
     PER: tl.constexpr = 32 // B
@@ -763,7 +768,8 @@ def _dequant_kernel(out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, n_off, n_e
                     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, RS: tl.constexpr, SEL: tl.constexpr, HAS_PERM: tl.constexpr,
                     TRANS: tl.constexpr = False):
-    """Columns ``[n_off, n_end)`` of W^T into ``out[:, n - n_off]`` (``TRANS``: rows of W into ``out[n - n_off, :]``)."""
+    """Columns ``[n_off, n_end)`` of W^T into ``out[:, n - n_off]`` (``TRANS``: rows of W into
+    ``out[n - n_off, :]``)."""
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = n_off + pid_n * BN + tl.arange(0, BN)
