@@ -176,16 +176,16 @@ def test_lut_row_gemv_one_vector_per_thread_tiles_are_right(BN, BK):
 
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if isinstance(f, IntAffine)], ids=lambda f: f.spec())
 def test_gemv_v3_and_v4_decodes_match_reference(fmt):
-    """The affine decodes (v3 mantissa, v4 exact exponent, v5 = v4 on x prepared once per call) on fresh inputs,
-    unmasked (EVEN) and masked tiles."""
+    """The affine decodes (v3 mantissa, v4 exact exponent with and without the next tile's words prefetched, v5 =
+    v4 on x prepared once per call) on fresh inputs, unmasked (EVEN) and masked tiles."""
     torch.manual_seed(13)
     for N, K in ((512, 4096), (320, 1536)):
         q = fmt.quantize(torch.randn(N, K))
         pw = R.repack_quantized(q).to("cuda")
         W = q.dequantize().float().cuda()
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        for v in (3, 4, 5):
-            cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, v=v, split=2)
+        for v, pf in ((3, False), (4, False), (4, True), (5, False)):
+            cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, v=v, split=2, pf=pf)
             assert rel(wq.gemv(x, pw, cfg), x.float() @ W.t()) < 3e-4  # v4 PMIN 12: ~6e-5 at worst (int2)
 
 
