@@ -1,4 +1,8 @@
-"""The int8 VNNI CPU kernel (weight-only int8, float inputs in three int8 limbs) against float64 references."""
+"""The VNNI CPU kernels (weight-only int8 and 4-bit affine, float inputs in int8 limbs) against float64 references."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -154,3 +158,42 @@ def test_nonfinite_inputs_give_nan_rows():
     for y in (cpu_vnni.w8_linear(x, cpu_vnni.pack_w8(q8["qdata"], q8["scale"])),
               cpu_vnni.int4_linear(x, cpu_vnni.pack_int4(q4))):
         assert bool(torch.isfinite(y[0]).all()) and bool(torch.isnan(y[1:]).all())
+
+
+def test_avx_vnni_variant_matches_float64_reference():
+    # The 256-bit AVX-VNNI kernels (laptops without AVX-512), forced on this machine in a subprocess.
+    code = (
+        "import torch\n"
+        "from lowbit.formats.affine import IntAffine\n"
+        "from lowbit.formats.int8_rowwise import Int8Rowwise\n"
+        "from lowbit.ops import cpu_vnni as V\n"
+        "if V.isa() != 'avx2':\n"
+        "    print('skip', V.isa()); raise SystemExit\n"
+        "def rel(y, r):\n"
+        "    return float((y.double() - r).norm() / r.norm())\n"
+        "torch.manual_seed(0)\n"
+        "for K in (576, 256, 100):\n"
+        "    q = Int8Rowwise().quantize(torch.randn(24, K)); w = V.pack_w8(q['qdata'], q['scale'])\n"
+        "    Wd = q.dequantize().double()\n"
+        "    for M in (1, 3):\n"
+        "        x = torch.randn(M, K)\n"
+        "        assert rel(V.w8_linear(x, w), x.double() @ Wd.t()) < 3e-6\n"
+        "for fmt in (IntAffine(bits=4, group_size=128), IntAffine(bits=4, group_size=256, float_zero_point=True),\n"
+        "            IntAffine(bits=4, group_size=None)):\n"
+        "    for K in (576, 256):\n"
+        "        q = fmt.quantize(torch.randn(24, K)); w = V.pack_int4(q); Wd = q.dequantize().double()\n"
+        "        for M in (1, 3):\n"
+        "            x = torch.randn(M, K)\n"
+        "            assert rel(V.int4_linear(x, w), x.double() @ Wd.t()) < 3e-6, (fmt, K, M)\n"
+        "            xb = x.bfloat16()\n"
+        "            assert rel(V.int4_linear(xb, w), xb.double() @ Wd.t()) < 1e-2\n"
+        "x = torch.randn(2, 128); x[1, 3] = float('nan')\n"
+        "y = V.int4_linear(x, V.pack_int4(IntAffine(bits=4, group_size=128).quantize(torch.randn(8, 128))))\n"
+        "assert bool(torch.isfinite(y[0]).all()) and bool(torch.isnan(y[1]).all())\n"
+        "print('ok')\n")
+    env = dict(os.environ, LOWBIT_CPU_ISA="avx2")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if out.stdout.startswith("skip"):
+        pytest.skip(f"no AVX-VNNI kernel here ({out.stdout.strip()})")
+    assert out.stdout.startswith("ok")

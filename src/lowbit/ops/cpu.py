@@ -1,5 +1,5 @@
 """CPU fast paths of ``lowbit::qlinear``: ATen's packed-weight matmuls, ``torch._int_mm``, and small hand-written
-AVX-512 kernels where ATen has nothing that fits or is slower.
+x86 kernels (AVX-512, with AVX2 variants) where ATen has nothing that fits or is slower.
 
 - W8A8 (``Int8Rowwise`` with int8 activations: SmoothQuant O1/O2/O3, LLM.int8() with its outlier columns) ->
   ``torch._int_mm`` (int8 × int8 → int32) on the CPU, for every number of rows (the reference's

@@ -1,25 +1,31 @@
-"""Weight-only int8 (W8A16) on the CPU's int8 dot-product instructions (AVX-512 VNNI), with float inputs.
+"""Weight-only int8 (W8A16) and 4-bit affine weights on the CPU's int8 dot-product instructions (VNNI), with float
+inputs.
 
-The weight is ``W = qdata · scale[:, None]`` (``Int8Rowwise`` without activation quantization). Its reference
+The int8 weight is ``W = qdata · scale[:, None]`` (``Int8Rowwise`` without activation quantization). Its reference
 multiplies float inputs by the dequantized weight; ATen's int8 packed kernel does that at about a third of the
 speed of torch's dynamic int8 (which quantizes the inputs to 8 bits: another format). Here each input row is
-split exactly-enough into three int8 limbs::
+split exactly-enough into int8 limbs::
 
     x ≈ s1·q1 + s2·q2 + s3·q3,   s1 = max|x|/127,  s2 = s1/254,  s3 = s2/254,   q_l ∈ [-127, 127]
 
 (each limb rounds what the previous ones left, so ``|x − x̂| ≤ s3/2 = max|x| / (127·254²·2) ≈ 6.1e-8·max|x|``,
-below float32's own rounding of values near ``max|x|``), and ``x̂ · qdataᵀ`` is three exact int8 × int8 → int32
-dot products per output (``vpdpbusd``: 64 multiply-adds per instruction; the unsigned operand is ``q + 128``
-and ``128·Σ_k qdata[n, k]`` is subtracted). The kernel reads the int8 weight once for all limbs, so it runs at
-the speed of the weight read — W8A8's speed with float-input accuracy. Tested against the float64 product.
+below float32's own rounding of values near ``max|x|``; bf16/fp16 inputs take two limbs, ``≤ 1.6e-5·max|x|``),
+and ``x̂ · qdataᵀ`` is exact int8 × int8 → int32 dot products per output (``vpdpbusd``: 64 multiply-adds per
+instruction; the unsigned operand is ``q + 128`` and ``128·Σ_k qdata[n, k]`` is subtracted). The kernel reads the
+int8 weight once for all limbs, so it runs at the speed of the weight read — W8A8's speed with float-input
+accuracy. 4-bit affine weights (:func:`int4_linear`) use the same limbs as the signed operand and the 4-bit codes
+as the unsigned one, per group, then the group scales and the zero-point term. Inf/NaN inputs give NaN rows.
+Tested against the float64 product.
 
-Compiled on first use by :mod:`lowbit.ops.cpu_native`; unavailable (``available() == False``) without a C
-compiler or without AVX-512 VNNI.
+Compiled on first use by :mod:`lowbit.ops.cpu_native`: AVX-512 VNNI kernels, else 256-bit AVX-VNNI ones (laptops
+without AVX-512; ``LOWBIT_CPU_ISA=avx2`` forces them); unavailable (``available() == False``) without a C compiler
+or either instruction set.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -27,7 +33,7 @@ import torch
 
 from lowbit.ops import cpu_native
 
-__all__ = ["W8Weight", "available", "pack_w8", "w8_linear", "split_limbs", "limbs_for", "pack_int4", "int4_linear",
+__all__ = ["W8Weight", "available", "isa", "pack_w8", "w8_linear", "split_limbs", "limbs_for", "pack_int4", "int4_linear",
            "LIMBS", "MAX_ROWS"]
 
 LIMBS = 3  # for float32 inputs: error ≤ max|x| / (127·254²·2) ≈ 6.1e-8·max|x|
@@ -258,17 +264,175 @@ void lowbit_int4_gemm(const int8_t *xq, const double *sx, const float *xs, const
 """
 
 
+_SOURCE_AVX2 = r"""
+#include <immintrin.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <math.h>
+
+int lowbit_cpu_ok(void) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avxvnni");
+}
+
+static inline int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Same contract as the AVX-512 source: limb l rounds what limbs < l left (q = rint(r / s_l), r -= q·s_l). */
+void lowbit_vnni_split(const float *x, uint8_t *xu, double *sx, float *xs, int M, int NL, int K, int Kp,
+                       int offset, int gs) {
+    for (int m = 0; m < M; m++) {
+        const float *xm = x + (size_t)m * K;
+        float amax = 0.0f;
+        int bad = 0;
+        for (int k = 0; k < K; k++) {
+            float a = fabsf(xm[k]);
+            bad |= !(a <= 3.4028235e38f);
+            amax = a > amax ? a : amax;
+        }
+        float s = amax / 127.0f;
+        if (!(s >= 1e-30f)) s = 1e-30f;
+        float sl[3];
+        for (int l = 0; l < NL; l++) { sl[l] = s; sx[m * NL + l] = bad ? NAN : s; s = s / 254.0f; }
+        float gsum = 0.0f;
+        for (int k = 0; k < Kp; k++) {
+            float r = k < K ? xm[k] : 0.0f;
+            if (xs) {
+                gsum += r;
+                if ((k + 1) % gs == 0) { xs[(size_t)m * (Kp / gs) + k / gs] = gsum; gsum = 0.0f; }
+            }
+            for (int l = 0; l < NL; l++) {
+                float q = nearbyintf(r / sl[l]);
+                q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+                xu[((size_t)m * NL + l) * Kp + k] = (uint8_t)((int)q + offset);
+                r = fmaf(-q, sl[l], r);
+            }
+        }
+    }
+}
+
+/* W8A16, one input row: two accumulators per limb over 64-byte steps (Kp is a multiple of 64). */
+void lowbit_w8_gemm(const uint8_t *xu, const double *sx, const int8_t *w, const int32_t *off, const float *sw,
+                    float *y, int M, int NL, int N, int Kp, int n_threads) {
+    #pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int t = 0; t < n_threads; t++) {
+        int lo = (int)((long)N * t / n_threads), hi = (int)((long)N * (t + 1) / n_threads);
+        for (int n = lo; n < hi; n++) {
+            const int8_t *wn = w + (size_t)n * Kp;
+            for (int m = 0; m < M; m++) {
+                __m256i a[3][2];
+                for (int l = 0; l < NL; l++) a[l][0] = a[l][1] = _mm256_setzero_si256();
+                for (int k = 0; k < Kp; k += 64) {
+                    __m256i w0 = _mm256_loadu_si256((const __m256i *)(wn + k));
+                    __m256i w1 = _mm256_loadu_si256((const __m256i *)(wn + k + 32));
+                    for (int l = 0; l < NL; l++) {
+                        const uint8_t *xl = xu + ((size_t)m * NL + l) * Kp + k;
+                        a[l][0] = _mm256_dpbusd_avx_epi32(a[l][0], _mm256_loadu_si256((const __m256i *)xl), w0);
+                        a[l][1] = _mm256_dpbusd_avx_epi32(a[l][1], _mm256_loadu_si256((const __m256i *)(xl + 32)), w1);
+                    }
+                }
+                double acc = 0.0;
+                for (int l = 0; l < NL; l++)
+                    acc += sx[m * NL + l] * (double)(hsum_i32(_mm256_add_epi32(a[l][0], a[l][1])) - off[n]);
+                y[(size_t)m * N + n] = (float)(acc * sw[n]);
+            }
+        }
+    }
+}
+
+/* 4-bit affine, one input row, span-128 layout: bytes 0-31 of a 64-byte block hold codes k.. (low nibbles) and
+   k + 64.. (high), bytes 32-63 codes k + 32.. and k + 96... Zero-point term after the row, as in AVX-512. */
+void lowbit_int4_gemm(const int8_t *xq, const double *sx, const float *xs, const uint8_t *q, const float *s,
+                      const float *shift, float *y, int M, int NL, int N, int Kp, int gs, int n_threads) {
+    const int G = Kp / gs;
+    const __m256i m0f = _mm256_set1_epi8(0x0F);
+    #pragma omp parallel for schedule(static) num_threads(n_threads)
+    for (int t = 0; t < n_threads; t++) {
+        int lo = (int)((long)N * t / n_threads), hi = (int)((long)N * (t + 1) / n_threads);
+        for (int n = lo; n < hi; n++) {
+            const uint8_t *qn = q + (size_t)n * (Kp / 2);
+            const float *sn = s + (size_t)n * G;
+            for (int m = 0; m < M; m++) {
+                const int8_t *xm = xq + (size_t)m * NL * Kp;
+                __m256 f[3];
+                for (int l = 0; l < NL; l++) f[l] = _mm256_setzero_ps();
+                for (int g = 0; g < G; g++) {
+                    __m256i a[3][2];
+                    for (int l = 0; l < NL; l++) a[l][0] = a[l][1] = _mm256_setzero_si256();
+                    for (int k = g * gs; k < (g + 1) * gs; k += 128) {
+                        __m256i va = _mm256_loadu_si256((const __m256i *)(qn + k / 2));
+                        __m256i vb = _mm256_loadu_si256((const __m256i *)(qn + k / 2 + 32));
+                        __m256i c0 = _mm256_and_si256(va, m0f), c1 = _mm256_and_si256(_mm256_srli_epi16(va, 4), m0f);
+                        __m256i c2 = _mm256_and_si256(vb, m0f), c3 = _mm256_and_si256(_mm256_srli_epi16(vb, 4), m0f);
+                        for (int l = 0; l < NL; l++) {
+                            const int8_t *xl = xm + (size_t)l * Kp + k;
+                            a[l][0] = _mm256_dpbusd_avx_epi32(a[l][0], c0, _mm256_loadu_si256((const __m256i *)xl));
+                            a[l][1] = _mm256_dpbusd_avx_epi32(a[l][1], c1, _mm256_loadu_si256((const __m256i *)(xl + 64)));
+                            a[l][0] = _mm256_dpbusd_avx_epi32(a[l][0], c2, _mm256_loadu_si256((const __m256i *)(xl + 32)));
+                            a[l][1] = _mm256_dpbusd_avx_epi32(a[l][1], c3, _mm256_loadu_si256((const __m256i *)(xl + 96)));
+                        }
+                    }
+                    __m256 sg = _mm256_set1_ps(sn[g]);
+                    for (int l = 0; l < NL; l++)
+                        f[l] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a[l][0], a[l][1])), sg, f[l]);
+                }
+                double acc = 0.0;
+                for (int l = 0; l < NL; l++) acc += sx[m * NL + l] * (double)hsum_ps(f[l]);
+                if (shift) {
+                    const float *zn = shift + (size_t)n * G, *xsm = xs + (size_t)m * G;
+                    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};  /* four chains: one serial chain cost 40 % (AVX-512) */
+                    int g = 0;
+                    for (; g + 4 <= G; g += 4)
+                        for (int j = 0; j < 4; j++) c[j] += xsm[g + j] * zn[g + j];
+                    for (; g < G; g++) c[0] += xsm[g] * zn[g];
+                    acc -= (double)((c[0] + c[1]) + (c[2] + c[3]));
+                }
+                y[(size_t)m * N + n] = (float)acc;
+            }
+        }
+    }
+}
+"""
+
+_VARIANTS = {"avx512": (_SOURCE, ("-mavx512f", "-mavx512bw", "-mavx512vnni")),
+             "avx2": (_SOURCE_AVX2, ("-mavx2", "-mfma", "-mavxvnni"))}
+
+
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
-    lib = cpu_native.load("vnni", _SOURCE, ("-mavx512f", "-mavx512bw", "-mavx512vnni"))
-    if lib is not None:
-        lib.lowbit_vnni_split.restype = None
-        lib.lowbit_vnni_split.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
-        lib.lowbit_int4_gemm.restype = None
-        lib.lowbit_int4_gemm.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
-        lib.lowbit_w8_gemm.restype = None
-        lib.lowbit_w8_gemm.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
-    return lib
+    """The AVX-512 VNNI kernels, else the AVX-VNNI (256-bit) ones; ``LOWBIT_CPU_ISA=avx2`` forces the latter."""
+    forced = os.environ.get("LOWBIT_CPU_ISA")
+    if forced is not None and forced not in _VARIANTS:
+        raise ValueError(f"LOWBIT_CPU_ISA={forced!r} unknown; valid choices: {sorted(_VARIANTS)}")
+    for name in [forced] if forced else list(_VARIANTS):
+        source, flags = _VARIANTS[name]
+        lib = cpu_native.load(f"vnni_{name}", source, flags)
+        if lib is not None:
+            lib.lowbit_vnni_split.restype = None
+            lib.lowbit_vnni_split.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+            lib.lowbit_int4_gemm.restype = None
+            lib.lowbit_int4_gemm.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
+            lib.lowbit_w8_gemm.restype = None
+            lib.lowbit_w8_gemm.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
+            lib.lowbit_isa = name
+            return lib
+    return None
+
+
+def isa() -> str | None:
+    """Which variant runs here (``"avx512"``: AVX-512 VNNI; ``"avx2"``: AVX-VNNI), or None."""
+    lib = _lib()
+    return None if lib is None else lib.lowbit_isa
 
 
 def available() -> bool:
