@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--formats", default="int4g128")
     ap.add_argument("--out", default=None)
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="CUDA model dtype")
+    ap.add_argument("--fp32-ref", action="store_true",
+                    help="also evaluate the same quantized model in float32 (reference path) and report how far the "
+                         "reference and the fast path each land from it")
     a = ap.parse_args()
     bad = [f for f in a.formats.split(",") if f not in FORMATS]
     if bad:
@@ -65,7 +68,9 @@ def main() -> None:
     lines = [f"device {a.device} ({dev_name}), {dtype}, default model SmolLM2-135M-Instruct (publisher-quantized "
              f"Q4_1 GGUF), RTN into each format, evaluation corpus, {a.tokens} tokens in windows of {a.ctx}, "
              f"{bt} tokens per forward pass (M = {bt} rows per Linear)", "",
-             "| format | reference ppl | fast-path ppl | relative difference | ref s | fast s |", "|---|---|---|---|---|---|"]
+             "| format | reference ppl | fast-path ppl | relative difference | ref s | fast s |"
+             + (" float32 ppl | reference vs float32 | fast path vs float32 |" if a.fp32_ref else ""),
+             "|---|---|---|---|---|---|" + ("---|---|---|" if a.fp32_ref else "")]
     for name in a.formats.split(","):
         model, tok = load_gguf_model(path, dtype=dtype)
         quantize_(model, RTNConfig(format=FORMATS[name]()))
@@ -91,8 +96,17 @@ def main() -> None:
             t = time.perf_counter()
             fast = perplexity(model, ids, ctx_len=a.ctx, batch_tokens=bt)
             t_fast = time.perf_counter() - t
-        lines.append(f"| {name} ({FORMATS[name]().spec()}) | {ref:.6f} | {fast:.6f} | {abs(fast - ref) / ref:.2e} "
-                     f"| {t_ref:.2f} | {t_fast:.2f} |")
+        row = (f"| {name} ({FORMATS[name]().spec()}) | {ref:.6f} | {fast:.6f} | {abs(fast - ref) / ref:.2e} "
+               f"| {t_ref:.2f} | {t_fast:.2f} |")
+        if a.fp32_ref:
+            del model
+            model, _ = load_gguf_model(path, dtype=torch.float32)
+            quantize_(model, RTNConfig(format=FORMATS[name]()))
+            model = model.to(a.device).eval()
+            with torch.no_grad():
+                f32 = perplexity(model, ids, ctx_len=a.ctx, batch_tokens=bt)
+            row += f" {f32:.6f} | {abs(ref - f32) / f32:.2e} | {abs(fast - f32) / f32:.2e} |"
+        lines.append(row)
         print(lines[-1], flush=True)
         del model
     lines.append("")
