@@ -191,14 +191,15 @@ def test_enabled_fast_path_many_rows_bf16_takes_aten():
         "for q in (IntAffine(bits=4, group_size=128).quantize(torch.randn(64, 256)),\n"
         "          Int8Rowwise().quantize(torch.randn(64, 256))):\n"
         "    m = QuantLinear(q)\n"
-        "    xs = [torch.randn(40, 256), torch.randn(2, 256).bfloat16(), torch.randn(40, 256).bfloat16()]\n"
+        "    big = cpu.cpu_vnni.MAX_ROWS + 1\n"
+        "    xs = [torch.randn(big, 256), torch.randn(2, 256).bfloat16(), torch.randn(big, 256).bfloat16()]\n"
         "    refs = [m(x) for x in xs]\n"
         "    cpu.enable_qlinear_fast_path()\n"
         "    for x, r in zip(xs, refs):\n"
         "        y = m(x)\n"
         "        d = float((y.double() - r.double()).norm() / r.double().norm())\n"
         "        assert y.dtype == x.dtype and d < (1e-6 if x.dtype == torch.float32 else 1e-2), (x.shape, d)\n"
-        "    hit = getattr(m.qdata, cpu._ATTR)  # the cache entry of the last (bf16, 40-row) call\n"
+        "    hit = getattr(m.qdata, cpu._ATTR)  # the cache entry of the last (bf16, many-row) call\n"
         "    assert isinstance(hit[2], (cpu.CpuInt4Weight, cpu.CpuInt8Weight)), hit[2]\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

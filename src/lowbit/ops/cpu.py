@@ -18,7 +18,7 @@ x86 kernels (AVX-512, with AVX2 variants) where ATen has nothing that fits or is
   32, 64, 128, 256; K padded to a whole group); weight-only int8 -> ``aten._weight_int8pack_mm``.
 
 The hand-written kernels (compiled on first use by :mod:`lowbit.ops.cpu_native`) are absent without a C compiler
-or the instructions; the ATen paths or the reference take over. They serve up to 16 input rows (decoding); more
+or the instructions; the ATen paths or the reference take over. They serve up to 256 input rows (decoding, short prompts); more
 rows (prefill) go, through the op, to ATen's kernel in the input's dtype for bf16/fp16 inputs (built on first
 use, a second copy of the weight) and to the reference (dequantize + matmul) otherwise. ATen's int4/int8 kernels are fast in bf16/fp16 only (13-32× slower in
 float32, a scalar loop): float32 inputs are cast to bf16 for them (``float32_compute``, :func:`compute_dtype`), and
@@ -282,8 +282,8 @@ def _first_fit(packers, q):  # type: ignore[no-untyped-def]
 def linear(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """``x @ Wᵀ + b`` through the fast path of ``w`` (from :func:`pack`); output in ``x``'s dtype.
 
-    ``None`` when that path does not take this input: more than ``MAX_ROWS`` (16) rows on the lut4 or int8 VNNI
-    kernels (they re-read the weight per 4 rows; dequantize + matmul is faster there).
+    ``None`` when that path does not take this input: more than ``MAX_ROWS`` (256) rows on the lut4 or VNNI
+    kernels (they re-read the weight per 2-4 rows; time grows linearly with the rows).
     """
     if isinstance(w, CpuInt4Weight):
         return int4_linear(x, w, bias)

@@ -36,7 +36,8 @@ from lowbit.ops import cpu_native
 
 __all__ = ["Lut4Weight", "available", "isa", "pack_lut4", "pack_codebook", "pack_affine4", "lut4_linear", "MAX_ROWS"]
 
-MAX_ROWS = 16  # inputs rows (M) the kernel takes; above it the weight is re-read per 4 rows: callers use ATen/reference
+MAX_ROWS = 256  # input rows the op sends here: the weight is re-read per 4 rows, time grows ~linearly with M, and at
+# 128 rows (4096², one thread) this kernel still took 92 ms against 274 ms for dequantize + matmul
 
 _SOURCE = r"""
 #include <immintrin.h>
