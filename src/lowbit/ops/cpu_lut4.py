@@ -46,26 +46,28 @@ _SOURCE = r"""
 
 int lowbit_cpu_ok(void) { return __builtin_cpu_supports("avx512f"); }
 
-/* MB input rows at once (1..4): four independent accumulators per row, one vpermps per 16 codes. */
+/* MB input rows at once (1..4): four independent accumulators per row, one vpermps per 16 codes. The table is
+   scaled by the group's scale first (code · scale in float32, as the reference dequantizes), so the
+   accumulators run across groups with no per-group reduction (NF4 on 4096², one thread: 1.06 -> 0.92 ms at one
+   row, 2.94 -> 2.28 ms at four, same process). */
 static inline __attribute__((always_inline)) void row_kernel(
         const float *x, const uint8_t *q, const float *s, __m512 lut, float *y,
         int MB, int Kp, int N, int gs, int n) {
-    __m512 acc_row[4];
-    for (int m = 0; m < MB; m++) acc_row[m] = _mm512_setzero_ps();
+    __m512 a[4][4];
+    for (int m = 0; m < MB; m++)
+        for (int j = 0; j < 4; j++) a[m][j] = _mm512_setzero_ps();
     const int G = Kp / gs;
     for (int g = 0; g < G; g++) {
-        __m512 a[4][4];
-        for (int m = 0; m < MB; m++)
-            for (int j = 0; j < 4; j++) a[m][j] = _mm512_setzero_ps();
+        const __m512 lg = _mm512_mul_ps(lut, _mm512_set1_ps(s[g]));
         const int k_end = (g + 1) * gs;
         int k = g * gs;
         for (; k + 64 <= k_end; k += 64) {  /* two chunks of 32 codes: four independent FMA chains */
             __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2)));
             __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2 + 16)));
-            __m512 w0 = _mm512_permutexvar_ps(v0, lut);                      /* uses bits 0-3 of each lane */
-            __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), lut);
-            __m512 w2 = _mm512_permutexvar_ps(v1, lut);
-            __m512 w3 = _mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), lut);
+            __m512 w0 = _mm512_permutexvar_ps(v0, lg);                      /* uses bits 0-3 of each lane */
+            __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), lg);
+            __m512 w2 = _mm512_permutexvar_ps(v1, lg);
+            __m512 w3 = _mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), lg);
             for (int m = 0; m < MB; m++) {
                 const float *xk = x + (size_t)m * Kp + k;
                 a[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xk), a[m][0]);
@@ -76,21 +78,18 @@ static inline __attribute__((always_inline)) void row_kernel(
         }
         if (k < k_end) {  /* a last chunk of 32 (group sizes 32, 96, ...) */
             __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2)));
-            __m512 w0 = _mm512_permutexvar_ps(v0, lut);
-            __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), lut);
+            __m512 w0 = _mm512_permutexvar_ps(v0, lg);
+            __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), lg);
             for (int m = 0; m < MB; m++) {
                 const float *xk = x + (size_t)m * Kp + k;
                 a[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xk), a[m][0]);
                 a[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xk + 16), a[m][1]);
             }
         }
-        __m512 sg = _mm512_set1_ps(s[g]);
-        for (int m = 0; m < MB; m++) {
-            __m512 t = _mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]), _mm512_add_ps(a[m][2], a[m][3]));
-            acc_row[m] = _mm512_fmadd_ps(t, sg, acc_row[m]);
-        }
     }
-    for (int m = 0; m < MB; m++) y[(size_t)m * N + n] = _mm512_reduce_add_ps(acc_row[m]);
+    for (int m = 0; m < MB; m++)
+        y[(size_t)m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]),
+                                                                  _mm512_add_ps(a[m][2], a[m][3])));
 }
 
 void lowbit_lut4_gemm(const float *x, const uint8_t *q, const float *s, const float *lut16, float *y,
@@ -142,21 +141,20 @@ static inline float hsum(__m256 v) {
 /* One input row, one output row: per 32 codes (16 bytes, span-32 layout) four 8-lane FMA chains. */
 static inline __attribute__((always_inline)) float row_kernel(
         const float *x, const uint8_t *q, const float *s, __m256 lo8, __m256 hi8, int Kp, int gs) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < Kp / gs; g++) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int g = 0; g < Kp / gs; g++) {  /* the table scaled by the group's scale, as in the AVX-512 kernel */
+        const __m256 sg = _mm256_set1_ps(s[g]), l8 = _mm256_mul_ps(lo8, sg), h8 = _mm256_mul_ps(hi8, sg);
         for (int k = g * gs; k < (g + 1) * gs; k += 32) {
             __m128i b = _mm_loadu_si128((const __m128i *)(q + k / 2));
             __m256i v0 = _mm256_cvtepu8_epi32(b);                     /* bytes 0-7: codes k.., k + 16.. */
             __m256i v1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));  /* bytes 8-15: codes k + 8.., k + 24.. */
-            a0 = _mm256_fmadd_ps(lut16(v0, lo8, hi8), _mm256_loadu_ps(x + k), a0);
-            a1 = _mm256_fmadd_ps(lut16(_mm256_srli_epi32(v0, 4), lo8, hi8), _mm256_loadu_ps(x + k + 16), a1);
-            a2 = _mm256_fmadd_ps(lut16(v1, lo8, hi8), _mm256_loadu_ps(x + k + 8), a2);
-            a3 = _mm256_fmadd_ps(lut16(_mm256_srli_epi32(v1, 4), lo8, hi8), _mm256_loadu_ps(x + k + 24), a3);
+            a0 = _mm256_fmadd_ps(lut16(v0, l8, h8), _mm256_loadu_ps(x + k), a0);
+            a1 = _mm256_fmadd_ps(lut16(_mm256_srli_epi32(v0, 4), l8, h8), _mm256_loadu_ps(x + k + 16), a1);
+            a2 = _mm256_fmadd_ps(lut16(v1, l8, h8), _mm256_loadu_ps(x + k + 8), a2);
+            a3 = _mm256_fmadd_ps(lut16(_mm256_srli_epi32(v1, 4), l8, h8), _mm256_loadu_ps(x + k + 24), a3);
         }
-        acc = _mm256_fmadd_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), _mm256_set1_ps(s[g]), acc);
     }
-    return hsum(acc);
+    return hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 }
 
 void lowbit_lut4_gemm(const float *x, const uint8_t *q, const float *s, const float *lut16v, float *y,
