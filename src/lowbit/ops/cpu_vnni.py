@@ -406,8 +406,38 @@ void lowbit_int4_gemm(const int8_t *xq, const double *sx, const float *xs, const
 }
 """
 
-_VARIANTS = {"avx512": (_SOURCE, ("-mavx512f", "-mavx512bw", "-mavx512vnni")),
-             "avx2": (_SOURCE_AVX2, ("-mavx2", "-mfma", "-mavxvnni"))}
+_DRIVERS = r"""
+#include <stdlib.h>
+
+/* One call from Python per matmul: the limbs go to malloc'd scratch, then the GEMM (saves ~10 µs of torch
+   allocations and a second ctypes call per layer). Return 0, or -1 when out of memory. */
+int lowbit_w8_linear(const float *x, const int8_t *w, const int32_t *off, const float *sw, float *y,
+                     int M, int NL, int K, int N, int Kp, int n_threads) {
+    uint8_t *xu = malloc((size_t)M * NL * Kp);
+    double *sx = malloc(sizeof(double) * (size_t)M * NL);
+    if (!xu || !sx) { free(xu); free(sx); return -1; }
+    lowbit_vnni_split(x, xu, sx, 0, M, NL, K, Kp, 128, 16);
+    lowbit_w8_gemm(xu, sx, w, off, sw, y, M, NL, N, Kp, n_threads);
+    free(xu); free(sx);
+    return 0;
+}
+
+int lowbit_int4_linear(const float *x, const uint8_t *q, const float *s, const float *shift, float *y,
+                       int M, int NL, int K, int N, int Kp, int gs, int n_threads) {
+    int8_t *xq = malloc((size_t)M * NL * Kp);
+    double *sx = malloc(sizeof(double) * (size_t)M * NL);
+    float *xs = malloc(sizeof(float) * (size_t)M * (Kp / gs));
+    if (!xq || !sx || !xs) { free(xq); free(sx); free(xs); return -1; }
+    lowbit_vnni_split(x, (uint8_t *)xq, sx, xs, M, NL, K, Kp, 0, gs);
+    lowbit_int4_gemm(xq, sx, xs, q, s, shift, y, M, NL, N, Kp, gs, n_threads);
+    free(xq); free(sx); free(xs);
+    return 0;
+}
+"""
+
+
+_VARIANTS = {"avx512": (_SOURCE + _DRIVERS, ("-mavx512f", "-mavx512bw", "-mavx512vnni")),
+             "avx2": (_SOURCE_AVX2 + _DRIVERS, ("-mavx2", "-mfma", "-mavxvnni"))}
 
 
 @lru_cache(maxsize=1)
@@ -426,6 +456,10 @@ def _lib() -> ctypes.CDLL | None:
             lib.lowbit_int4_gemm.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
             lib.lowbit_w8_gemm.restype = None
             lib.lowbit_w8_gemm.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
+            lib.lowbit_w8_linear.restype = ctypes.c_int
+            lib.lowbit_w8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
+            lib.lowbit_int4_linear.restype = ctypes.c_int
+            lib.lowbit_int4_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7
             lib.lowbit_isa = name
             return lib
     return None
@@ -518,13 +552,14 @@ def w8_linear(x: torch.Tensor, w: W8Weight, bias: torch.Tensor | None = None) ->
     """
     lib = _require()
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    nl = limbs_for(x.dtype)
-    u, s, _ = split_limbs(x2, w.qdata.shape[1], n_limbs=nl)
-    M, N = x2.shape[0], w.out_features
+    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    M, K, N = x2.shape[0], x2.shape[1], w.out_features
+    if K != w.in_features:
+        raise ValueError(f"x has {K} features, the weight {w.in_features}")
     y = torch.empty(M, N, dtype=torch.float32)
-    lib.lowbit_w8_gemm(u.data_ptr(), s.data_ptr(), w.qdata.data_ptr(), w.offset.data_ptr(), w.scale.data_ptr(),
-                       y.data_ptr(), M, nl, N, w.qdata.shape[1], torch.get_num_threads())
+    if lib.lowbit_w8_linear(x2.data_ptr(), w.qdata.data_ptr(), w.offset.data_ptr(), w.scale.data_ptr(), y.data_ptr(),
+                            M, limbs_for(x.dtype), K, N, w.qdata.shape[1], torch.get_num_threads()):
+        raise MemoryError("no memory for the input limbs")
     if bias is not None:
         y += bias.to(torch.float32)
     return y.to(x.dtype).reshape(*lead, N)
@@ -549,11 +584,13 @@ def pack_int4(q) -> "cpu_lut4.Lut4Weight":  # type: ignore[no-untyped-def]  # no
 def int4_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """``x (..., K) @ Wᵀ (+ bias)`` for a 4-bit affine weight from :func:`pack_int4`; output in ``x``'s dtype.
 
-    ``x`` is split into three signed int8 limbs (error ≤ max|x|/(127·254²·2)); each group's ``Σ code · limb`` is
-    exact, the zero-point term ``Σ_g xsum_g · zero_point·scale`` is subtracted in double in the kernel.
+    ``x`` is split into signed int8 limbs (three for float32: error ≤ max|x|/(127·254²·2); two for bf16/fp16);
+    each group's ``Σ code · limb`` is exact, then the group scales and the zero-point term
+    ``Σ_g xsum_g · zero_point·scale`` in float32.
 
     Raises:
-        RuntimeError: the kernel is not available here; ValueError: a weight not in the span-64 layout.
+        RuntimeError: the kernel is not available here; ValueError: a weight not in the span-128 layout or of
+        another width; MemoryError: no memory for the limbs.
     """
     lib = _require()
     if w.span != 128:
@@ -562,13 +599,15 @@ def int4_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.T
     x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
     if w.perm is not None:
         x2 = x2.index_select(1, w.perm.long())
-    nl = limbs_for(x.dtype)
-    xq, s, xs = split_limbs(x2, w.padded_in, signed=True, n_limbs=nl, group_size=w.group_size)
+    x2 = x2.contiguous()
     M, N = x2.shape[0], w.out_features
+    if x2.shape[1] != w.in_features:
+        raise ValueError(f"x has {x2.shape[1]} features, the weight {w.in_features}")
     y = torch.empty(M, N, dtype=torch.float32)
-    lib.lowbit_int4_gemm(xq.data_ptr(), s.data_ptr(), xs.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(),
-                         0 if w.shift is None else w.shift.data_ptr(), y.data_ptr(), M, nl, N, w.padded_in,
-                         w.group_size, torch.get_num_threads())
+    if lib.lowbit_int4_linear(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(),
+                              0 if w.shift is None else w.shift.data_ptr(), y.data_ptr(), M, limbs_for(x.dtype),
+                              x2.shape[1], N, w.padded_in, w.group_size, torch.get_num_threads()):
+        raise MemoryError("no memory for the input limbs")
     if bias is not None:
         y += bias.to(torch.float32)
     return y.to(x.dtype).reshape(*lead, N)
