@@ -138,6 +138,79 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _threshold(run: str) -> float | None:
+    """LLM.int8()'s outlier threshold of run ``run`` (its default 6.0 when unset), None for other methods."""
+    if run not in RUNS or RUNS[run][0] != "llm_int8":
+        return None
+    return float(RUNS[run][3].get("threshold", get_method("llm_int8").for_bits(8).format.threshold))
+
+
+def plot_thresholds(rows: list[dict[str, Any]], path: Path, protocol: str = "") -> bool:
+    """PPL increase of LLM.int8() against its outlier threshold (0: every column int8; the 1e-30 diagnostic, every
+    nonzero input in float, drawn as the int8-weights-only line). False (nothing drawn) with fewer than 3 points."""
+    ref = rows[0]["ppl"]
+    by_t = {t: 100 * (r["ppl"] / ref - 1) for r in rows if (t := _threshold(r["run"])) is not None}
+    pts = sorted((t, d) for t, d in by_t.items() if t == 0.0 or t >= 1e-6)
+    w_only = [d for t, d in by_t.items() if 0.0 < t < 1e-6]
+    if len(pts) < 3:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([t for t, _ in pts], [d for _, d in pts], "o-", label="LLM.int8() (W8A8, outlier columns in float)")
+    if w_only:
+        ax.axhline(w_only[0], color="C2", ls="--", lw=1, label=f"int8 weights only (+{w_only[0]:.2f} %)")
+    ax.axhline(1.0, color="gray", ls=":", lw=1, label="issue's 1 % line")
+    ax.set_xlabel("outlier threshold |x| (input columns with any |x| at or above it run in float)")
+    ax.set_ylabel("perplexity increase over unquantized (%)")
+    ax.set_title(f"LLM.int8() threshold on SmolLM2-135M-Instruct\n{protocol}", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    with atomic_file(path, overwrite=True) as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+    return True
+
+
+@torch.no_grad()
+def float_fraction(model: torch.nn.Module, tokens: torch.Tensor, ctx_len: int,
+                   thresholds: tuple[float, ...]) -> dict[float, float]:
+    """For each LLM.int8() threshold, the share of the quantized layers' multiply-adds that run in float on
+    ``tokens`` evaluated in windows of ``ctx_len`` (a column is an outlier for a whole window, as in
+    bitsandbytes, where the batch decides): sum over layers and windows of (outlier columns x out_features x
+    window tokens) / all multiply-adds."""
+    from lowbit.eval.perplexity import windows
+    from lowbit.model.walk import iter_targets
+
+    flt = {t: 0.0 for t in thresholds}
+    total = 0.0
+    hooks = []
+
+    def hook(mod: torch.nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        nonlocal total
+        x = args[0].reshape(-1, args[0].shape[-1])
+        col_max = x.abs().amax(dim=0)
+        macs = x.shape[0] * mod.out_features
+        total += macs * x.shape[1]
+        for t in thresholds:
+            flt[t] += macs * float((col_max >= t).sum())
+
+    for _, mod in iter_targets(model):
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        flat = tokens.reshape(1, -1)
+        for a, b in windows(flat, ctx_len):  # the evaluation's windows
+            model(flat[:, a:b])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {t: v / total for t, v in flt.items()}
+
+
 def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     """``out``.json always; .md and .png once the unquantized row (the reference) is among ``rows``."""
     with atomic_file(out.with_suffix(".json"), overwrite=True, mode="w") as f:
@@ -147,6 +220,8 @@ def write(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
             f.write(render(rows, meta))
         if len(rows) > 1:
             plot(rows, out.with_suffix(".png"))
+            protocol = (f"{meta['eval_tokens']} held-out tokens in windows of {meta['ctx_len']}")
+            plot_thresholds(rows, out.with_name(out.name + "_llm_int8_threshold.png"), protocol)
 
 
 def merge(paths: list[str], out: str, notes: str | None = None) -> None:
@@ -191,6 +266,8 @@ def main() -> None:
                    "(so another machine evaluates the exact same tokens)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="results/act_aware_default_model")
+    p.add_argument("--float-fraction", action="store_true",
+                   help="print the share of multiply-adds LLM.int8() runs in float at each threshold and exit")
     args = p.parse_args()
     if args.merge:
         merge(args.merge, args.out, args.notes)
@@ -217,6 +294,11 @@ def main() -> None:
         tokens = evaluation_tokens(tok, max_tokens=args.max_eval_tokens or None)
         calib = calibration_tokens(tok, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0)
     tokens, calib = tokens.to(dev), calib.to(dev)
+    if args.float_fraction:
+        fr = float_fraction(base, tokens, args.ctx_len, (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0))
+        print("| threshold | share of multiply-adds in float |\n|---|---|")
+        print("\n".join(f"| {t:g} | {100 * v:.2f} % |" for t, v in fr.items()))
+        return
     ev = Evaluator(base, tokens, ctx_len=args.ctx_len)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -69,19 +69,25 @@ def test_smoothquant_o1_within_2_percent_and_below_naive_w8a8() -> None:
     assert sq < naive, (sq, naive)
 
 
-@pytest.mark.xfail(strict=True, reason="does not hold on this model: PPL 10.842 vs 10.614 (+2.15 %) in "
-                   "results/act_aware_default_model.md; inlier activations have per-token absmax/rms ~10, so "
-                   "per-token int8 of the non-outlier columns costs ~2 % (see the notes there)")
+@pytest.mark.xfail(strict=True, reason="does not hold on this model at the paper's threshold 6.0: PPL 10.842 vs "
+                   "10.614 (+2.15 %) here, +1.39 % on the foundation's full protocol (results/"
+                   "act_aware_default_model_full.md); inlier activations have per-token absmax/rms ~10, so per-token "
+                   "int8 of the non-outlier columns costs ~1-2 %; threshold 4.0 reaches +1.00 % there")
 def test_llm_int8_within_1_percent() -> None:
     q, fp = _ppl("llm_int8"), _ppl("unquantized")
     assert q <= 1.01 * fp, (q, fp)
 
 
-@pytest.mark.xfail(strict=True, reason="does not hold on this model: PPL 11.008 vs 10.614 (+3.7 %) in "
-                   "results/act_aware_default_model.md (E4M3's 3 mantissa bits on weights and activations)")
+@pytest.mark.xfail(strict=True, reason="does not hold on this model even with GPTQ-rounded E4M3 weights: PPL 10.773 "
+                   "vs 10.614 (+1.49 %) here, +1.43 % on the foundation's full protocol (round-to-nearest weights: "
+                   "+3.7 % / +3.5 %); on top of the weights' +0.20 %, E4M3 (3 mantissa bits) on every activation adds ~1.2 %")
 def test_fp8_e4m3_w8a8_within_1_percent() -> None:
-    q, fp = _ppl("fp8_e4m3"), _ppl("unquantized")
+    q, fp = _ppl("fp8_e4m3_gptq"), _ppl("unquantized")
     assert q <= 1.01 * fp, (q, fp)
+
+
+def test_fp8_gptq_weights_below_round_to_nearest() -> None:
+    assert _ppl("fp8_e4m3_gptq") < _ppl("fp8_e4m3"), (_ppl("fp8_e4m3_gptq"), _ppl("fp8_e4m3"))
 
 
 def test_zeroquant_fp_w4a8_lorc_below_without() -> None:
