@@ -197,3 +197,12 @@ def test_avx_vnni_variant_matches_float64_reference():
     if out.stdout.startswith("skip"):
         pytest.skip(f"no AVX-VNNI kernel here ({out.stdout.strip()})")
     assert out.stdout.startswith("ok")
+
+
+@needs_kernel
+def test_no_rows():
+    q8 = Int8Rowwise().quantize(torch.randn(8, 256))
+    q4 = IntAffine(bits=4, group_size=128).quantize(torch.randn(8, 256))
+    x = torch.randn(0, 256)
+    assert cpu_vnni.w8_linear(x, cpu_vnni.pack_w8(q8["qdata"], q8["scale"])).shape == (0, 8)
+    assert cpu_vnni.int4_linear(x, cpu_vnni.pack_int4(q4)).shape == (0, 8)

@@ -413,6 +413,7 @@ _DRIVERS = r"""
    allocations and a second ctypes call per layer). Return 0, or -1 when out of memory. */
 int lowbit_w8_linear(const float *x, const int8_t *w, const int32_t *off, const float *sw, float *y,
                      int M, int NL, int K, int N, int Kp, int n_threads) {
+    if (M <= 0) return 0;
     uint8_t *xu = malloc((size_t)M * NL * Kp);
     double *sx = malloc(sizeof(double) * (size_t)M * NL);
     if (!xu || !sx) { free(xu); free(sx); return -1; }
@@ -424,6 +425,7 @@ int lowbit_w8_linear(const float *x, const int8_t *w, const int32_t *off, const 
 
 int lowbit_int4_linear(const float *x, const uint8_t *q, const float *s, const float *shift, float *y,
                        int M, int NL, int K, int N, int Kp, int gs, int n_threads) {
+    if (M <= 0) return 0;
     int8_t *xq = malloc((size_t)M * NL * Kp);
     double *sx = malloc(sizeof(double) * (size_t)M * NL);
     float *xs = malloc(sizeof(float) * (size_t)M * (Kp / gs));
