@@ -756,6 +756,71 @@ def run_adam(n: int, bnb) -> dict:
     return res
 
 
+def adam_sweep(out_dir: str, n: int = 268 * 2**20, rounds: int = 2) -> None:
+    """The fused 8-bit AdamW step over rows per program × num_warps × cache hints, timed interleaved in
+    ``rounds`` rounds against torch's fused fp32 AdamW (each round: every config once, median of do_bench);
+    every config's result checked bit-equal (θ, codes, absmax) to the default config on 4M fresh elements."""
+    from lowbit.optim.blockwise import quantize_blockwise, state_codebook
+
+    cm, cv = state_codebook(8, True, "cuda"), state_codebook(8, False, "cuda")
+    hp = dict(step=7, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, block_size=256)
+    configs = [(r, w, h) for h in adam8.HINTS for r, w in ((4, 4), (4, 8), (8, 4), (8, 8), (16, 8), (2, 2))]
+    m = 4 * 2**20 + 77
+    p0, g0 = torch.randn(m, device="cuda"), torch.randn(m, device="cuda") * 0.01
+    mq0, ma0 = quantize_blockwise(torch.randn(m, device="cuda") * 1e-3, cm, 256)
+    vq0, va0 = quantize_blockwise(torch.rand(m, device="cuda") * 1e-5, cv, 256)
+    base = None
+    equal: dict = {}
+    for r, w, h in configs:
+        S = [p0.clone(), mq0.clone(), ma0.clone(), vq0.clone(), va0.clone()]
+        try:
+            adam8.adamw8bit_step_(S[0], g0, S[1], S[2], S[3], S[4], cm, cv, **hp, rows=r, num_warps=w, hints=h)
+        except Exception as e:  # a config that does not compile is reported, not fatal
+            equal[(r, w, h)] = repr(e)[:200]
+            continue
+        if base is None:
+            base = S
+        equal[(r, w, h)] = all(torch.equal(a, b) for a, b in zip(base, S))
+    del p0, g0, mq0, vq0
+    p = torch.randn(n, device="cuda")
+    g = torch.randn(n, device="cuda") * 0.01
+    mq, ma = quantize_blockwise(torch.randn(n, device="cuda") * 1e-3, cm, 256)
+    vq, va = quantize_blockwise(torch.rand(n, device="cuda") * 1e-5, cv, 256)
+    prm = torch.nn.Parameter(p.clone())
+    prm.grad = g
+    opt = torch.optim.AdamW([prm], lr=1e-3, fused=True)
+    opt.step()
+    nbytes = n * 16 + 2 * 8 * math.ceil(n / 256)
+    bw = copy_bandwidth()
+    times: dict = {c: [] for c in configs if equal.get(c) is True}
+    torch_t = []
+    for _ in range(rounds):
+        torch_t.append(bench(opt.step, rep=100))
+        for c in times:
+            r, w, h = c
+            times[c].append(bench(lambda: adam8.adamw8bit_step_(p, g, mq, ma, vq, va, cm, cv, **hp, rows=r,
+                                                                   num_warps=w, hints=h), rep=100))
+    lines = [f"8-bit AdamW sweep on {torch.cuda.get_device_name()}: {n} params, {nbytes} bytes, copy bandwidth "
+             f"{bw / 1e12:.3f} TB/s; torch fused fp32 AdamW " + " / ".join(f"{t:.1f}" for t in torch_t) + " µs",
+             "", "| rows | warps | hints | bit-equal to default | µs per round | best vs default | % of copy bw | "
+             "x torch fused |", "|---|---|---|---|---|---|---|---|"]
+    d = min(times[configs[0]]) if configs[0] in times else float("nan")
+    for c in configs:
+        r, w, h = c
+        ts = times.get(c)
+        if not ts:
+            lines.append(f"| {r} | {w} | {h or '(none)'} | {equal.get(c)} | | | | |")
+            continue
+        b = min(ts)
+        lines.append(f"| {r} | {w} | {h or '(none)'} | {equal[c]} | " + " / ".join(f"{t:.1f}" for t in ts)
+                     + f" | {d / b:.3f} | {100 * nbytes / (b * 1e-6) / bw:.1f} | {min(torch_t) / b:.2f} |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "adam_sweep.md"), "w") as f:
+        f.write(text + "\n")
+
+
 def opchecks() -> dict:
     """``torch.library.opcheck`` of each op with CUDA inputs (exercises the registered Triton kernels)."""
     import lowbit.ops.schema as S
@@ -862,6 +927,8 @@ def main() -> None:
     ap.add_argument("--gemv-prefetch", action="store_true", help="only the M = 1 GEMV v4 with / without prefetch")
     ap.add_argument("--graph-only", action="store_true",
                     help="M <= 16 rows only, with --graph, no bitsandbytes/W8A8/AdamW/opcheck (a short run)")
+    ap.add_argument("--adam-sweep", action="store_true",
+                    help="only the 8-bit AdamW rows x warps x cache-hint grid against torch fused AdamW")
     args = ap.parse_args()
     global args_sweep, args_graph, args_graph_only
     args_sweep = args.sweep
@@ -876,6 +943,10 @@ def main() -> None:
         print("no bitsandbytes:", e, flush=True)
         bnb = None
     t0 = time.time()
+    if args.adam_sweep:
+        adam_sweep(args.out)
+        print(f"(adam sweep {time.time() - t0:.0f} s)")
+        return
     if args.big_m_sweep or args.w8a8_parts:
         os.makedirs(args.out, exist_ok=True)
         w8a8_parts(args.out)

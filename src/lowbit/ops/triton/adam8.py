@@ -88,17 +88,20 @@ def first_guess_table(code: torch.Tensor, MB: int = FG_MB, E: int = FG_E) -> tup
 def _adamw8_kernel(p_ptr, g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, cbm_ptr, cbv_ptr, midm_ptr, midv_ptr, lutm_ptr,
                    lutv_ptr, n, lr, beta1, beta2, eps, decay, step_size, bias2_sqrt, zero_v,
                    BS: tl.constexpr, R: tl.constexpr, FG: tl.constexpr, MB: tl.constexpr, KEY0: tl.constexpr,
-                   NK: tl.constexpr, DM: tl.constexpr, DV: tl.constexpr):
+                   NK: tl.constexpr, DM: tl.constexpr, DV: tl.constexpr, EVL: tl.constexpr, CML: tl.constexpr,
+                   EVS: tl.constexpr, CMS: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * R + tl.arange(0, R)
     offs = rows[:, None] * BS + tl.arange(0, BS)[None, :]
     mk = offs < n
     nblocks = tl.cdiv(n, BS)
     mr = rows < nblocks
-    p = tl.load(p_ptr + offs, mask=mk, other=0.0)
-    g = tl.load(g_ptr + offs, mask=mk, other=0.0).to(tl.float32)
-    mq = tl.load(mq_ptr + offs, mask=mk, other=0).to(tl.int32)
-    vq = tl.load(vq_ptr + offs, mask=mk, other=0).to(tl.int32)
+    # streaming operands, each read and written once: EVL/CML and EVS/CMS are the loads' and stores'
+    # eviction_policy / cache_modifier ("" = Triton's default)
+    p = tl.load(p_ptr + offs, mask=mk, other=0.0, eviction_policy=EVL, cache_modifier=CML)
+    g = tl.load(g_ptr + offs, mask=mk, other=0.0, eviction_policy=EVL, cache_modifier=CML).to(tl.float32)
+    mq = tl.load(mq_ptr + offs, mask=mk, other=0, eviction_policy=EVL, cache_modifier=CML).to(tl.int32)
+    vq = tl.load(vq_ptr + offs, mask=mk, other=0, eviction_policy=EVL, cache_modifier=CML).to(tl.int32)
     ma = tl.load(ma_ptr + rows, mask=mr, other=0.0)
     va = tl.load(va_ptr + rows, mask=mr, other=0.0)
     m = tl.load(cbm_ptr + mq) * ma[:, None]
@@ -108,7 +111,7 @@ def _adamw8_kernel(p_ptr, g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, cbm_ptr, cbv_pt
     p = p * decay
     denom = _div_rn(_sqrt_rn(v), bias2_sqrt) + eps
     p = p + step_size * _div_rn(m, denom)
-    tl.store(p_ptr + offs, p, mask=mk)
+    tl.store(p_ptr + offs, p, mask=mk, eviction_policy=EVS, cache_modifier=CMS)
     m = tl.where(mk, m, 0.0)
     v = tl.where(mk, v, 0.0)
     tiny = 1.1754943508222875e-38
@@ -125,11 +128,19 @@ def _adamw8_kernel(p_ptr, g_ptr, mq_ptr, ma_ptr, vq_ptr, va_ptr, cbm_ptr, cbv_pt
     # keep_nonzero for v (as lowbit.optim stores it): a nonzero v (v >= 0 always) never takes the 0 code, index
     # zero_v (-1 if the code has none), but the next one up
     qv += ((qv == zero_v) & (xv > 0.0)).to(tl.int32)
-    tl.store(mq_ptr + offs, qm.to(tl.uint8), mask=mk)
-    tl.store(vq_ptr + offs, qv.to(tl.uint8), mask=mk)
+    tl.store(mq_ptr + offs, qm.to(tl.uint8), mask=mk, eviction_policy=EVS, cache_modifier=CMS)
+    tl.store(vq_ptr + offs, qv.to(tl.uint8), mask=mk, eviction_policy=EVS, cache_modifier=CMS)
     tl.store(ma_ptr + rows, am, mask=mr)
     tl.store(va_ptr + rows, av, mask=mr)
 
+
+HINTS = {  # name: (loads' eviction_policy, loads' cache_modifier, stores' eviction_policy, stores' cache_modifier)
+    "": ("", "", "", ""),
+    "evict_first": ("evict_first", "", "evict_first", ""),
+    "evict_first_loads": ("evict_first", "", "", ""),
+    "cg_cs": ("", ".cg", "", ".cs"),
+    "cs_stores": ("", "", "", ".cs"),
+}
 
 _ZERO_CACHE: dict = {}
 
@@ -147,8 +158,15 @@ def adamw8bit_step_(p: torch.Tensor, g: torch.Tensor, m_q: torch.Tensor, m_absma
                     v_q: torch.Tensor, v_absmax: torch.Tensor, code_m: torch.Tensor, code_v: torch.Tensor,
                     step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                     block_size: int = 256, rows: int | None = None, num_warps: int = 4,
-                    first_guess: bool = True) -> None:
-    """In place: one AdamW step on fp32 ``p`` with 8-bit block-wise states (see module docstring)."""
+                    first_guess: bool = True, hints: str = "") -> None:
+    """In place: one AdamW step on fp32 ``p`` with 8-bit block-wise states (see module docstring).
+
+    ``rows`` state blocks per program (default 1024 // block_size), ``num_warps`` and ``hints`` (a key of
+    :data:`HINTS`: cache hints on the streaming loads and stores) change only speed, never a result bit.
+    """
+    if hints not in HINTS:
+        raise ValueError(f"hints must be one of {sorted(HINTS)}, got {hints!r}")
+    evl, cml, evs, cms = HINTS[hints]
     n = p.numel()
     lut_m, mid_m, dm = first_guess_table(code_m)
     lut_v, mid_v, dv = first_guess_table(code_v)
@@ -158,4 +176,4 @@ def adamw8bit_step_(p: torch.Tensor, g: torch.Tensor, m_q: torch.Tensor, m_absma
                          lr, beta1, beta2, eps, 1.0 - lr * weight_decay, -lr / (1.0 - beta1**step),
                          math.sqrt(1.0 - beta2**step), _zero_index(code_v), BS=block_size, R=R, FG=first_guess,
                          MB=FG_MB, KEY0=(127 - FG_E) << FG_MB, NK=(FG_E << FG_MB) + 1, DM=dm, DV=dv,
-                         num_warps=num_warps)
+                         EVL=evl, CML=cml, EVS=evs, CMS=cms, num_warps=num_warps)
