@@ -191,6 +191,12 @@ def test_int8_matmul_equals_exact_reference() -> None:
     assert torch.equal(int8_matmul(a, b.t().contiguous().t()), exact)  # transposed weight view
     with pytest.raises(TypeError):
         int8_matmul(a.float(), b)
+    # small and odd shapes (one token, k and n not multiples of 8), extreme codes included
+    for m, k, n in ((1, 576, 1536), (3, 7, 5), (16, 13, 9)):
+        a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+        b = torch.randint(-128, 128, (k, n), generator=g, dtype=torch.int8)
+        a[0, 0], b[0, 0] = -128, -128
+        assert torch.equal(int8_matmul(a, b), (a.to(torch.int64) @ b.to(torch.int64)).to(torch.int32)), (m, k, n)
 
 
 @pytest.mark.parametrize("fmt", [Minifloat.preset("e4m3", act=ActQuant("e4m3", "token")),

@@ -133,13 +133,15 @@ def int8_matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for int8 ``a: (m, k)``, ``b: (k, n)`` as int32: ``torch._int_mm`` where it runs, else the reference.
 
-    CUDA's ``_int_mm`` needs ``m > 16`` and ``k, n`` multiples of 8; other shapes take the reference path.
+    CUDA's ``_int_mm`` needs ``m > 16`` and ``k, n`` multiples of 8 (other shapes take the reference path); the
+    CPU's takes any shape (checked bit-identical to the exact product in tests/formats/test_minifloat.py).
     """
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"int8_matmul needs int8 operands, got {a.dtype} and {b.dtype}")
     m, k = a.shape
     n = b.shape[1]
-    if hasattr(torch, "_int_mm") and m > 16 and k % 8 == 0 and n % 8 == 0:
+    fits = a.device.type == "cpu" or (m > 16 and k % 8 == 0 and n % 8 == 0)
+    if hasattr(torch, "_int_mm") and fits:
         try:
             return torch._int_mm(a.contiguous(), b)
         except (RuntimeError, NotImplementedError):
