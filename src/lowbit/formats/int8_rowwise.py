@@ -22,7 +22,7 @@ import torch
 from lowbit.formats.act_quant import ActQuant, act_linear, int8_matmul, quantize_activation
 from lowbit.formats.base import Format, QuantizedTensor, check_weight
 
-__all__ = ["Int8Rowwise", "int8_mixed_linear"]
+__all__ = ["Int8Rowwise", "w8a8_matmul", "int8_mixed_linear"]
 
 GRANULARITIES = ("channel", "tensor")
 
@@ -91,11 +91,7 @@ class Int8Rowwise(Format):
         if self.act is None or self.act.dtype != "int8":
             return act_linear(x, self.dequantize(q).to(x.dtype), bias, self.act, q.get("act_scale"))
         x2 = x.reshape(-1, x.shape[-1])
-        if self.threshold > 0:
-            y = int8_mixed_linear(x2, q["qdata"], q["scale"], self.threshold)
-        else:
-            xq, sx = quantize_activation(x2, self.act, q.get("act_scale"))
-            y = int8_matmul(xq, q["qdata"].t()).to(torch.float32) * sx * q["scale"].reshape(1, -1)
+        y = w8a8_matmul(x2, q["qdata"], q["scale"], self.act, q.get("act_scale"), self.threshold)
         if bias is not None:
             y = y + bias.to(torch.float32)
         return y.to(x.dtype).reshape(*x.shape[:-1], q.shape[0])
@@ -104,6 +100,18 @@ class Int8Rowwise(Format):
     def examples(cls) -> list[Format]:
         return [cls(), cls(granularity="tensor"), cls(act=ActQuant("int8", "token")),
                 cls(act=ActQuant("int8", "token"), threshold=6.0)]
+
+
+def w8a8_matmul(x: torch.Tensor, Wq: torch.Tensor, w_scale: torch.Tensor, act: ActQuant,
+                act_scale: torch.Tensor | None, threshold: float) -> torch.Tensor:
+    """``(tokens, out)`` float32 product of ``x: (tokens, in)`` with int8 ``Wq: (out, in)`` (scales ``w_scale``)
+    with int8 activations: LLM.int8()'s decomposition when ``threshold > 0``, else ``act``'s quantization of every
+    column (per token, per tensor or static ``act_scale``); the int8 GEMM is :func:`int8_matmul` (``torch._int_mm``
+    where it runs). The reference of ``Int8Rowwise.linear`` and of the CPU fast path."""
+    if threshold > 0:
+        return int8_mixed_linear(x, Wq, w_scale, threshold)
+    xq, sx = quantize_activation(x, act, act_scale)
+    return int8_matmul(xq, Wq.t()).to(torch.float32) * sx * w_scale.reshape(1, -1)
 
 
 def int8_mixed_linear(x: torch.Tensor, Wq: torch.Tensor, w_scale: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -37,8 +37,9 @@ from functools import lru_cache
 
 import torch
 
-from lowbit.formats.act_quant import has_int_mm, quantize_activation
+from lowbit.formats.act_quant import has_int_mm
 from lowbit.formats.base import format_from_spec
+from lowbit.formats.int8_rowwise import w8a8_matmul
 from lowbit.ops import cpu_lut4, cpu_vnni
 from lowbit.ops.repack import PackedWeight, repack_quantized, unpack_planes
 
@@ -148,11 +149,6 @@ class CpuW8A8Weight:
     threshold: float
 
 
-def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a (M, K) int8 @ b (K, N) int8 -> int32`` exactly, through ``torch._int_mm`` on the CPU (any M)."""
-    return torch._int_mm(a.contiguous(), b)
-
-
 @lru_cache(maxsize=1)
 def has_cpu_int_mm() -> bool:
     """Whether this torch build runs ``torch._int_mm`` on the CPU (checked once per process)."""
@@ -175,29 +171,11 @@ def pack_w8a8(q) -> CpuW8A8Weight:  # type: ignore[no-untyped-def]
 
 
 def w8a8_linear(x: torch.Tensor, w: CpuW8A8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``Int8Rowwise.linear`` with the int8 GEMM on ``torch._int_mm``: bit-identical to the reference.
-
-    Mirrors :meth:`lowbit.formats.int8_rowwise.Int8Rowwise.linear` and
-    :func:`lowbit.formats.int8_rowwise.int8_mixed_linear` step for step (the tests compare them bit for bit).
-    """
+    """``Int8Rowwise.linear`` on the packed W8A8 weight: the same function
+    (:func:`lowbit.formats.int8_rowwise.w8a8_matmul`), whose int8 GEMM runs on ``torch._int_mm`` on the CPU for any
+    number of rows (bit-identical to the reference, which it is)."""
     x2 = x.reshape(-1, x.shape[-1])
-    wt = w.qdata.t()  # (K, N) view: _int_mm's GEMV reads the (N, K) rows as they are stored
-    sw = w.scale.reshape(1, -1)
-    if w.threshold > 0:
-        xf = x2.to(torch.float32)
-        outl = xf.abs() >= w.threshold
-        cols = torch.nonzero(outl.any(dim=0)).flatten()
-        xin = xf.masked_fill(outl, 0.0)
-        sx = (xin.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
-        xq = torch.round(xin / sx).clamp(-127, 127).to(torch.int8)
-        if cols.numel():
-            xq[:, cols] = 0
-        y = _int_mm(xq, wt).to(torch.float32) * sx * sw
-        if cols.numel():
-            y = y + xf[:, cols] @ (w.qdata[:, cols].to(torch.float32) * w.scale.reshape(-1, 1)).t()
-    else:
-        xq, sx = quantize_activation(x2, w.act, w.act_scale)
-        y = _int_mm(xq, wt).to(torch.float32) * sx * sw
+    y = w8a8_matmul(x2, w.qdata, w.scale, w.act, w.act_scale, w.threshold)
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.qdata.shape[0])
