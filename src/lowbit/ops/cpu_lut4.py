@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -177,18 +176,7 @@ _VARIANTS = {"avx512": (_SOURCE, ("-mavx512f",)), "avx2": (_SOURCE_AVX2, ("-mavx
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
     """The AVX-512 kernel, else the AVX2 one (``LOWBIT_CPU_ISA=avx2`` forces the latter: tests)."""
-    forced = os.environ.get("LOWBIT_CPU_ISA")
-    if forced is not None and forced not in _VARIANTS:
-        raise ValueError(f"LOWBIT_CPU_ISA={forced!r} unknown; valid choices: {sorted(_VARIANTS)}")
-    for name in [forced] if forced else list(_VARIANTS):
-        source, flags = _VARIANTS[name]
-        lib = cpu_native.load(f"lut4_{name}", source, flags)
-        if lib is not None:
-            lib.lowbit_lut4_gemm.restype = None
-            lib.lowbit_lut4_gemm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
-            lib.lowbit_isa = name
-            return lib
-    return None
+    return cpu_native.load_variant("lut4", _VARIANTS, {"lowbit_lut4_gemm": (None, 5, 5)})
 
 
 def isa() -> str | None:

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load", "cache_dir"]
+__all__ = ["load", "load_variant", "cache_dir"]
 
 
 def cache_dir() -> str:
@@ -69,3 +69,29 @@ def load(name: str, source: str, flags: tuple[str, ...]) -> ctypes.CDLL | None:
         logger.info("CPU kernel %s: this CPU lacks %s; not used", name, " ".join(flags))
         return None
     return lib
+
+
+Signature = tuple[type | None, int, int]
+"""``(restype, pointer arguments, int arguments)`` of a kernel: ``void_p`` pointers first, then C ints."""
+
+
+def load_variant(prefix: str, variants: dict[str, tuple[str, tuple[str, ...]]],
+                 signatures: dict[str, Signature]) -> ctypes.CDLL | None:
+    """The first of ``variants`` (``{isa: (source, flags)}``, best first) that builds and runs here, with the
+    ``signatures`` of its functions set and ``lowbit_isa`` naming the variant; ``LOWBIT_CPU_ISA=<isa>`` forces one
+    (tests; an unknown name is an error listing the valid ones). None when no variant runs here."""
+    forced = os.environ.get("LOWBIT_CPU_ISA")
+    if forced is not None and forced not in variants:
+        raise ValueError(f"LOWBIT_CPU_ISA={forced!r} unknown; valid choices: {sorted(variants)}")
+    for name in [forced] if forced else list(variants):
+        source, flags = variants[name]
+        lib = load(f"{prefix}_{name}", source, flags)
+        if lib is None:
+            continue
+        for fn, (restype, n_ptr, n_int) in signatures.items():
+            f = getattr(lib, fn)
+            f.restype = restype
+            f.argtypes = [ctypes.c_void_p] * n_ptr + [ctypes.c_int] * n_int
+        lib.lowbit_isa = name
+        return lib
+    return None

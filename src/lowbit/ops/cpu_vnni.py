@@ -25,7 +25,6 @@ or either instruction set.
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -445,26 +444,9 @@ _VARIANTS = {"avx512": (_SOURCE + _DRIVERS, ("-mavx512f", "-mavx512bw", "-mavx51
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
     """The AVX-512 VNNI kernels, else the AVX-VNNI (256-bit) ones; ``LOWBIT_CPU_ISA=avx2`` forces the latter."""
-    forced = os.environ.get("LOWBIT_CPU_ISA")
-    if forced is not None and forced not in _VARIANTS:
-        raise ValueError(f"LOWBIT_CPU_ISA={forced!r} unknown; valid choices: {sorted(_VARIANTS)}")
-    for name in [forced] if forced else list(_VARIANTS):
-        source, flags = _VARIANTS[name]
-        lib = cpu_native.load(f"vnni_{name}", source, flags)
-        if lib is not None:
-            lib.lowbit_vnni_split.restype = None
-            lib.lowbit_vnni_split.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
-            lib.lowbit_int4_gemm.restype = None
-            lib.lowbit_int4_gemm.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6
-            lib.lowbit_w8_gemm.restype = None
-            lib.lowbit_w8_gemm.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
-            lib.lowbit_w8_linear.restype = ctypes.c_int
-            lib.lowbit_w8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 6
-            lib.lowbit_int4_linear.restype = ctypes.c_int
-            lib.lowbit_int4_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 7
-            lib.lowbit_isa = name
-            return lib
-    return None
+    return cpu_native.load_variant("vnni", _VARIANTS, {
+        "lowbit_vnni_split": (None, 4, 6), "lowbit_int4_gemm": (None, 7, 6), "lowbit_w8_gemm": (None, 6, 5),
+        "lowbit_w8_linear": (ctypes.c_int, 5, 6), "lowbit_int4_linear": (ctypes.c_int, 5, 7)})
 
 
 def isa() -> str | None:
