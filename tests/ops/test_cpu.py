@@ -86,6 +86,42 @@ def test_enabled_qlinear_fast_path_matches_reference():
     assert out.stdout.startswith("ok")
 
 
+def test_quantlinear_calls_the_cpu_kernel_directly_only_without_gradients():
+    # subprocess: the opt-in is process-wide. Without gradients QuantLinear skips the op dispatcher and calls the
+    # op's CPU kernel itself: same output as the op; with an input that wants a gradient it goes through the op
+    # (autograd recorded, the gradient equals the reference's).
+    code = (
+        "import torch\n"
+        "from lowbit.formats.affine import IntAffine\n"
+        "from lowbit.nn.linear import QuantLinear\n"
+        "from lowbit.ops import cpu, reference\n"
+        "torch.manual_seed(0)\n"
+        "q = IntAffine(bits=4, group_size=128).quantize(torch.randn(64, 256))\n"
+        "m = QuantLinear(q, torch.randn(64))\n"
+        "x = torch.randn(2, 256)\n"
+        "cpu.enable_qlinear_fast_path()\n"
+        "import lowbit.nn.linear as L\n"
+        "op_calls = []\n"
+        "orig = L.qlinear\n"
+        "L.qlinear = lambda *a: (op_calls.append(1), orig(*a))[1]\n"
+        "with torch.no_grad():\n"
+        "    y_direct = m(x)\n"
+        "assert not op_calls, 'went through the op'\n"
+        "data = [getattr(m, n) for n in m._names]\n"
+        "y_op = torch.ops.lowbit.qlinear(x, data, m._spec, [64, 256], m.bias)\n"
+        "assert torch.equal(y_direct, y_op)\n"
+        "xg = x.clone().requires_grad_(True)\n"
+        "y = m(xg)\n"
+        "assert op_calls and y.grad_fn is not None\n"
+        "y.sum().backward()\n"
+        "g_ref = torch.ones(2, 64) @ q.dequantize().float()\n"
+        "assert torch.allclose(xg.grad, g_ref, rtol=1e-5, atol=1e-5)\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok")
+
+
 # -- W8A8 (torch._int_mm): exact ---------------------------------------------------------------------------
 
 from lowbit.formats.act_quant import ActQuant, int8_matmul, int8_matmul_reference  # noqa: E402

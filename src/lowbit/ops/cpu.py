@@ -45,7 +45,7 @@ from lowbit.ops.repack import PackedWeight, repack_quantized, unpack_planes
 
 __all__ = ["CpuInt4Weight", "CpuInt8Weight", "CpuW8A8Weight", "pack_int4", "int4_linear", "pack_int8", "int8_linear",
            "pack_w8a8", "w8a8_linear", "compute_dtype", "FLOAT32_COMPUTE", "pack", "linear", "enable_qlinear_fast_path",
-           "disable_qlinear_fast_path"]
+           "disable_qlinear_fast_path", "enabled", "qlinear"]
 
 INT4_GROUPS = (32, 64, 128, 256)
 
@@ -301,31 +301,45 @@ def enable_qlinear_fast_path(float32_compute: str = "auto") -> None:
     _ENABLED = float32_compute
     if _REGISTERED:
         return
-    from lowbit.ops import reference
 
     @torch.library.register_kernel("lowbit::qlinear", "cpu")
     def _qlinear_cpu(x, data, spec, shape, bias):  # type: ignore[no-untyped-def]
-        if _ENABLED is None:  # disable_qlinear_fast_path()
-            return reference.qlinear(x, data, spec, shape, bias)
-        key = data[0]
-        dt = compute_dtype(x.dtype, _ENABLED, format_from_spec(spec))
-        stamp = (spec, dt, x.dtype, tuple(t.data_ptr() for t in data), tuple(t._version for t in data))
-        hit = getattr(key, _ATTR, None)
-        if hit is None or hit[0] != stamp:
-            hit = [stamp, pack(reference.as_quantized(data, spec, shape, x.dtype), dt), None]
-            setattr(key, _ATTR, hit)
-        y = None if hit[1] is None else linear(x, hit[1], bias)
-        if y is None and isinstance(hit[1], (cpu_lut4.Lut4Weight, cpu_vnni.W8Weight)) \
-                and x.dtype in (torch.bfloat16, torch.float16):
-            # more rows than the hand-written kernels take: ATen's kernel in the input's dtype, built on first use
-            if hit[2] is None:
-                q = reference.as_quantized(data, spec, shape, x.dtype)
-                hit[2] = _first_fit([lambda q: _aten_pack(q, x.dtype)], q) or False
-            if hit[2]:
-                y = linear(x, hit[2], bias)
-        return reference.qlinear(x, data, spec, shape, bias) if y is None else y
+        return qlinear(x, data, spec, shape, bias)
 
     _REGISTERED = True
+
+
+def enabled() -> bool:
+    """Whether :func:`enable_qlinear_fast_path` is in force (and not undone by :func:`disable_qlinear_fast_path`)."""
+    return _ENABLED is not None
+
+
+def qlinear(x: torch.Tensor, data: list[torch.Tensor], spec: str, shape: list[int],
+            bias: torch.Tensor | None) -> torch.Tensor:
+    """The CPU kernel of ``lowbit::qlinear`` (the op's arguments): the fast path where one applies, else the
+    reference. ``QuantLinear`` calls it directly, without the op dispatcher (~20 µs a call), when no gradient is
+    wanted."""
+    from lowbit.ops import reference
+
+    if _ENABLED is None:  # disable_qlinear_fast_path()
+        return reference.qlinear(x, data, spec, shape, bias)
+    key = data[0]
+    dt = compute_dtype(x.dtype, _ENABLED, format_from_spec(spec))
+    stamp = (spec, dt, x.dtype, tuple(t.data_ptr() for t in data), tuple(t._version for t in data))
+    hit = getattr(key, _ATTR, None)
+    if hit is None or hit[0] != stamp:
+        hit = [stamp, pack(reference.as_quantized(data, spec, shape, x.dtype), dt), None]
+        setattr(key, _ATTR, hit)
+    y = None if hit[1] is None else linear(x, hit[1], bias)
+    if y is None and isinstance(hit[1], (cpu_lut4.Lut4Weight, cpu_vnni.W8Weight)) \
+            and x.dtype in (torch.bfloat16, torch.float16):
+        # more rows than the hand-written kernels take: ATen's kernel in the input's dtype, built on first use
+        if hit[2] is None:
+            q = reference.as_quantized(data, spec, shape, x.dtype)
+            hit[2] = _first_fit([lambda q: _aten_pack(q, x.dtype)], q) or False
+        if hit[2]:
+            y = linear(x, hit[2], bias)
+    return reference.qlinear(x, data, spec, shape, bias) if y is None else y
 
 
 def disable_qlinear_fast_path() -> None:
