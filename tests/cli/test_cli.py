@@ -27,6 +27,21 @@ def test_methods_json_lists_every_registered_method_with_options(capsys) -> None
     hqq = next(r for r in rows if r["method"] == "hqq")
     assert {"lp_norm", "beta", "kappa", "iters"} <= set(hqq["options"])
     assert hqq["calibration"] == []
+    fp8 = next(r for r in rows if r["method"] == "fp8")
+    assert fp8["calibration"] == [] and fp8["calibration_with_options"] == {"--gptq": ["hessian"]}
+
+
+def test_option_stats_are_what_a_config_with_that_option_declares() -> None:
+    from lowbit.methods.base import method_registry
+
+    checked = 0
+    for kind, cls in method_registry().items():
+        for flag, stats in cls.option_stats.items():
+            cfg = cls.for_bits(cls.bits_choices[-1], **{flag.lstrip("-").replace("-", "_"): True})
+            assert set(stats) <= set(cfg.stats), (kind, flag, cfg.stats)
+            assert not set(stats) <= set(cls.stats), (kind, flag)  # the option adds them
+            checked += 1
+    assert checked >= 1
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -46,12 +46,15 @@ def cmd_methods(args: argparse.Namespace) -> int:
     rows = []
     for kind, cls in sorted(method_registry().items()):
         rows.append({"method": kind, "bits": list(cls.bits_choices), "calibration": list(cls.stats),
+                     "calibration_with_options": {k: list(v) for k, v in cls.option_stats.items()},
                      "summary": cls.summary, "paper": cls.paper, "options": method_options(cls)})
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     for r in rows:
         calib = ",".join(r["calibration"]) or "none"
+        if r["calibration_with_options"]:
+            calib += "(" + "; ".join(f"{','.join(v)} with {k}" for k, v in r["calibration_with_options"].items()) + ")"
         print(f"{r['method']:<14} bits={r['bits']} calibration={calib}  {r['summary']}")
         for name, o in r["options"].items():
             print(f"    --{name.replace('_', '-'):<18} {o['type']:<6} default={o['default']}")

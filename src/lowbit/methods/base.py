@@ -49,6 +49,8 @@ class MethodConfig(Config):
             calibration-free.
         bits_choices: bit widths the method supports (used by the CLI and the demo).
         summary: one line for ``lowbit methods``.
+        option_stats: statistics an option adds, keyed by the option as the CLI writes it (``{"--gptq":
+            ("hessian",)}``): a config with that option set declares them on the instance.
         quick_options: cheaper settings of the method's own options for quick runs (``lowbit demo`` uses
             them unless ``--full``); empty when the defaults are already cheap. Each method says in its
             config's docstring what they cost.
@@ -59,6 +61,7 @@ class MethodConfig(Config):
     bits_choices: ClassVar[tuple[int, ...]] = (2, 3, 4, 5, 6, 7, 8)
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    option_stats: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     quick_options: ClassVar[Mapping[str, Any]] = {}
 
     format: Format

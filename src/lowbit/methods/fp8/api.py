@@ -39,8 +39,9 @@ class FP8Config(MethodConfig):
     kind: ClassVar[str] = "fp8"
     bits_choices: ClassVar[tuple[int, ...]] = (8,)
     summary: ClassVar[str] = ("FP8 W8A8 (E4M3 default; E5M2/E3M4/E2M5), per-channel scales (opt. MSE max-value search; "
-                              "opt. GPTQ rounding: --gptq, needs calibration), per-token activations")
+                              "opt. GPTQ rounding), per-token activations")
     paper: ClassVar[str] = "arXiv:2208.09225"
+    option_stats: ClassVar[Mapping[str, tuple[str, ...]]] = {"--gptq": ("hessian",)}
 
     format: Minifloat = Minifloat.preset("e4m3", act=ActQuant("e4m3", "token"))
     gptq: bool = False
