@@ -1,7 +1,5 @@
 """CPU fast paths (ATen packed int4/int8 matmuls) against the reference op."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ from lowbit.formats.int8_rowwise import Int8Rowwise
 from lowbit.ops import cpu
 from lowbit.ops import reference as ref
 from lowbit.ops.repack import repack_quantized
+from tests.ops.fresh_process import expect_ok
 
 # bf16 compute: ‖y − ref‖/‖ref‖ ≈ 2e-3 on random data; fp32 compute: ≈ 1e-6.
 TOL = {torch.bfloat16: 1e-2, torch.float32: 1e-4}
@@ -81,9 +80,7 @@ def test_enabled_qlinear_fast_path_matches_reference():
         "d = float((y1 - y0).norm() / y0.norm())\n"
         "assert 0 < d < 1e-4, d\n"
         "print('ok', d)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("ok")
+    expect_ok(code)
 
 
 def test_quantlinear_calls_the_cpu_kernel_directly_only_without_gradients():
@@ -117,9 +114,7 @@ def test_quantlinear_calls_the_cpu_kernel_directly_only_without_gradients():
         "g_ref = torch.ones(2, 64) @ q.dequantize().float()\n"
         "assert torch.allclose(xg.grad, g_ref, rtol=1e-5, atol=1e-5)\n"
         "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("ok")
+    expect_ok(code)
 
 
 # -- W8A8 (torch._int_mm): exact ---------------------------------------------------------------------------
@@ -209,9 +204,7 @@ def test_enabled_fast_path_w8a8_and_float32_compute():
         "fast32 = cpu.cpu_lut4.isa() == 'avx512' or cpu.cpu_vnni.available()\n"
         "assert d_auto == d_f32 if fast32 else d_auto == d_bf16, (d_auto, d_f32, d_bf16)\n"
         "print('ok', d_auto, d_bf16, d_f32)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("ok")
+    expect_ok(code)
 
 
 def test_enabled_fast_path_many_rows_bf16_takes_aten():
@@ -238,6 +231,4 @@ def test_enabled_fast_path_many_rows_bf16_takes_aten():
         "    hit = getattr(m.qdata, cpu._ATTR)  # the cache entry of the last (bf16, many-row) call\n"
         "    assert isinstance(hit[2], (cpu.CpuInt4Weight, cpu.CpuInt8Weight)), hit[2]\n"
         "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("ok")
+    expect_ok(code)

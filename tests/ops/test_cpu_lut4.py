@@ -1,8 +1,6 @@
 """The lut4 CPU kernel (NF4/FP4 and 4-bit IntAffine, float32 math) against float64 references."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,6 +8,7 @@ import torch
 from lowbit.formats.affine import IntAffine
 from lowbit.formats.codebook import Codebook
 from lowbit.ops import cpu, cpu_lut4
+from tests.ops.fresh_process import expect_ok, run_fresh
 
 needs_kernel = pytest.mark.skipif(not cpu_lut4.available(), reason="lut4 kernel not built here (AVX-512 + C compiler)")
 TOL = 2e-6  # float32 accumulation over K ≤ 576 on random data: measured ≈ 1e-7 (codebooks) to 5e-7 (affine)
@@ -102,9 +101,7 @@ def test_no_compiler_falls_back(tmp_path):
         "assert torch.equal(m(x), y0)\n"
         "print('ok')\n")
     env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), LOWBIT_CACHE_DIR=str(tmp_path / "cache"))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith("ok")
+    expect_ok(code, env)
 
 
 def test_avx2_variant_matches_float64_reference():
@@ -129,15 +126,11 @@ def test_avx2_variant_matches_float64_reference():
         "            assert d < 2e-6, (fmt, K, M, d)\n"
         "print('ok')\n")
     env = dict(os.environ, LOWBIT_CPU_ISA="avx2")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    if out.stdout.startswith("skip"):
-        pytest.skip(f"no AVX2 kernel here ({out.stdout.strip()})")
-    assert out.stdout.startswith("ok")
+    expect_ok(code, env)
 
 
 def test_unknown_isa_is_an_error():
     code = "from lowbit.ops import cpu_lut4\ncpu_lut4.available()\n"
     env = dict(os.environ, LOWBIT_CPU_ISA="sse9")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    out = run_fresh(code, env)
     assert out.returncode != 0 and "valid choices" in out.stderr and "avx2" in out.stderr

@@ -1,14 +1,13 @@
 """The VNNI CPU kernels (weight-only int8 and 4-bit affine, float inputs in int8 limbs) against float64 references."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from lowbit.formats.int8_rowwise import Int8Rowwise
 from lowbit.ops import cpu, cpu_vnni
+from tests.ops.fresh_process import expect_ok
 
 needs_kernel = pytest.mark.skipif(not cpu_vnni.available(), reason="int8 VNNI kernel not built here")
 
@@ -192,11 +191,7 @@ def test_avx_vnni_variant_matches_float64_reference():
         "assert bool(torch.isfinite(y[0]).all()) and bool(torch.isnan(y[1]).all())\n"
         "print('ok')\n")
     env = dict(os.environ, LOWBIT_CPU_ISA="avx2")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    if out.stdout.startswith("skip"):
-        pytest.skip(f"no AVX-VNNI kernel here ({out.stdout.strip()})")
-    assert out.stdout.startswith("ok")
+    expect_ok(code, env)
 
 
 @needs_kernel
