@@ -60,7 +60,7 @@ class QuantLinear(nn.Module):
         shape = [self.out_features, self.in_features]
         if x.device.type == "cpu" and cpu_ops.enabled() and not self._wants_grad(x, data) \
                 and not torch.compiler.is_compiling():
-            # the op's CPU kernel itself, without the dispatcher's ~20 µs (nothing for autograd to record)
+            # the op's CPU kernel itself, without the dispatcher (nothing for autograd to record)
             return cpu_ops.qlinear(x, data, self._spec, shape, self.bias)
         return qlinear(x, data, self._spec, shape, self.bias)
 
