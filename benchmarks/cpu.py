@@ -94,6 +94,49 @@ def timeit(fn, reps: int = 30) -> float:
     return statistics.median(ts) * 1e3
 
 
+_READ_SOURCE = r"""
+#include <immintrin.h>
+#include <stdint.h>
+int lowbit_cpu_ok(void) { return __builtin_cpu_supports("avx512f"); }
+/* Stream n bytes (a multiple of 256) once, split over threads as the kernels split their rows. */
+long long lowbit_read(const uint8_t *b, long long n, int threads) {
+    long long out = 0;
+    #pragma omp parallel num_threads(threads) reduction(^:out)
+    {
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        #pragma omp for schedule(static)
+        for (long long i = 0; i < n; i += 256) {
+            a0 = _mm512_xor_si512(a0, _mm512_loadu_si512(b + i));
+            a1 = _mm512_xor_si512(a1, _mm512_loadu_si512(b + i + 64));
+            a2 = _mm512_xor_si512(a2, _mm512_loadu_si512(b + i + 128));
+            a3 = _mm512_xor_si512(a3, _mm512_loadu_si512(b + i + 192));
+        }
+        out ^= _mm512_reduce_or_epi64(_mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)));
+    }
+    return out;
+}
+"""
+
+
+def read_floor_ms(nbytes: int, threads: int, reps: int) -> tuple[float, str]:
+    """Median ms to read ``nbytes`` once with ``threads`` threads (AVX-512 loads, buffer warm as the weights are
+    in the table's loops): no kernel that reads a weight of that size can be faster here. Falls back to
+    ``torch.sum`` over int64 (slower than a plain read, so a floor that is too high) where the C probe cannot run."""
+    import ctypes
+
+    from lowbit.ops import cpu_native
+
+    n = -(-nbytes // 256) * 256
+    buf = torch.randint(0, 255, (n,), dtype=torch.uint8)
+    lib = cpu_native.load("bench_read", _READ_SOURCE, ("-mavx512f",))
+    if lib is not None:
+        lib.lowbit_read.restype = ctypes.c_longlong
+        lib.lowbit_read.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int]
+        return timeit(lambda: lib.lowbit_read(buf.data_ptr(), n, threads), reps), "AVX-512 read probe"
+    v = buf.view(torch.int64)
+    return timeit(lambda: v.sum(), reps), "torch.sum over int64 (no C probe here: an upper bound)"
+
+
 def rel_err(y: torch.Tensor, y_ref: torch.Tensor) -> float:
     return float((y.double() - y_ref).norm() / y_ref.norm())
 
@@ -251,6 +294,14 @@ def main() -> None:
 
     # -- report --------------------------------------------------------------------------------------------
     base = rows[0][2]
+    # floors: the weight's bytes read once at this machine's measured read speed (scales included, inputs ignored)
+    nbytes = {"fp32": a.N * a.K * 4, "bf16": a.N * a.K * 2,
+              "4-bit g128 (int4 + fp32 scale, zero)": a.N * a.K // 2 + 2 * 4 * a.N * (-(-a.K // 128)),
+              "NF4 (4-bit + fp32 absmax per 64)": a.N * a.K // 2 + 4 * a.N * (-(-a.K // 64)),
+              "int8 (int8 + fp32 row scale)": a.N * a.K + 4 * a.N}
+    floors = {}
+    for what, nb in nbytes.items():
+        floors[what] = (nb,) + read_floor_ms(nb, a.threads, a.reps)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# CPU: {a.M}×{a.K} input, {a.N}×{a.K} weight, {a.threads} threads, torch {torch.__version__}, "
           f"capability {torch.backends.cpu.get_cpu_capability()}, load average {load:.1f} at the end")
@@ -274,6 +325,14 @@ def main() -> None:
         for n, t in mine:
             print(f"| {n.removeprefix('lowbit ')} ({t:.3f} ms) | " + " | ".join(f"{pt / t:.2f}" for _, pt in peers) + " |")
         print()
+    print("Floors: the weight's bytes read once by this machine with the same threads (a warm buffer of that size,")
+    print("as the weights above are warm); no path that reads the weight can beat its floor here")
+    print()
+    print("| weight | MB | floor ms | GB/s | probe |")
+    print("|---|---|---|---|---|")
+    for what, (nb, ms, how) in floors.items():
+        print(f"| {what} | {nb / 1e6:.2f} | {ms:.3f} | {nb / ms / 1e6:.1f} | {how} |")
+    print()
 
 
 if __name__ == "__main__":
