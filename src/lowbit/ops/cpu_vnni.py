@@ -535,8 +535,7 @@ def w8_linear(x: torch.Tensor, w: W8Weight, bias: torch.Tensor | None = None) ->
         RuntimeError: the kernel is not available here (check :func:`available` first).
     """
     lib = _require()
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    x2 = cpu_native.as_rows(x, torch.float32)
     M, K, N = x2.shape[0], x2.shape[1], w.out_features
     if K != w.in_features:
         raise ValueError(f"x has {K} features, the weight {w.in_features}")
@@ -546,7 +545,7 @@ def w8_linear(x: torch.Tensor, w: W8Weight, bias: torch.Tensor | None = None) ->
         raise MemoryError("no memory for the input limbs")
     if bias is not None:
         y += bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*lead, N)
+    return cpu_native.like_input(y, x)
 
 
 def int4_available() -> bool:
@@ -579,11 +578,9 @@ def int4_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.T
     lib = _require()
     if w.span != 128:
         raise ValueError(f"int4_linear needs the span-128 layout (pack_int4), got span {w.span}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    x2 = cpu_native.as_rows(x, torch.float32)
     if w.perm is not None:
         x2 = x2.index_select(1, w.perm.long())
-    x2 = x2.contiguous()
     M, N = x2.shape[0], w.out_features
     if x2.shape[1] != w.in_features:
         raise ValueError(f"x has {x2.shape[1]} features, the weight {w.in_features}")
@@ -594,4 +591,4 @@ def int4_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.T
         raise MemoryError("no memory for the input limbs")
     if bias is not None:
         y += bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*lead, N)
+    return cpu_native.like_input(y, x)
