@@ -20,10 +20,12 @@ window so far; the perplexity is the same protocol (tokens 1..L-1 of each window
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import math
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -43,9 +45,12 @@ FORMATS = {"int4g128": lambda: IntAffine(bits=4, group_size=128),
 
 @torch.no_grad()
 def decode_perplexity(model: torch.nn.Module, tokens: torch.Tensor, ctx: int, max_windows: int | None = None,
-                      log_every: int = 256) -> float:
-    """Perplexity with one token per forward pass and a KV cache (M = 1 in every Linear), windows as
-    :func:`lowbit.eval.perplexity.perplexity` cuts them (non-overlapping, empty cache at each window's start)."""
+                      log_every: int = 256, batch: int = 1) -> float:
+    """Perplexity with one token per forward pass and a KV cache (M = ``batch`` rows in every Linear), windows as
+    :func:`lowbit.eval.perplexity.perplexity` cuts them (non-overlapping, empty cache at each window's start).
+
+    ``batch`` windows of equal length run side by side as the rows of one batch (no padding, so no attention
+    mask: each row attends only to its own window); a shorter last window runs alone."""
     from transformers import DynamicCache
 
     tokens = _check_tokens(tokens)
@@ -53,20 +58,55 @@ def decode_perplexity(model: torch.nn.Module, tokens: torch.Tensor, ctx: int, ma
     nll = torch.zeros((), dtype=torch.float64, device=dev)
     count = 0
     spans = windows(tokens, ctx, max_windows)
+    groups: list[list[tuple[int, int]]] = []
+    for s, e in spans:
+        if groups and len(groups[-1]) < batch and groups[-1][0][1] - groups[-1][0][0] == e - s:
+            groups[-1].append((s, e))
+        else:
+            groups.append([(s, e)])
     t0 = time.perf_counter()
-    for w, (s, e) in enumerate(spans):
+    for w, group in enumerate(groups):
         cache = DynamicCache()
-        ids = tokens[:, s:e].to(dev)
-        for t in range(e - s - 1):
+        ids = torch.stack([tokens[0, s:e] for s, e in group]).to(dev)
+        for t in range(ids.shape[1] - 1):
             out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
             cache = out.past_key_values
-            nll += torch.nn.functional.cross_entropy(out.logits[0, -1:].float(), ids[0, t + 1:t + 2],
+            nll += torch.nn.functional.cross_entropy(out.logits[:, -1].float(), ids[:, t + 1],
                                                      reduction="sum").double()
-            count += 1
-            if log_every and count % log_every == 0:
-                print(f"  decode window {w + 1}/{len(spans)} token {t + 1}/{e - s - 1} "
+            count += ids.shape[0]
+            if log_every and (t + 1) % log_every == 0:
+                print(f"  decode batch {w + 1}/{len(groups)} token {t + 1}/{ids.shape[1] - 1} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return math.exp(float(nll) / count)
+
+
+@contextlib.contextmanager
+def cached_reference() -> Iterator[None]:
+    """The reference path with each layer's dequantized weight kept between calls: ``lowbit::qlinear``'s reference
+    computes ``F.linear(x, dequantize(...) in x's dtype, bias)`` on every call; this computes the same with the
+    weight dequantized once (same function, same arguments, so the same numbers), so a decode loop does not
+    dequantize every weight per token (session 4: ~100 ms a token on the H100). Weight-only formats only."""
+    from lowbit.formats.base import format_from_spec
+    from lowbit.nn.linear import QuantLinear
+    from lowbit.ops.reference import dequantize
+
+    original = QuantLinear.forward
+    cache: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def forward(self: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(format_from_spec(self._spec), "linear"):
+            raise ValueError("cached_reference is for weight-only formats (this one quantizes activations)")
+        key = (id(self), x.dtype)
+        if key not in cache:
+            cache[key] = dequantize([getattr(self, n) for n in self._names], self._spec,
+                                    [self.out_features, self.in_features], x.dtype)
+        return torch.nn.functional.linear(x, cache[key], None if self.bias is None else self.bias.to(x.dtype))
+
+    QuantLinear.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        QuantLinear.forward = original  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -88,6 +128,10 @@ def main() -> None:
     ap.add_argument("--decode", action="store_true",
                     help="token-by-token evaluation with a KV cache: every Linear sees M = 1 (see the docstring)")
     ap.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows")
+    ap.add_argument("--decode-batch", type=int, default=1,
+                    help="with --decode, windows decoded side by side: M = this many rows per Linear (<= 4: GEMV)")
+    ap.add_argument("--ref-cache", action="store_true",
+                    help="reference path with each dequantized weight kept between calls (same numbers, faster)")
     ap.add_argument("--decode-prefill", action="store_true",
                     help="with --decode, also the same windows in one forward pass each (M = ctx), same model")
     a = ap.parse_args()
@@ -104,7 +148,8 @@ def main() -> None:
     dtype = getattr(torch, a.dtype) if a.device == "cuda" else torch.float32
     bt = a.batch_tokens or a.ctx
     dev_name = torch.cuda.get_device_name() if a.device == "cuda" else "CPU"
-    how = (f"one token per forward pass with a KV cache (M = 1 rows per Linear)" if a.decode
+    how = (f"one token per forward pass with a KV cache, {a.decode_batch} window(s) side by side "
+           f"(M = {a.decode_batch} rows per Linear)" if a.decode
            else f"{bt} tokens per forward pass (M = {bt} rows per Linear)")
     nwin = f" (first {a.windows} windows)" if a.windows else ""
     pre = a.decode and a.decode_prefill
@@ -119,7 +164,7 @@ def main() -> None:
     def evaluate(model: torch.nn.Module, ids: torch.Tensor, decode: bool = a.decode, warm: bool = False) -> float:
         if decode:  # warm-up: one short window (compiles the M = 1 kernels, fills the repack caches)
             return (decode_perplexity(model, ids[..., :16], 16, 1, 0) if warm
-                    else decode_perplexity(model, ids, a.ctx, a.windows))
+                    else decode_perplexity(model, ids, a.ctx, a.windows, batch=a.decode_batch))
         if warm:
             return perplexity(model, ids, ctx_len=a.ctx, batch_tokens=bt, max_windows=1)
         return perplexity(model, ids, ctx_len=a.ctx, batch_tokens=bt, max_windows=a.windows)
@@ -145,10 +190,11 @@ def main() -> None:
         ids = tokenize(tok, default_corpus("evaluation"))[..., : a.tokens].to(a.device)
         with torch.no_grad():
             set_fast(False)
-            t = time.perf_counter()
-            ref = evaluate(model, ids)
-            t_ref = time.perf_counter() - t
-            ref_pre = evaluate(model, ids, decode=False) if pre else None
+            with cached_reference() if a.ref_cache else contextlib.nullcontext():
+                t = time.perf_counter()
+                ref = evaluate(model, ids)
+                t_ref = time.perf_counter() - t
+                ref_pre = evaluate(model, ids, decode=False) if pre else None
             set_fast(True)
             evaluate(model, ids, warm=True)
             t = time.perf_counter()
