@@ -25,7 +25,9 @@ threads. ``span=128`` is the VNNI kernel's layout of the same codes (see :func:`
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -33,16 +35,38 @@ import torch
 
 from lowbit.ops import cpu_native
 
-__all__ = ["Lut4Weight", "available", "isa", "pack_lut4", "pack_codebook", "pack_affine4", "lut4_linear", "MAX_ROWS"]
+logger = logging.getLogger(__name__)
 
+__all__ = ["Lut4Weight", "available", "bf16_available", "isa", "pack_lut4", "pack_codebook", "pack_affine4", "lut4_linear", "MAX_ROWS"]
+
+SPANS = (32, 64, 128)  # layouts: this float32 kernel, the bf16 kernel, cpu_vnni.int4_linear
 MAX_ROWS = 256  # input rows the op sends here: the weight is re-read per 4 rows, time grows ~linearly with M, and at
 # 128 rows (4096², one thread) this kernel still took 92 ms against 274 ms for dequantize + matmul
 
-_SOURCE = r"""
+# Shared by the AVX-512 kernels: passes of up to 4 input rows; in each, the weight's rows split evenly over threads,
+# and ROWS(MB) (MB a constant after the switch, so each case compiles to its own loop) handles rows lo..hi-1.
+_C_PASSES = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <stddef.h>
 
+#define LOWBIT_FOR_PASSES(M, N, n_threads, ROWS)                                                        \
+    for (int m0 = 0; m0 < (M); m0 += 4) {                                                                \
+        const int MB = (M) - m0 < 4 ? (M) - m0 : 4;                                                      \
+        _Pragma("omp parallel for schedule(static) num_threads(n_threads)")                              \
+        for (int t = 0; t < (n_threads); t++) {                                                          \
+            const int lo = (int)((long)(N) * t / (n_threads)), hi = (int)((long)(N) * (t + 1) / (n_threads)); \
+            switch (MB) {                                                                                \
+                case 1: ROWS(1) break;                                                                   \
+                case 2: ROWS(2) break;                                                                   \
+                case 3: ROWS(3) break;                                                                   \
+                default: ROWS(4) break;                                                                  \
+            }                                                                                            \
+        }                                                                                                \
+    }
+"""
+
+_SOURCE = _C_PASSES + r"""
 int lowbit_cpu_ok(void) { return __builtin_cpu_supports("avx512f"); }
 
 /* MB input rows at once (1..4): four independent accumulators per row, one vpermps per 16 codes. The table is
@@ -94,25 +118,12 @@ static inline __attribute__((always_inline)) void row_kernel(
 void lowbit_lut4_gemm(const float *x, const uint8_t *q, const float *s, const float *lut16, float *y,
                       int M, int N, int Kp, int gs, int n_threads) {
     __m512 lut = _mm512_loadu_ps(lut16);
-    for (int m0 = 0; m0 < M; m0 += 4) {
-        int MB = M - m0 < 4 ? M - m0 : 4;
-        #pragma omp parallel for schedule(static) num_threads(n_threads)
-        for (int t = 0; t < n_threads; t++) {
-            int lo = (int)((long)N * t / n_threads), hi = (int)((long)N * (t + 1) / n_threads);
-            const float *xm = x + (size_t)m0 * Kp;
-            float *ym = y + (size_t)m0 * N;
-            for (int n = lo; n < hi; n++) {
-                const uint8_t *qn = q + (size_t)n * (Kp / 2);
-                const float *sn = s + (size_t)n * (Kp / gs);
-                switch (MB) {
-                    case 1: row_kernel(xm, qn, sn, lut, ym, 1, Kp, N, gs, n); break;
-                    case 2: row_kernel(xm, qn, sn, lut, ym, 2, Kp, N, gs, n); break;
-                    case 3: row_kernel(xm, qn, sn, lut, ym, 3, Kp, N, gs, n); break;
-                    default: row_kernel(xm, qn, sn, lut, ym, 4, Kp, N, gs, n); break;
-                }
-            }
-        }
-    }
+    #define LUT4_ROWS(MB_)                                                                                \
+        for (int n = lo; n < hi; n++)                                                                     \
+            row_kernel(x + (size_t)m0 * Kp, q + (size_t)n * (Kp / 2), s + (size_t)n * (Kp / gs), lut,      \
+                       y + (size_t)m0 * N, MB_, Kp, N, gs, n);
+    LOWBIT_FOR_PASSES(M, N, n_threads, LUT4_ROWS)
+    #undef LUT4_ROWS
 }
 """
 
@@ -172,11 +183,111 @@ void lowbit_lut4_gemm(const float *x, const uint8_t *q, const float *s, const fl
 
 _VARIANTS = {"avx512": (_SOURCE, ("-mavx512f",)), "avx2": (_SOURCE_AVX2, ("-mavx2", "-mfma"))}
 
+_SOURCE_BF16 = _C_PASSES + r"""
+int lowbit_cpu_ok(void) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512bf16");
+}
+
+/* [bf16(lut·s0) | bf16(lut·s1)]: 16 words each, the products in float32, rounded to nearest-even (vcvtne2ps2bf16) */
+static inline __attribute__((always_inline)) __m512i tables2(__m512 lut, float s0, float s1) {
+    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(lut, _mm512_set1_ps(s1)), _mm512_mul_ps(lut, _mm512_set1_ps(s0)));
+}
+#define DOT(acc, w, xp) acc = _mm512_dpbf16_ps(acc, (__m512bh)(w), (__m512bh)_mm512_loadu_si512((const void *)(xp)))
+
+/* MB input rows x R output rows (constants after inlining). Per 128 codes (64 bytes, 32 words; nibble j of word w
+   is code 32j + w): four vpermw lookups of 32 bf16 weights in a table held twice (vpermw reads index bits 0-4; bit 4
+   is the next nibble's bit 0), four vdpbf16ps per input row. One vcvtne2ps2bf16 builds both halves' tables, and
+   vshufi64x2 doubles each (measured, one thread, 256 x 4096: a conversion per table 0.058 ms, per two 0.053).
+   The rows of the next block are prefetched. A last 64 codes (32 bytes) go through vpmovzxbw. */
+static inline __attribute__((always_inline)) void bf16_rows(
+        const uint16_t *x, const uint8_t *q, const float *s, __m512 lut, float *y,
+        const int MB, const int R, int Kp, int N, int gs, int n) {
+    __m512 a[4][4][2];
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) a[m][r][0] = a[m][r][1] = _mm512_setzero_ps();
+    const size_t Kb = (size_t)Kp / 2, G = (size_t)(Kp / gs);
+    const int halves = gs / 64;
+    int g = 0, h = 0;  /* group of the current 64 codes, and which 64 of that group */
+    int k = 0;
+    for (; k + 128 <= Kp; k += 128) {
+        const int g0 = g;
+        if (++h == halves) { h = 0; g++; }
+        const int g1 = g;
+        if (++h == halves) { h = 0; g++; }
+        for (int r = 0; r < R; r++) {
+            const uint8_t *qr = q + r * Kb + k / 2;
+            _mm_prefetch((const char *)(qr + R * Kb), _MM_HINT_T0);
+            const __m512i p = tables2(lut, s[r * G + g0], s[r * G + g1]);
+            const __m512i t0 = _mm512_shuffle_i64x2(p, p, 0x44), t1 = _mm512_shuffle_i64x2(p, p, 0xEE);
+            const __m512i v = _mm512_loadu_si512((const void *)qr);
+            const __m512i w0 = _mm512_permutexvar_epi16(v, t0);
+            const __m512i w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), t0);
+            const __m512i w2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), t1);
+            const __m512i w3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), t1);
+            for (int m = 0; m < MB; m++) {
+                const uint16_t *xk = x + (size_t)m * Kp + k;
+                DOT(a[m][r][0], w0, xk);
+                DOT(a[m][r][1], w1, xk + 32);
+                DOT(a[m][r][0], w2, xk + 64);
+                DOT(a[m][r][1], w3, xk + 96);
+            }
+        }
+    }
+    if (k < Kp) {  /* Kp is a multiple of 64: byte j of the last 32 holds codes j and j + 32 */
+        for (int r = 0; r < R; r++) {
+            const __m512i t = tables2(lut, s[r * G + g], s[r * G + g]);
+            const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + r * Kb + k / 2)));
+            const __m512i w0 = _mm512_permutexvar_epi16(b, t), w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), t);
+            for (int m = 0; m < MB; m++) {
+                DOT(a[m][r][0], w0, x + (size_t)m * Kp + k);
+                DOT(a[m][r][1], w1, x + (size_t)m * Kp + k + 32);
+            }
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++)
+            y[(size_t)m * N + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[m][r][0], a[m][r][1]));
+}
+
+/* One input row: four output rows per step (eight independent accumulators); more input rows: one output row. */
+void lowbit_lut4_bf16_gemm(const uint16_t *x, const uint8_t *q, const float *s, const float *lut16, float *y,
+                           int M, int N, int Kp, int gs, int n_threads) {
+    const __m512 lut = _mm512_loadu_ps(lut16);
+    const size_t Kb = (size_t)Kp / 2, G = (size_t)(Kp / gs);
+    #define BF16_ROWS(MB_) {                                                                              \
+        const uint16_t *xm = x + (size_t)m0 * Kp;                                                         \
+        float *ym = y + (size_t)m0 * N;                                                                   \
+        int n = lo;                                                                                       \
+        if (MB_ == 1)                                                                                     \
+            for (; n + 4 <= hi; n += 4) bf16_rows(xm, q + n * Kb, s + n * G, lut, ym, 1, 4, Kp, N, gs, n); \
+        for (; n < hi; n++) bf16_rows(xm, q + n * Kb, s + n * G, lut, ym, MB_, 1, Kp, N, gs, n);          \
+    }
+    LOWBIT_FOR_PASSES(M, N, n_threads, BF16_ROWS)
+    #undef BF16_ROWS
+}
+"""
+
+
+
+_VARIANTS_BF16 = {"avx512": (_SOURCE_BF16, ("-mavx512f", "-mavx512bw", "-mavx512bf16"))}
+
 
 @lru_cache(maxsize=1)
 def _lib() -> ctypes.CDLL | None:
     """The AVX-512 kernel, else the AVX2 one (``LOWBIT_CPU_ISA=avx2`` forces the latter: tests)."""
     return cpu_native.load_variant("lut4", _VARIANTS, {"lowbit_lut4_gemm": (None, 5, 5)})
+
+
+@lru_cache(maxsize=1)
+def _lib_bf16() -> ctypes.CDLL | None:
+    """The AVX512-BF16 kernel for bf16 inputs, or None (no compiler or no avx512_bf16: logged once by
+    :mod:`lowbit.ops.cpu_native`; ``LOWBIT_CPU_ISA`` forcing a variant it does not have, e.g. ``avx2``)."""
+    forced = os.environ.get("LOWBIT_CPU_ISA")
+    if forced is not None and forced not in _VARIANTS_BF16 and forced in _VARIANTS:
+        logger.info("LOWBIT_CPU_ISA=%s: the bf16 lut4 kernel (avx512 only) is not used", forced)
+        return None
+    return cpu_native.load_variant("lut4_bf16", _VARIANTS_BF16, {"lowbit_lut4_bf16_gemm": (None, 5, 5)})
 
 
 def isa() -> str | None:
@@ -188,6 +299,11 @@ def isa() -> str | None:
 def available() -> bool:
     """Whether the compiled kernel loads here (AVX-512 CPU and a working C compiler); cached per process."""
     return _lib() is not None
+
+
+def bf16_available() -> bool:
+    """Whether the bf16-input kernel (``span=64`` layout) loads here (AVX512-BF16 and a C compiler); cached."""
+    return _lib_bf16() is not None
 
 
 @dataclass(frozen=True, eq=False)
@@ -213,15 +329,15 @@ def pack_lut4(codes: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, group
               shift: torch.Tensor | None = None, perm: torch.Tensor | None = None, span: int = 32) -> Lut4Weight:
     """Build the kernel layout from codes ``(N, K)`` in [0, 16), ``scale (N, ceil(K/group_size))``.
 
-    ``span=32``: this kernel's layout. ``span=128``: byte ``i`` of each 64-byte block holds codes ``i`` and
-    ``i + 64`` of its 128 inputs, the layout of :func:`lowbit.ops.cpu_vnni.int4_linear` (group sizes multiple of
-    128).
+    ``span=32``: this kernel's layout. ``span=64``: the bf16 kernel's (module docstring; group sizes multiple of
+    64). ``span=128``: byte ``i`` of each 64-byte block holds codes ``i`` and ``i + 64`` of its 128 inputs, the
+    layout of :func:`lowbit.ops.cpu_vnni.int4_linear` (group sizes multiple of 128).
 
     Raises:
         ValueError: a group size that is not a multiple of ``span``, codes out of range, or mismatched shapes.
     """
-    if span not in (32, 128):
-        raise ValueError(f"span must be 32 or 128, got {span!r}")
+    if span not in SPANS:
+        raise ValueError(f"span must be one of {SPANS}, got {span!r}")
     if group_size <= 0 or group_size % span:
         raise ValueError(f"this layout (span {span}) takes group sizes that are multiples of {span}, got {group_size}")
     N, K = codes.shape
@@ -234,19 +350,25 @@ def pack_lut4(codes: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, group
     c = torch.nn.functional.pad(codes.to(torch.uint8), (0, Kp - K)).reshape(N, Kp // span, 2, span // 2)
     if int(c.max()) > 15:
         raise ValueError("codes must be in [0, 16)")
-    packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, Kp // 2).contiguous()
+    packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, Kp // 2)
+    if span == 64:  # pairs of 32-byte halves interleaved bytewise: nibble j of 16-bit word w = code 32j + w
+        n2 = Kp // 128 * 64
+        full = packed[:, :n2].reshape(N, -1, 2, 32).transpose(2, 3).reshape(N, n2)
+        packed = torch.cat([full, packed[:, n2:]], 1)
+    packed = packed.contiguous()
     return Lut4Weight(packed, scale.to(torch.float32).contiguous(), lut.to(torch.float32).contiguous(),
                       None if shift is None else shift.to(torch.float32).contiguous(), group_size, K, Kp, perm, span)
 
 
-def pack_codebook(q) -> Lut4Weight:  # type: ignore[no-untyped-def]
-    """NF4 / FP4 (``Codebook`` with 4-bit codes, double quantization or not).
+def pack_codebook(q, span: int = 32) -> Lut4Weight:  # type: ignore[no-untyped-def]
+    """NF4 / FP4 (``Codebook`` with 4-bit codes, double quantization or not), for the float32 kernel
+    (``span=32``) or the bf16 one (``span=64``).
 
     Blocks run over the row-major flattened weight, so a row may start inside a block: the kernel's groups are
     ``gcd(in_features, block_size)`` wide and each takes its block's absmax.
 
     Raises:
-        ValueError: not a 4-bit codebook, or ``gcd(in_features, block_size)`` not a multiple of 32.
+        ValueError: not a 4-bit codebook, or ``gcd(in_features, block_size)`` not a multiple of ``span``.
     """
     from lowbit.formats.bitpack import unpack
 
@@ -255,12 +377,12 @@ def pack_codebook(q) -> Lut4Weight:  # type: ignore[no-untyped-def]
         raise ValueError(f"pack_codebook takes 4-bit codebook weights, got {fmt.spec()}")
     N, K = q.shape
     g = math.gcd(K, fmt.block_size)
-    if g % 32:
-        raise ValueError(f"gcd(in_features={K}, block_size={fmt.block_size}) = {g} is not a multiple of 32")
+    if g % span:
+        raise ValueError(f"gcd(in_features={K}, block_size={fmt.block_size}) = {g} is not a multiple of {span}")
     idx = unpack(q["qdata"].unsqueeze(0), 4, q.numel + q.numel % 2).reshape(-1)[: q.numel].reshape(N, K)
     start = torch.arange(N).unsqueeze(1) * K + torch.arange(K // g).unsqueeze(0) * g  # first weight of each group
     absmax = fmt.absmax(q)[start // fmt.block_size]
-    return pack_lut4(idx, absmax, fmt.code, g)
+    return pack_lut4(idx, absmax, fmt.code, g, span=span)
 
 
 def pack_affine4(q, span: int = 32) -> Lut4Weight:  # type: ignore[no-untyped-def]
@@ -288,19 +410,25 @@ def pack_affine4(q, span: int = 32) -> Lut4Weight:  # type: ignore[no-untyped-de
                      perm=pw.perm, span=span)
 
 
-def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x (..., K) -> (..., N)`` in float32 through the kernel; output in ``x``'s dtype.
+def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x (..., K) -> (..., N)`` through the kernel of ``w``'s layout; output in ``out_dtype`` (default: ``x``'s).
+
+    ``span=32``: the float32 kernel (bf16/fp16 inputs widened exactly). ``span=64``: the bf16 kernel; inputs are
+    rounded to bf16 (exact for bf16 inputs; what ``float32_compute="bfloat16"`` asks for, otherwise). Bias is added
+    in float32 before the output is cast.
 
     Raises:
-        RuntimeError: the kernel is not available here (check :func:`available` first).
+        RuntimeError: that kernel is not available here (check :func:`available` / :func:`bf16_available`).
+        ValueError: another layout (``span=128`` is :func:`lowbit.ops.cpu_vnni.int4_linear`'s).
     """
-    lib = _lib()
+    if w.span not in (32, 64):
+        raise ValueError(f"lut4_linear takes the span-32 or span-64 layout, got span {w.span}")
+    lib = _lib() if w.span == 32 else _lib_bf16()
     if lib is None:
-        raise RuntimeError("the lut4 CPU kernel is not available (needs AVX-512 and a C compiler)")
-    if w.span != 32:
-        raise ValueError(f"lut4_linear needs the span-32 layout, got span {w.span}")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        raise RuntimeError(f"the {'float32' if w.span == 32 else 'bf16'} lut4 CPU kernel is not available here "
+                           "(needs a C compiler and AVX-512 / AVX2, or AVX512-BF16 for the bf16 one)")
+    x2 = cpu_native.as_rows(x, torch.float32 if w.span == 32 else torch.bfloat16)
     if w.perm is not None:
         x2 = x2.index_select(1, w.perm.long())
     if w.padded_in != w.in_features:
@@ -308,10 +436,13 @@ def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None
     x2 = x2.contiguous()
     M, N = x2.shape[0], w.out_features
     y = torch.empty(M, N, dtype=torch.float32)
-    lib.lowbit_lut4_gemm(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.lut.data_ptr(), y.data_ptr(),
-                         M, N, w.padded_in, w.group_size, torch.get_num_threads())
+    fn = lib.lowbit_lut4_gemm if w.span == 32 else lib.lowbit_lut4_bf16_gemm
+    fn(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.lut.data_ptr(), y.data_ptr(), M, N, w.padded_in,
+       w.group_size, torch.get_num_threads())
     if w.shift is not None:
-        y -= x2.reshape(M, -1, w.group_size).sum(-1) @ w.shift.t()
+        y -= x2.float().reshape(M, -1, w.group_size).sum(-1) @ w.shift.t()
     if bias is not None:
         y += bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*lead, N)
+    if out_dtype is not None and out_dtype != x.dtype:
+        return y.to(out_dtype).reshape(*x.shape[:-1], N)
+    return cpu_native.like_input(y, x)
