@@ -11,8 +11,11 @@ x86 kernels (AVX-512, with AVX2 variants) where ATen has nothing that fits or is
   float inputs split into int8 limbs (3 for float32 inputs: error ≤ 6.1e-8·max|x|, float32's level; 2 for
   bf16/fp16: ≤ 1.6e-5·max|x|), integer dot products, float epilogue. Not bit-identical to the reference; tested
   against float64.
-- 4-bit codebooks (NF4/FP4 ``Codebook``, double quantization or not), and other 4-bit affine groups with float32
-  inputs -> the float32 lookup-table kernel of :mod:`lowbit.ops.cpu_lut4`.
+- 4-bit codebooks (NF4/FP4 ``Codebook``, double quantization or not) with bf16 inputs -> the AVX512-BF16 kernel of
+  :mod:`lowbit.ops.cpu_lut4` (``span=64``; group sizes that are multiples of 64): weights ``bf16(code·absmax)``
+  exactly as the reference dequantizes them for bf16 inputs, exact products, float32 accumulation.
+- other 4-bit codebooks and inputs (float32, fp16; bf16 without AVX512-BF16 or with groups of 32), and other 4-bit
+  affine groups with float32 inputs -> the float32 lookup-table kernel of :mod:`lowbit.ops.cpu_lut4`.
 - otherwise 4-bit affine -> ``aten._weight_int4pack_mm_for_cpu``, which computes ``x · ((q − 8)·s + z')ᵀ`` per
   group; lowbit's ``(q − zero_point)·scale`` maps exactly to it with ``z' = (8 − zero_point)·scale`` (group sizes
   32, 64, 128, 256; K padded to a whole group); weight-only int8 -> ``aten._weight_int8pack_mm``.
@@ -199,6 +202,8 @@ def compute_dtype(x_dtype: torch.dtype, float32_compute: str = "auto", fmt=None)
     if float32_compute == "auto":  # float32 where a hand-written kernel is faster than ATen's in bf16
         own = fmt is not None and fmt.kind == "int_affine" and fmt.bits == 4 and (cpu_lut4.isa() == "avx512"
                                                                                   or cpu_vnni.available())
+        # 4-bit codebooks: float32 keeps float32 inputs on the float32 lut4 kernel (bf16 picks the bf16 kernel)
+        own = own or (fmt is not None and fmt.kind == "codebook" and fmt.bits == 4)
         return torch.float32 if own else torch.bfloat16
     return torch.bfloat16 if float32_compute == "bfloat16" else torch.float32
 
@@ -209,7 +214,8 @@ def pack(q, dtype: torch.dtype = torch.bfloat16) -> CpuWeight | None:  # type: i
     The hand-written kernels come first where they build and take the layout: 4-bit affine with group sizes
     that are multiples of 128 -> :func:`lowbit.ops.cpu_vnni.int4_linear` (int8 limbs of the inputs); other 4-bit
     affine groups -> the float32 lut4 kernel if ``dtype`` is float32, else ATen's int4 kernel in ``dtype``;
-    NF4/FP4 -> the lut4 kernel (float32 math); weight-only int8 -> the VNNI int8 kernel, else ATen's int8 kernel
+    NF4/FP4 -> the bf16 lut4 kernel if ``dtype`` is bf16 (and it builds here and takes the groups), else the
+    float32 lut4 kernel; weight-only int8 -> the VNNI int8 kernel, else ATen's int8 kernel
     in ``dtype``; W8A8 -> ``torch._int_mm`` (int32 / float32). ``dtype`` is the compute dtype of the ATen kernels.
     """
     fmt = q.format
@@ -228,8 +234,13 @@ def pack(q, dtype: torch.dtype = torch.bfloat16) -> CpuWeight | None:  # type: i
             packers.append(cpu_lut4.pack_affine4)
         packers.append(lambda q: _aten_pack(q, dtype))
         return _first_fit(packers, q)
-    if fmt.kind == "codebook" and fmt.bits == 4 and cpu_lut4.available():
-        return _first_fit([cpu_lut4.pack_codebook], q)
+    if fmt.kind == "codebook" and fmt.bits == 4:
+        packers = []
+        if dtype == torch.bfloat16 and cpu_lut4.bf16_available():
+            packers.append(lambda q: cpu_lut4.pack_codebook(q, span=64))  # groups that are multiples of 64
+        if cpu_lut4.available():
+            packers.append(cpu_lut4.pack_codebook)
+        return _first_fit(packers, q)
     return None
 
 
@@ -270,7 +281,7 @@ def linear(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None = None) -> t
     if isinstance(w, cpu_lut4.Lut4Weight):
         if x.numel() > cpu_lut4.MAX_ROWS * x.shape[-1]:
             return None
-        return cpu_lut4.lut4_linear(x, w, bias) if w.span == 32 else cpu_vnni.int4_linear(x, w, bias)
+        return cpu_vnni.int4_linear(x, w, bias) if w.span == 128 else cpu_lut4.lut4_linear(x, w, bias)
     if isinstance(w, cpu_vnni.W8Weight):
         if x.numel() > cpu_vnni.MAX_ROWS * x.shape[-1]:
             return None
