@@ -258,6 +258,13 @@ def main() -> None:
         wn = cpu_lut4.pack_codebook(qn)
         add("4", "lowbit NF4 (double quant) lut4 kernel (fp32 in)", lambda: cpu.linear(x, wn), Wn)
         add("4", "lowbit NF4 (double quant) lut4 kernel (bf16 in)", lambda: cpu.linear(xb, wn), Wn, xb.float())
+    Wnb = Wn.bfloat16().float()  # the reference's weights for bf16 inputs: bf16(code * absmax)
+    if cpu_lut4.bf16_available():
+        wnb = cpu.pack(qn, torch.bfloat16)
+        add("4", "lowbit NF4 (double quant) lut4-bf16 kernel (bf16 in, AVX512-BF16)", lambda: cpu.linear(xb, wnb),
+            Wnb, xb.float(), f"span {wnb.span}; error vs the reference's bf16 weights")
+    else:
+        missing("4", "lowbit NF4 lut4-bf16 kernel", "not available here (needs AVX512-BF16 and a C compiler)")
 
     q8 = Int8Rowwise().quantize(W)
     W8 = q8.dequantize().float()
@@ -291,6 +298,9 @@ def main() -> None:
         m = QuantLinear(qq)
         add(bits, f"lowbit {label} QuantLinear, fast path enabled (fp32 in)",
             torch.no_grad()(lambda m=m: m(x)), Wq)
+    m = QuantLinear(qn)
+    add("4", "lowbit NF4 QuantLinear, fast path enabled (bf16 in)", torch.no_grad()(lambda m=m: m(xb)), Wnb, xb.float(),
+        "the lut4-bf16 kernel" if cpu_lut4.bf16_available() else "")
 
     # -- report --------------------------------------------------------------------------------------------
     base = rows[0][2]
