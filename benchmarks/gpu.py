@@ -545,6 +545,161 @@ def big_m_sweep(out_dir: str) -> dict:
     return res
 
 
+def _timed_cfgs(pws, x, path, cfgs, ref_w, graph=True):
+    """{label: (µs plain, µs graph)} for each cfg of ``cfgs`` (label -> cfg), each checked first on a fresh x
+    against fp32 dequantize+matmul (err < 1e-2 or it is recorded as wrong and not timed)."""
+    out = {}
+    M, K = x.shape
+    for lab, cfg in cfgs.items():
+        try:
+            xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            y = wq.gemv(xx, pws[0], cfg) if path == "gemv" else wq.mm(xx, pws[0], cfg)
+            e = rel(y, xx.float() @ ref_w.t())
+            if not e < 1e-2:
+                out[lab] = f"wrong: err {e:.3e}"
+                continue
+            fn = lowbit_fn(pws, x, path, cfg)
+            out[lab] = (round(bench(fn), 2), round(bench_graph(fn), 2) if graph else None, f"{e:.2e}")
+        except Exception as ex:
+            out[lab] = repr(ex)[:200]
+            traceback.print_exc()
+    return out
+
+
+def one_launch_sweep(out_dir: str) -> dict:
+    """Session 5 (NOTES_gpu.md): the M = 1 GEMV with split 1 (one launch, x's dtype written by the kernel) and its
+    K loop pipelined through shared memory (``stages``: cp.async; ``tma``: tensor-descriptor bulk copies),
+    against the split-K default; the M = 16 mm v4 with split 1 / pipelining; M = 2048 NF4 byte-pair table and
+    3-bit plane-once dequantize against the former kernels. bf16 timed before and after each block."""
+    res: dict = {}
+
+    def lab(cfg):
+        return " ".join(f"{k}{v}" for k, v in cfg.items() if k not in ("k_per", "pf", "v"))
+
+    def dump():  # after every block: a run cut short still leaves what it measured
+        with open(os.path.join(out_dir, "one_launch_sweep.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+    def base(x, nW):
+        return {"bf16": round(bench(lambda: torch.nn.functional.linear(x, nW())), 2),
+                "bf16 graph": round(bench_graph(lambda: torch.nn.functional.linear(x, nW())), 2)}
+
+    plans = [((8192, 28672), "int4 g128 asym", True), ((4096, 11008), "int4 g128 asym", True),
+             ((8192, 28672), "int2 g128", False), ((8192, 28672), "int4 g128 act-order", False),
+             ((8192, 28672), "hqq int4 g64 float-zero", False), ((8192, 28672), "int4 g128 sym", False)]
+    best: list = []
+    for (K, N), name, full in plans:
+        torch.manual_seed(K + N)
+        ncopy = max(1, math.ceil(3 * L2_BYTES / (N * K * 0.375)))
+        pws = [VARIANTS[name](N, K) for _ in range(ncopy)]
+        Wd = R.dequantize_packed(pws[0], torch.float32)
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, ncopy // 4))]
+        nW = cycler(Ws)
+        pw = pws[0]
+        g = lambda **c: wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, **c)  # noqa: E731
+        cfgs = {"default " + lab(g()): g()}
+        if full:
+            for bn in (16, 32, 64):
+                for st in (1, 3, 4):
+                    for tma in (False, True):
+                        c = g(BN=bn, split=1, stages=st, tma=tma)
+                        cfgs[lab(c)] = c
+            for st in (3, 4):
+                for tma in (False, True):
+                    c = g(stages=st, tma=tma)  # the default split-K grid, pipelined
+                    cfgs[lab(c)] = c
+                c = g(BN=64, split=1, stages=st, tma=True, num_warps=8)
+                cfgs[lab(c)] = c
+        else:
+            for c in best[:4]:
+                cc = g(**c)
+                cfgs[lab(cc)] = cc
+        row = {"before": base(x, nW)}
+        row.update(_timed_cfgs(pws, x, "gemv", cfgs, Wd))
+        row["after"] = base(x, nW)
+        key = f"gemv {name} {K}x{N}"
+        res[key] = row
+        timed = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple))
+        print(key, json.dumps(row["before"]), json.dumps(row["after"]), "best under graphs:",
+              [(v, k, row[k][0]) for v, k in timed[:8]], flush=True)
+        dump()
+        if full and not best:
+            keep = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple) and not k.startswith("default"))
+            for _, k in keep[:4]:
+                c = dict(cfgs[k])
+                best.append({kk: c[kk] for kk in ("BN", "split", "stages", "tma", "num_warps") if kk in c})
+        del pws, Wd, Ws
+    # M = 16: mm v4, split-K (atomics + zeroed fp32 + cast) against split 1 (one launch) and deeper pipelines
+    K, N, M = 8192, 28672, 16
+    for name in ("int4 g128 asym", "int3 g128"):
+        torch.manual_seed(M)
+        pws = [VARIANTS[name](N, K) for _ in range(2)]
+        Wd = R.dequantize_packed(pws[0], torch.float32)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        nW = cycler(Ws)
+        row = {"before": base(x, nW)}
+        if name == "int4 g128 asym":
+            d = wq.mm_config(M, N, K, 128, 132, v=4, BN=256, num_stages=3)
+            cfgs = {"default " + lab(d): d}
+            for bn in (64, 128, 256):
+                for sp in (1, 2, 4, 8):
+                    for st in (3, 4):
+                        c = wq.mm_config(M, N, K, 128, 132, v=4, BN=bn, split=sp, num_stages=st)
+                        cfgs[lab(c)] = c
+        else:
+            d = wq.mm_config(M, N, K, 128, 132)
+            cfgs = {"default (planes once) " + lab(d): d, "former (words per K row) " + lab(d): dict(d, RS3=False)}
+        row.update(_timed_cfgs(pws, x, "mm", cfgs, Wd))
+        row["after"] = base(x, nW)
+        key = f"mm {name} M{M} {K}x{N}"
+        res[key] = row
+        timed = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple))
+        print(key, json.dumps(row["before"]), json.dumps(row["after"]), "best under graphs:",
+              [(v, k, row[k][0]) for v, k in timed[:8]], flush=True)
+        dump()
+        del pws, Wd, Ws
+    # M = 2048 dequantize + cuBLAS: NF4 byte pairs, 3-bit planes once, each against its former kernel
+    K, N, M = 8192, 28672, 2048
+    torch.manual_seed(5)
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    nW = cycler([W] + [W.clone() for _ in range(2)])
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    fns = {"bf16": lambda: torch.nn.functional.linear(x, nW())}
+    checks = {}
+    keep = []
+    for name, opts in (("nf4 g64 dq", {"pairs": dict(pair=True), "former (gather per code)": dict(pair=False)}),
+                       ("int3 g128", {"planes once": dict(rs3=True), "former (words per K row)": dict(rs3=False)}),
+                       ("int4 g128 asym", {"default": {}})):
+        pws = [VARIANTS[name](N, K) for _ in range(2)]
+        keep.append(pws)
+        Wd = R.dequantize_packed(pws[0], torch.float32)
+        xx = torch.randn(256, K, device="cuda", dtype=torch.bfloat16)
+        refy = xx.float() @ Wd.t()
+        del Wd
+        for olab, o in opts.items():
+            def call(xi, pwi, o=o):
+                rs3, wq.RS3 = wq.RS3, o.get("rs3", wq.RS3)
+                try:
+                    return wq.dequant_matmul(xi, pwi, wq.DEQUANT_CHUNK, pair=o.get("pair"))
+                finally:
+                    wq.RS3 = rs3
+            key = f"{name} {olab}"
+            e = rel(call(xx, pws[0]), refy)
+            checks[key] = e
+            if e < 2e-2:
+                nxt = cycler(pws)
+                fns[key] = lambda nxt=nxt, call=call: call(x, nxt())
+    res["dequant checks"] = checks
+    res["dequant"] = interleaved(fns, rounds=3)
+    print("dequant", json.dumps(checks), json.dumps({k: (round(v["us"], 1), round(v["x bf16"], 3))
+                                                    for k, v in res["dequant"].items()}), flush=True)
+    del keep
+    dump()
+    return res
+
+
 SWEEP_NAMES = ("int4 g128 asym", "nf4 g64 dq", "lut3 per-row (SqueezeLLM)")
 args_sweep = False
 args_graph = False
@@ -928,6 +1083,9 @@ def main() -> None:
     ap.add_argument("--gemv-prefetch", action="store_true", help="only the M = 1 GEMV v4 with / without prefetch")
     ap.add_argument("--graph-only", action="store_true",
                     help="M <= 16 rows only, with --graph, no bitsandbytes/W8A8/AdamW/opcheck (a short run)")
+    ap.add_argument("--one-launch-sweep", action="store_true",
+                    help="session 5: M = 1 split 1 / pipelined (cp.async, TMA) GEMV, M = 16 split 1, M = 2048 NF4 "
+                         "pairs and 3-bit planes, against the former kernels")
     ap.add_argument("--adam-sweep", action="store_true",
                     help="only the 8-bit AdamW rows x warps x cache-hint grid against torch fused AdamW")
     args = ap.parse_args()
@@ -958,6 +1116,11 @@ def main() -> None:
     if args.gemv_waves or args.gemv_prefetch:
         os.makedirs(args.out, exist_ok=True)
         gemv_waves(args.out, pf_only=args.gemv_prefetch)
+        return
+    if args.one_launch_sweep:
+        os.makedirs(args.out, exist_ok=True)
+        one_launch_sweep(args.out)
+        print(f"(one-launch sweep {time.time() - t0:.0f} s)")
         return
     if args.gemv_sweep:
         os.makedirs(args.out, exist_ok=True)

@@ -42,6 +42,8 @@ BIG_M = 1024
 GEMV_PREFETCH = False  # v3 affine 2/4-bit prefetch of the next tile: no gain on the H100 (88.0 vs 92.5 µs)
 MM_MAGIC = False  # mm path, affine 2/4-bit: bf16(128 + c) from the bits, scale after the dot: slower on the H100
 DEQUANT_SEL = False  # large-M dequantize: select-tree tables were slower than L1 gathers there (NF4 0.76x vs 0.88x)
+DEQUANT_PAIR = False  # large-M dequantize, shared 4-bit tables (NF4/FP4): one 8-byte gather per two codes
+RS3 = True  # 3-bit dequantized tiles: each plane's words loaded once and unpacked (False: re-read per K row)
 GEMV_PMIN = 12  # v4: codes at bit >= 12 skip the per-code subtract (H100: 66.4 -> 64.5 µs, graphs 56.7 -> 52.8)
 DEQUANT_V4 = False  # v4 dequantize (exact in-place decode, per-code-position row stores): slower on the H100, 1520 vs 1420 µs
 MM4_MAX_M = 64  # mm v4 up to here (one dot per code position: fewer decode instructions, more, smaller dots)
@@ -108,14 +110,37 @@ def _codes2d_rs(q_ptr, k0, offs_n, mask_n, N, KW, BK: tl.constexpr, B: tl.conste
 
 
 @triton.jit
+def _pair_tile(q4, pairs, k0, offs_n, mask_n, N, KW, BK: tl.constexpr):
+    """Shared 4-bit table values of a ``(BK, BN)`` tile, one gather per byte: ``pairs`` (int64, 256 entries) holds
+    ``table[b & 15]`` in its low and ``table[b >> 4]`` in its high 32 bits (fp32 bits), see :func:`pair_table`."""
+    BN: tl.constexpr = offs_n.shape[0]
+    rows = k0 // 8 + tl.arange(0, BK // 8)
+    w = tl.load(q4 + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW) & mask_n[None, :], other=0)
+    b = (w[:, None, :] >> (tl.arange(0, 4) * 8)[None, :, None]) & 255  # (BK/8, 4, BN): codes 2j, 2j + 1
+    v = tl.load(pairs + b)
+    lo = (v & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    hi = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), (BK, BN))
+
+
+@triton.jit
 def _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K,
                   BK: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
-                  RS: tl.constexpr = False, SEL: tl.constexpr = False):
-    """fp32 ``(BK, BN)`` tile of W^T (requires GROUP % BK == 0, so the tile lies in one group)."""
+                  RS: tl.constexpr = False, SEL: tl.constexpr = False, PAIR: tl.constexpr = False):
+    """fp32 ``(BK, BN)`` tile of W^T (requires GROUP % BK == 0, so the tile lies in one group). ``PAIR`` (shared
+    4-bit table): ``cb`` is :func:`pair_table`'s byte-indexed table, read once per two codes."""
+    if PAIR:
+        g = k0 // GROUP
+        ms = mask_n & (k0 < K)
+        s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+        return _pair_tile(q4, cb, k0, offs_n, mask_n, N, (K + 7) // 8, BK) * s[None, :]
     if RS and BITS == 4:
         c = _codes2d_rs(q4, k0, offs_n, mask_n, N, (K + 7) // 8, BK, 4)
     elif RS and BITS == 2:
         c = _codes2d_rs(q2, k0, offs_n, mask_n, N, (K + 15) // 16, BK, 2)
+    elif RS and BITS == 3 and BK >= 32:  # both bit planes' words loaded once each (not once per K row)
+        c = _codes2d_rs(q2, k0, offs_n, mask_n, N, (K + 15) // 16, BK, 2) | \
+            (_codes2d_rs(q1, k0, offs_n, mask_n, N, (K + 31) // 32, BK, 1) << 2)
     else:
         c = _codes2d(q4, q2, q1, k0, offs_n, mask_n, N, K, BK, BITS)
     g = k0 // GROUP
@@ -501,9 +526,15 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
                   BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_PERM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr,
                   PF: tl.constexpr = False, DEC: tl.constexpr = 0, EVEN: tl.constexpr = False,
-                  PMIN: tl.constexpr = 24, xs_ptr=None, xb_ptr=None, XPRE: tl.constexpr = False):
+                  PMIN: tl.constexpr = 24, xs_ptr=None, xb_ptr=None, XPRE: tl.constexpr = False,
+                  STAGES: tl.constexpr = 1, TMA: tl.constexpr = False):
     """GEMV v3: codes unpacked with constant shifts (``tl.static_range``), affine codes decoded by
-    :func:`_hm_plane`, look-up tables held in registers (:func:`_select16`) instead of gathered from memory."""
+    :func:`_hm_plane`, look-up tables held in registers (:func:`_select16`) instead of gathered from memory.
+    ``STAGES > 1`` software-pipelines the K loop (``tl.range(num_stages=...)``): the word tiles of the next
+    ``STAGES - 1`` iterations are copied to shared memory asynchronously (cp.async) while this one is decoded;
+    a plain ``range`` with the launch's ``num_stages`` is not pipelined for a loop without a dot. ``TMA``
+    (affine 2/4-bit, v4 decode): ``q4``/``q2`` is a host-made tensor descriptor of the word plane with block
+    ``(BK·B/32, BN)``, so the tiles are bulk copies (pipelined over ``STAGES`` too), zero past the plane's end."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -527,7 +558,7 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
         xbr = xb_ptr
     if PFX:  # software prefetch: the next tile's words are in flight while this tile is computed
         w_next = _hm_load(QP, kstart, k_end, offs_n, mask_n, N, KWP, BK // P0, BP)
-    for kt in range(0, K_PER_PROG, BK):
+    for kt in tl.range(0, K_PER_PROG, BK, num_stages=STAGES):
         k0 = kstart + kt
         g = k0 // GROUP
         ms = mask_n & (k0 < K)  # a split may end past K: never read a group that does not exist
@@ -542,6 +573,16 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
             else:
                 A, X = _hm_dot(w, xr, perm, k0, K, BK // P0, BP, HAS_PERM)
                 acc += s[None, :] * ((1 << BP) * A - ((1 << BP) + z[None, :]) * X[:, None])
+        elif TMA:  # affine 2/4-bit, v4 decode, the word tile by bulk copy
+            if EVEN:
+                s = tl.load(scale + g * N + offs_n).to(tl.float32)
+                z = tl.load(zero + g * N + offs_n).to(tl.float32)
+            else:
+                s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+                z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+            w = QP.load([k0 // P0, pid_n * BN])
+            A, X = _ex_dot(w, xr, perm, k0, K, E23, BK // P0, BP, HAS_PERM, EVEN, PMIN)
+            acc += s[None, :] * (A - z[None, :] * X[:, None])
         elif MODE == 0:
             if EVEN:
                 s = tl.load(scale + g * N + offs_n).to(tl.float32)
@@ -767,7 +808,7 @@ def _mm4_kernel(x_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_xm, stride_
 def _dequant_kernel(out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, n_off, n_end, stride_out,
                     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, RS: tl.constexpr, SEL: tl.constexpr, HAS_PERM: tl.constexpr,
-                    TRANS: tl.constexpr = False):
+                    TRANS: tl.constexpr = False, PAIR: tl.constexpr = False):
     """Columns ``[n_off, n_end)`` of W^T into ``out[:, n - n_off]`` (``TRANS``: rows of W into
     ``out[n - n_off, :]``)."""
     pid_k = tl.program_id(0)
@@ -775,7 +816,7 @@ def _dequant_kernel(out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, n_off, n_e
     offs_n = n_off + pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < n_end
     k0 = pid_k * BK
-    w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE, RS, SEL)
+    w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE, RS, SEL, PAIR)
     offs_k = k0 + tl.arange(0, BK)
     mk = offs_k < K
     if HAS_PERM:  # act-order: kernel row k is row perm[k] of W^T, so x needs no permutation
@@ -849,13 +890,17 @@ def _bk_for(group: int, want: int) -> int:
 def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
                 BN: int | None = None, BK: int | None = None, split: int | None = None,
                 num_warps: int | None = None, v: int = 4, waves: int = 4, pf: bool = GEMV_PREFETCH,
-                num_stages: int | None = None, pmin: int | None = None) -> dict:
+                num_stages: int | None = None, pmin: int | None = None, stages: int = 1,
+                tma: bool = False) -> dict:
     """Tile sizes for the GEMV path: enough programs to cover the SMs ``waves`` times (split-K when N is small).
 
     ``v=4`` is :func:`_gemv3_kernel` with the exact exponent decode (the default), ``v=5`` the same on x
     prepared once per call by :func:`_xprep_kernel` (affine 2/4-bit), ``v=3`` the mantissa decode, ``v=2`` the
     earlier kernel (kept for the benchmark). The look-up-table modes
     (v3 and v4 alike) read one scale per 32 codes, so their K-tile need not lie in one group.
+    ``stages > 1`` pipelines the K loop through shared memory (``STAGES`` of :func:`_gemv3_kernel`); ``tma``
+    (affine 2/4-bit, v4, N·4 a multiple of 16) loads the word tiles with a tensor descriptor. ``split=1``
+    writes x's dtype straight from the kernel: one launch, no zeroed fp32 buffer, no cast.
     """
     if BN is None:
         if v >= 4 and mode == "affine":  # H100 sweeps (NOTES_gpu.md): 8192×28672 BN64 split 4 64.5 µs
@@ -887,7 +932,24 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
         cfg["num_stages"] = num_stages
     if pmin is not None:
         cfg["pmin"] = pmin
+    if stages > 1:
+        cfg["stages"] = stages
+    if tma:
+        cfg["tma"] = True
     return cfg
+
+
+def _tma_words(pw: PackedWeight, cfg: dict, v: int):
+    """The tensor descriptor of the weight's single word plane for :func:`_gemv3_kernel`'s ``TMA`` path, or None
+    where that path does not apply (look-up tables, 3-bit, v < 4, a row of words not 16-byte aligned)."""
+    if not (cfg.get("tma") and v == 4 and pw.mode == "affine" and pw.bits in (2, 4)):
+        return None
+    qp = pw.q4 if pw.bits == 4 else pw.q2
+    if (qp.shape[1] * 4) % 16 or qp.data_ptr() % 16:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(qp, [cfg["BK"] * pw.bits // 32, cfg["BN"]])
 
 
 def _args(pw: PackedWeight, dummy: torch.Tensor):
@@ -914,6 +976,13 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
                 BN=cfg["BN"], BK=cfg["BK"], K_PER_PROG=cfg["k_per"], SPLIT_ATOMIC=atomic, num_warps=cfg["num_warps"])
     if "num_stages" in cfg:
         meta["num_stages"] = cfg["num_stages"]
+    if v >= 3:
+        meta["STAGES"] = cfg.get("stages", 1)
+    desc = _tma_words(pw, cfg, v)
+    if desc is not None:
+        meta["TMA"] = True
+        q4, q2 = (desc, q2) if pw.bits == 4 else (q4, desc)
+        args = (args[0], args[1], q4, q2) + args[4:]
     if v == 2:
         _gemv_kernel[grid](*args, **meta)
     elif v == 5 and pw.mode == "affine" and pw.bits in (2, 4):  # v4 decode on x prepared once per call
@@ -935,7 +1004,8 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
                             XPRE=True)
     else:  # v3: mantissa decode; v4: exact exponent decode, unmasked when the tiles divide the weight
         even = v >= 4 and N % cfg["BN"] == 0 and K % cfg["k_per"] == 0
-        _gemv3_kernel[grid](*args, 0x4B000000, **meta, PF=bool(cfg.get("pf")) and pw.mode == "affine" and pw.bits != 3,
+        _gemv3_kernel[grid](*args, 0x4B000000, **meta,
+                            PF=bool(cfg.get("pf")) and pw.mode == "affine" and pw.bits != 3 and desc is None,
                             DEC=1 if v >= 4 else 0, EVEN=even, PMIN=cfg.get("pmin", GEMV_PMIN))
     return out
 
@@ -1002,7 +1072,7 @@ def mm(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Ten
     _mm_kernel[grid](x2, out, q4, q2, q1, sc, zp, cb, M, N, K, x2.stride(0), out.stride(0),
                      BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode],
                      BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SPLIT_K=cfg["split"], K_PER_PROG=cfg["k_per"],
-                     RS=cfg.get("RS", True), MAGIC=magic, SEL=cfg.get("SEL", True), FP16=x2.dtype == torch.float16,
+                     RS=cfg.get("RS", True) and (pw.bits != 3 or cfg.get("RS3", RS3)), MAGIC=magic, SEL=cfg.get("SEL", True), FP16=x2.dtype == torch.float16,
                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out.to(x2.dtype)
 
@@ -1058,18 +1128,39 @@ def mmt(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Te
     return out
 
 
+def pair_table(codebook: torch.Tensor) -> torch.Tensor:
+    """A shared 16-entry table as 256 byte-indexed pairs: int64 entry ``b`` holds the fp32 bits of
+    ``codebook[b & 15]`` (low half) and ``codebook[b >> 4]`` (high half), for :func:`_pair_tile`."""
+    b = torch.arange(256, device=codebook.device)
+    t = codebook.float()
+    return torch.stack((t[b & 15], t[b >> 4]), 1).contiguous().view(torch.int64).view(256)
+
+
+def _pairs_for(pw: PackedWeight, pair: bool | None) -> torch.Tensor | None:
+    """:func:`pair_table` of the weight's codebook where the pair path applies (shared 4-bit table), else None."""
+    use = DEQUANT_PAIR if pair is None else pair
+    if not (use and pw.mode == "lut" and pw.bits == 4 and pw.codebook is not None and pw.codebook.dim() == 1):
+        return None
+    return pair_table(pw.codebook)
+
+
 def dequantize_t(pw: PackedWeight, dtype: torch.dtype, n_off: int = 0, n_end: int | None = None,
                  out: torch.Tensor | None = None, RS: bool = True, unpermute: bool = False,
-                 SEL: bool | None = None, trans: bool = False) -> torch.Tensor:
+                 SEL: bool | None = None, trans: bool = False, pairs: torch.Tensor | None = None) -> torch.Tensor:
     """Columns ``[n_off, n_end)`` of ``W^T`` as ``(K, n_end - n_off)`` in ``dtype``: rows in kernel order, or in
     the weight's own column order with ``unpermute`` (act-order rows scattered back through ``perm``).
-    ``trans``: rows ``[n_off, n_end)`` of ``W`` instead, ``(n_end - n_off, K)``."""
+    ``trans``: rows ``[n_off, n_end)`` of ``W`` instead, ``(n_end - n_off, K)``. ``pairs``: the codebook's
+    :func:`pair_table` (shared 4-bit tables only), read in its place."""
     K, N = pw.in_features, pw.out_features
     n_end = N if n_end is None else n_end
     dev = pw.q4.device if pw.q4.numel() else pw.q2.device
     shape = (n_end - n_off, K) if trans else (K, n_end - n_off)
     out = torch.empty(shape, device=dev, dtype=dtype) if out is None else out
     q4, q2, q1, sc, zp, cb = _args(pw, out)
+    if pairs is not None:
+        if not (pw.mode == "lut" and pw.bits == 4 and pw.codebook is not None and pw.codebook.dim() == 1):
+            raise ValueError(f"pairs apply to a shared 4-bit table only; got mode={pw.mode}, bits={pw.bits}")
+        cb = pairs
     if DEQUANT_V4 and not trans and pw.mode == "affine" and pw.bits in (2, 4) and pw.group_size % 128 == 0 and \
             pw.zero_point is not None:
         _dequant4_kernel[(triton.cdiv(K, 128), triton.cdiv(n_end - n_off, 128))](
@@ -1081,9 +1172,10 @@ def dequantize_t(pw: PackedWeight, dtype: torch.dtype, n_off: int = 0, n_end: in
     BN = 128
     _dequant_kernel[(triton.cdiv(K, BK), triton.cdiv(n_end - n_off, BN))](
         out, q4, q2, q1, sc, zp, cb, pw.perm if unpermute and pw.perm is not None else out, N, K, n_off, n_end,
-        out.stride(0), BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode], BN=BN, BK=BK, RS=RS,
+        out.stride(0), BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode], BN=BN, BK=BK,
+        RS=RS and (pw.bits != 3 or RS3),
         SEL=DEQUANT_SEL if SEL is None else SEL,
-        HAS_PERM=unpermute and pw.perm is not None, TRANS=trans, num_warps=4)
+        HAS_PERM=unpermute and pw.perm is not None, TRANS=trans, PAIR=pairs is not None, num_warps=4)
     return out
 
 
@@ -1091,13 +1183,15 @@ _SIDE: dict[int, torch.cuda.Stream] = {}
 
 
 def dequant_matmul(x2: torch.Tensor, pw: PackedWeight, chunk: int = 0, trans: bool | None = None,
-                   overlap: bool | None = None) -> torch.Tensor:
+                   overlap: bool | None = None, pair: bool | None = None) -> torch.Tensor:
     """Large M: dequantize to bf16 and let cuBLAS multiply. With ``chunk``, ``chunk`` columns at a time into
     one reused buffer, so the dequantized tile is still in L2 when cuBLAS reads it. ``x2`` is in the weight's
     own column order (act-order rows are scattered back by the dequantize kernel). ``trans``: the buffer holds
     rows of W (``x · Wᵀ``, the layout ``F.linear`` gives cuBLAS) instead of columns of Wᵀ. ``overlap``: two
-    buffers, the next chunk dequantized on a high-priority side stream while cuBLAS multiplies this one."""
+    buffers, the next chunk dequantized on a high-priority side stream while cuBLAS multiplies this one.
+    ``pair`` (default ``DEQUANT_PAIR``): shared 4-bit tables read as byte-indexed pairs (:func:`pair_table`)."""
     K, N = pw.in_features, pw.out_features
+    pairs = _pairs_for(pw, pair)
     trans = DEQUANT_TRANS if trans is None else trans
     overlap = DEQUANT_OVERLAP if overlap is None else overlap
 
@@ -1105,14 +1199,15 @@ def dequant_matmul(x2: torch.Tensor, pw: PackedWeight, chunk: int = 0, trans: bo
         return torch.mm(x2, b.t() if trans else b, out=out)
 
     if chunk <= 0 or chunk >= N:
-        return mm(dequantize_t(pw, x2.dtype, unpermute=True, trans=trans))
+        return mm(dequantize_t(pw, x2.dtype, unpermute=True, trans=trans, pairs=pairs))
     y = torch.empty((x2.shape[0], N), device=x2.device, dtype=x2.dtype)
     shape = (chunk, K) if trans else (K, chunk)
     bufs = [torch.empty(shape, device=x2.device, dtype=x2.dtype) for _ in range(2 if overlap else 1)]
 
     def deq(i: int, n0: int, n1: int) -> None:
         b = bufs[i % len(bufs)]
-        dequantize_t(pw, x2.dtype, n0, n1, b[: n1 - n0] if trans else b[:, : n1 - n0], unpermute=True, trans=trans)
+        dequantize_t(pw, x2.dtype, n0, n1, b[: n1 - n0] if trans else b[:, : n1 - n0], unpermute=True, trans=trans,
+                     pairs=pairs)
 
     starts = list(range(0, N, chunk))
     if not overlap:
