@@ -584,119 +584,127 @@ def one_launch_sweep(out_dir: str) -> dict:
         return {"bf16": round(bench(lambda: torch.nn.functional.linear(x, nW())), 2),
                 "bf16 graph": round(bench_graph(lambda: torch.nn.functional.linear(x, nW())), 2)}
 
-    plans = [((8192, 28672), "int4 g128 asym", True), ((4096, 11008), "int4 g128 asym", True),
-             ((8192, 28672), "int2 g128", False), ((8192, 28672), "int4 g128 act-order", False),
-             ((8192, 28672), "hqq int4 g64 float-zero", False), ((8192, 28672), "int4 g128 sym", False)]
-    best: list = []
-    for (K, N), name, full in plans:
-        torch.manual_seed(K + N)
-        ncopy = max(1, math.ceil(3 * L2_BYTES / (N * K * 0.375)))
-        pws = [VARIANTS[name](N, K) for _ in range(ncopy)]
-        Wd = R.dequantize_packed(pws[0], torch.float32)
-        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, ncopy // 4))]
-        nW = cycler(Ws)
-        pw = pws[0]
-        g = lambda **c: wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, **c)  # noqa: E731
-        cfgs = {"default " + lab(g()): g()}
-        if full:
-            for bn in (16, 32, 64):
-                for st in (1, 3, 4):
+    def gemv_block():
+        plans = [((8192, 28672), "int4 g128 asym", True), ((4096, 11008), "int4 g128 asym", True),
+                 ((8192, 28672), "int2 g128", False), ((8192, 28672), "int4 g128 act-order", False),
+                 ((8192, 28672), "hqq int4 g64 float-zero", False), ((8192, 28672), "int4 g128 sym", False)]
+        best: list = []
+        for (K, N), name, full in plans:
+            torch.manual_seed(K + N)
+            ncopy = max(1, math.ceil(3 * L2_BYTES / (N * K * 0.375)))
+            pws = [VARIANTS[name](N, K) for _ in range(ncopy)]
+            Wd = R.dequantize_packed(pws[0], torch.float32)
+            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+            Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, ncopy // 4))]
+            nW = cycler(Ws)
+            pw = pws[0]
+            g = lambda **c: wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, **c)  # noqa: E731
+            cfgs = {"default " + lab(g()): g()}
+            if full:
+                for bn in (16, 32, 64):
+                    for st in (1, 3, 4):
+                        for tma in (False, True):
+                            c = g(BN=bn, split=1, stages=st, tma=tma)
+                            cfgs[lab(c)] = c
+                for st in (3, 4):
                     for tma in (False, True):
-                        c = g(BN=bn, split=1, stages=st, tma=tma)
+                        c = g(stages=st, tma=tma)  # the default split-K grid, pipelined
                         cfgs[lab(c)] = c
-            for st in (3, 4):
-                for tma in (False, True):
-                    c = g(stages=st, tma=tma)  # the default split-K grid, pipelined
+                    c = g(BN=64, split=1, stages=st, tma=True, num_warps=8)
                     cfgs[lab(c)] = c
-                c = g(BN=64, split=1, stages=st, tma=True, num_warps=8)
-                cfgs[lab(c)] = c
-        else:
-            for c in best[:4]:
-                cc = g(**c)
-                cfgs[lab(cc)] = cc
-        row = {"before": base(x, nW)}
-        row.update(_timed_cfgs(pws, x, "gemv", cfgs, Wd))
-        row["after"] = base(x, nW)
-        key = f"gemv {name} {K}x{N}"
-        res[key] = row
-        timed = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple))
-        print(key, json.dumps(row["before"]), json.dumps(row["after"]), "best under graphs:",
-              [(v, k, row[k][0]) for v, k in timed[:8]], flush=True)
-        dump()
-        if full and not best:
-            keep = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple) and not k.startswith("default"))
-            for _, k in keep[:4]:
-                c = dict(cfgs[k])
-                best.append({kk: c[kk] for kk in ("BN", "split", "stages", "tma", "num_warps") if kk in c})
-        del pws, Wd, Ws
-    # M = 16: mm v4, split-K (atomics + zeroed fp32 + cast) against split 1 (one launch) and deeper pipelines
-    K, N, M = 8192, 28672, 16
-    for name in ("int4 g128 asym", "int3 g128"):
-        torch.manual_seed(M)
-        pws = [VARIANTS[name](N, K) for _ in range(2)]
-        Wd = R.dequantize_packed(pws[0], torch.float32)
+            else:
+                for c in best[:4]:
+                    cc = g(**c)
+                    cfgs[lab(cc)] = cc
+            row = {"before": base(x, nW)}
+            row.update(_timed_cfgs(pws, x, "gemv", cfgs, Wd))
+            row["after"] = base(x, nW)
+            key = f"gemv {name} {K}x{N}"
+            res[key] = row
+            timed = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple))
+            print(key, json.dumps(row["before"]), json.dumps(row["after"]), "best under graphs:",
+                  [(v, k, row[k][0]) for v, k in timed[:8]], flush=True)
+            dump()
+            if full and not best:
+                keep = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple) and not k.startswith("default"))
+                for _, k in keep[:4]:
+                    c = dict(cfgs[k])
+                    best.append({kk: c[kk] for kk in ("BN", "split", "stages", "tma", "num_warps") if kk in c})
+            del pws, Wd, Ws
+
+    def mm_block():
+        # M = 16: mm v4, split-K (atomics + zeroed fp32 + cast) against split 1 (one launch) and deeper pipelines
+        K, N, M = 8192, 28672, 16
+        for name in ("int4 g128 asym", "int3 g128"):
+            torch.manual_seed(M)
+            pws = [VARIANTS[name](N, K) for _ in range(2)]
+            Wd = R.dequantize_packed(pws[0], torch.float32)
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+            nW = cycler(Ws)
+            row = {"before": base(x, nW)}
+            if name == "int4 g128 asym":
+                d = wq.mm_config(M, N, K, 128, 132, v=4, BN=256, num_stages=3)
+                cfgs = {"default " + lab(d): d}
+                for bn in (64, 128, 256):
+                    for sp in (1, 2, 4, 8):
+                        for st in (3, 4):
+                            c = wq.mm_config(M, N, K, 128, 132, v=4, BN=bn, split=sp, num_stages=st)
+                            cfgs[lab(c)] = c
+            else:
+                d = wq.mm_config(M, N, K, 128, 132)
+                cfgs = {"default (planes once) " + lab(d): d, "former (words per K row) " + lab(d): dict(d, RS3=False)}
+            row.update(_timed_cfgs(pws, x, "mm", cfgs, Wd))
+            row["after"] = base(x, nW)
+            key = f"mm {name} M{M} {K}x{N}"
+            res[key] = row
+            timed = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple))
+            print(key, json.dumps(row["before"]), json.dumps(row["after"]), "best under graphs:",
+                  [(v, k, row[k][0]) for v, k in timed[:8]], flush=True)
+            dump()
+            del pws, Wd, Ws
+
+    def dequant_block():
+        # M = 2048 dequantize + cuBLAS: NF4 byte pairs, 3-bit planes once, each against its former kernel
+        K, N, M = 8192, 28672, 2048
+        torch.manual_seed(5)
+        W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+        nW = cycler([W] + [W.clone() for _ in range(2)])
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-        nW = cycler(Ws)
-        row = {"before": base(x, nW)}
-        if name == "int4 g128 asym":
-            d = wq.mm_config(M, N, K, 128, 132, v=4, BN=256, num_stages=3)
-            cfgs = {"default " + lab(d): d}
-            for bn in (64, 128, 256):
-                for sp in (1, 2, 4, 8):
-                    for st in (3, 4):
-                        c = wq.mm_config(M, N, K, 128, 132, v=4, BN=bn, split=sp, num_stages=st)
-                        cfgs[lab(c)] = c
-        else:
-            d = wq.mm_config(M, N, K, 128, 132)
-            cfgs = {"default (planes once) " + lab(d): d, "former (words per K row) " + lab(d): dict(d, RS3=False)}
-        row.update(_timed_cfgs(pws, x, "mm", cfgs, Wd))
-        row["after"] = base(x, nW)
-        key = f"mm {name} M{M} {K}x{N}"
-        res[key] = row
-        timed = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple))
-        print(key, json.dumps(row["before"]), json.dumps(row["after"]), "best under graphs:",
-              [(v, k, row[k][0]) for v, k in timed[:8]], flush=True)
+        fns = {"bf16": lambda: torch.nn.functional.linear(x, nW())}
+        checks = {}
+        keep = []
+        for name, opts in (("nf4 g64 dq", {"pairs": dict(pair=True), "former (gather per code)": dict(pair=False)}),
+                           ("int3 g128", {"planes once": dict(rs3=True), "former (words per K row)": dict(rs3=False)}),
+                           ("int4 g128 asym", {"default": {}})):
+            pws = [VARIANTS[name](N, K) for _ in range(2)]
+            keep.append(pws)
+            Wd = R.dequantize_packed(pws[0], torch.float32)
+            xx = torch.randn(256, K, device="cuda", dtype=torch.bfloat16)
+            refy = xx.float() @ Wd.t()
+            del Wd
+            for olab, o in opts.items():
+                def call(xi, pwi, o=o):
+                    rs3, wq.RS3 = wq.RS3, o.get("rs3", wq.RS3)
+                    try:
+                        return wq.dequant_matmul(xi, pwi, wq.DEQUANT_CHUNK, pair=o.get("pair"))
+                    finally:
+                        wq.RS3 = rs3
+                key = f"{name} {olab}"
+                e = rel(call(xx, pws[0]), refy)
+                checks[key] = e
+                if e < 2e-2:
+                    nxt = cycler(pws)
+                    fns[key] = lambda nxt=nxt, call=call: call(x, nxt())
+        res["dequant checks"] = checks
+        res["dequant"] = interleaved(fns, rounds=3)
+        print("dequant", json.dumps(checks), json.dumps({k: (round(v["us"], 1), round(v["x bf16"], 3))
+                                                        for k, v in res["dequant"].items()}), flush=True)
+        del keep
         dump()
-        del pws, Wd, Ws
-    # M = 2048 dequantize + cuBLAS: NF4 byte pairs, 3-bit planes once, each against its former kernel
-    K, N, M = 8192, 28672, 2048
-    torch.manual_seed(5)
-    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-    nW = cycler([W] + [W.clone() for _ in range(2)])
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    fns = {"bf16": lambda: torch.nn.functional.linear(x, nW())}
-    checks = {}
-    keep = []
-    for name, opts in (("nf4 g64 dq", {"pairs": dict(pair=True), "former (gather per code)": dict(pair=False)}),
-                       ("int3 g128", {"planes once": dict(rs3=True), "former (words per K row)": dict(rs3=False)}),
-                       ("int4 g128 asym", {"default": {}})):
-        pws = [VARIANTS[name](N, K) for _ in range(2)]
-        keep.append(pws)
-        Wd = R.dequantize_packed(pws[0], torch.float32)
-        xx = torch.randn(256, K, device="cuda", dtype=torch.bfloat16)
-        refy = xx.float() @ Wd.t()
-        del Wd
-        for olab, o in opts.items():
-            def call(xi, pwi, o=o):
-                rs3, wq.RS3 = wq.RS3, o.get("rs3", wq.RS3)
-                try:
-                    return wq.dequant_matmul(xi, pwi, wq.DEQUANT_CHUNK, pair=o.get("pair"))
-                finally:
-                    wq.RS3 = rs3
-            key = f"{name} {olab}"
-            e = rel(call(xx, pws[0]), refy)
-            checks[key] = e
-            if e < 2e-2:
-                nxt = cycler(pws)
-                fns[key] = lambda nxt=nxt, call=call: call(x, nxt())
-    res["dequant checks"] = checks
-    res["dequant"] = interleaved(fns, rounds=3)
-    print("dequant", json.dumps(checks), json.dumps({k: (round(v["us"], 1), round(v["x bf16"], 3))
-                                                    for k, v in res["dequant"].items()}), flush=True)
-    del keep
-    dump()
+
+    for block in (dequant_block, gemv_block, mm_block):
+        block()
     return res
 
 
