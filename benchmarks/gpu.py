@@ -601,21 +601,20 @@ def one_launch_sweep(out_dir: str) -> dict:
             g = lambda **c: wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, **c)  # noqa: E731
             cfgs = {"default " + lab(g()): g()}
             if full:
-                for bn in (16, 32, 64):
-                    for st in (1, 3, 4):
-                        for tma in (False, True):
-                            c = g(BN=bn, split=1, stages=st, tma=tma)
-                            cfgs[lab(c)] = c
-                for st in (3, 4):
-                    for tma in (False, True):
-                        c = g(stages=st, tma=tma)  # the default split-K grid, pipelined
-                        cfgs[lab(c)] = c
-                    c = g(BN=64, split=1, stages=st, tma=True, num_warps=8)
+                # session 5 run 1's best pipelined configs, measured a second time
+                for c in (g(stages=3, tma=True), g(BN=64, split=1, stages=3, tma=True), g(BN=32, split=1)):
                     cfgs[lab(c)] = c
+                for bn in (32, 64, 128, 256):  # v6: fp16x2 decode
+                    for sp in (1, 2, 4, 8):
+                        for w in (4, 8):
+                            if bn == 32 and w == 8:
+                                continue
+                            c = g(v=6, BN=bn, split=sp, num_warps=w)
+                            cfgs["v6 " + lab(c)] = c
             else:
                 for c in best[:4]:
                     cc = g(**c)
-                    cfgs[lab(cc)] = cc
+                    cfgs[("v6 " if cc.get("v") == 6 else "") + lab(cc)] = cc
             row = {"before": base(x, nW)}
             row.update(_timed_cfgs(pws, x, "gemv", cfgs, Wd))
             row["after"] = base(x, nW)
@@ -629,7 +628,7 @@ def one_launch_sweep(out_dir: str) -> dict:
                 keep = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple) and not k.startswith("default"))
                 for _, k in keep[:4]:
                     c = dict(cfgs[k])
-                    best.append({kk: c[kk] for kk in ("BN", "split", "stages", "tma", "num_warps") if kk in c})
+                    best.append({kk: c[kk] for kk in ("BN", "split", "stages", "tma", "num_warps", "v") if kk in c})
             del pws, Wd, Ws
 
     def mm_block():
@@ -646,11 +645,9 @@ def one_launch_sweep(out_dir: str) -> dict:
             if name == "int4 g128 asym":
                 d = wq.mm_config(M, N, K, 128, 132, v=4, BN=256, num_stages=3)
                 cfgs = {"default " + lab(d): d}
-                for bn in (64, 128, 256):
-                    for sp in (1, 2, 4, 8):
-                        for st in (3, 4):
-                            c = wq.mm_config(M, N, K, 128, 132, v=4, BN=bn, split=sp, num_stages=st)
-                            cfgs[lab(c)] = c
+                for bn, sp, st in ((256, 2, 3), (64, 1, 4), (128, 1, 3)):  # run 1's one-launch / split 2 bests, again
+                    c = wq.mm_config(M, N, K, 128, 132, v=4, BN=bn, split=sp, num_stages=st)
+                    cfgs[lab(c)] = c
             else:
                 d = wq.mm_config(M, N, K, 128, 132)
                 cfgs = {"default (planes once) " + lab(d): d, "former (words per K row) " + lab(d): dict(d, RS3=False)}

@@ -395,3 +395,31 @@ def test_nf4_pair_table_dequantize_is_exact():
     with pytest.raises(ValueError, match="shared 4-bit table"):
         q4 = IntAffine(bits=4, group_size=128).quantize(torch.randn(64, K))
         wq.dequantize_t(R.repack_quantized(q4).to("cuda"), torch.float32, pairs=pairs)
+
+
+@pytest.mark.parametrize("fmt", AFFINE_ONE_PLANE[:3], ids=lambda f: f.spec())
+@pytest.mark.parametrize("opts", [dict(BN=128, split=4), dict(BN=64, split=1), dict(BN=256, split=2, num_warps=8),
+                                  dict(BN=32, split=8)], ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act-order"])
+def test_gemv_v6_fp16x2_decode_matches_reference(fmt, opts, act_order):
+    """GEMV v6 (codes decoded and multiplied two at a time in fp16x2, fp32 per word): fresh inputs of ordinary,
+    large (|x| up to 3e4: the per-program power-of-two scale must keep the fp16 sums finite) and tiny size
+    (1e-6: kept normal), masked and unmasked tiles; error within fp16 rounding of the word sums."""
+    if act_order and fmt.float_zero_point:
+        pytest.skip("act-order is a GPTQ (integer zero point) layout")
+    torch.manual_seed(35)
+    for N, K in ((328, 1536), (512, 4096), (200, 576)):
+        Wf = torch.randn(N, K)
+        kw = dict(g_idx=(torch.randperm(K) // fmt.group_size).to(torch.int32), **fmt.params(Wf)) if act_order else {}
+        q = fmt.quantize(Wf, **kw)
+        pw = R.repack_quantized(q).to("cuda")
+        W = q.dequantize().float().cuda()
+        cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, v=6, **opts)
+        assert wq.gemv6_fits(pw, cfg["BK"])
+        for M, mag in ((1, 1.0), (3, 1.0), (1, 3e4), (2, 1e-6)):
+            x = (torch.randn(M, K, device="cuda") * mag).to(torch.bfloat16)
+            x[:, 5] *= 8  # one column well above the rest
+            y = wq.gemv(x, pw, cfg)
+            assert torch.isfinite(y).all()
+            err = rel(y, x.float() @ W.t())
+            assert err < (6e-3 if cfg["split"] == 1 else 2e-3), err  # bf16 output when split = 1

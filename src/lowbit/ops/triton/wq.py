@@ -630,6 +630,130 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
 
 
 @triton.jit
+def _xrow(xr, perm, rows, i: tl.constexpr, K, PER: tl.constexpr, EVEN: tl.constexpr, HAS_PERM: tl.constexpr):
+    """x at position ``i`` of each word row ``rows`` (K index ``PER·row + i``, through act-order's ``perm``), fp32."""
+    kk = rows * PER + i
+    if HAS_PERM:
+        src = tl.load(perm + kk) if EVEN else tl.load(perm + kk, mask=kk < K, other=0)
+    else:
+        src = kk
+    if EVEN:
+        return tl.load(xr + src).to(tl.float32)
+    return tl.load(xr + src, mask=kk < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _f16x2(lo, hi):
+    """Two fp32 tensors -> one int32 tensor of packed fp16 pairs (``lo`` in the low half), round to nearest."""
+    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _word_dot_f16x2(w, p0, p1, p2, p3):
+    """``Σ_i c_i x_i`` over the eight 4-bit codes of each word ``w``, two codes per fp16x2 instruction.
+
+    One LOP3 places codes ``i`` and ``i + 4`` in the two halves of an fp16 ``1024 + c`` (codes 1, 3, 5, 7 as
+    ``1024 + 16 c``, hence x / 16 in ``p1``, ``p3``); one HSUB2 gives the exact codes; one HFMA2 each adds
+    their products with ``x`` (``p0 = (x0, x4)``, ``p1 = (x1, x5) / 16``, ``p2 = (x2, x6)``,
+    ``p3 = (x3, x7) / 16``, packed fp16); four codes are summed in each half, then both halves in fp32.
+    16 instructions for 8 weights (GEMV v4: ~37)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t0, t1, t2, t3, w8, k, a;
+        .reg .b16 l, h;
+        .reg .f32 fl, fh;
+        mov.b32 k, 0x64006400;
+        lop3.b32 t0, $1, 0x000F000F, k, 0xEA;
+        lop3.b32 t1, $1, 0x00F000F0, k, 0xEA;
+        shr.u32 w8, $1, 8;
+        lop3.b32 t2, w8, 0x000F000F, k, 0xEA;
+        lop3.b32 t3, w8, 0x00F000F0, k, 0xEA;
+        sub.f16x2 t0, t0, k;
+        sub.f16x2 t1, t1, k;
+        sub.f16x2 t2, t2, k;
+        sub.f16x2 t3, t3, k;
+        mul.rn.f16x2 a, t0, $2;
+        fma.rn.f16x2 a, t1, $3, a;
+        fma.rn.f16x2 a, t2, $4, a;
+        fma.rn.f16x2 a, t3, $5, a;
+        mov.b32 {l, h}, a;
+        cvt.f32.f16 fl, l;
+        cvt.f32.f16 fh, h;
+        add.f32 $0, fl, fh;
+        }""", "=f,r,r,r,r,r", [w, p0, p1, p2, p3], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, stride_xm,
+                  GROUP: tl.constexpr, HAS_PERM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, EVEN: tl.constexpr, XB: tl.constexpr):
+    """GEMV v6 (affine 4-bit, ``GROUP % BK == 0``): the codes decoded and multiplied two at a time in fp16x2
+    (:func:`_word_dot_f16x2`), each word's sum taken to fp32 at once; scale and zero point per (word, column)
+    in fp32 as in v4. x is scaled by a power of two chosen per program from its largest ``|x|`` (into
+    [128, 256)), so a half's sum of four products (``|c| <= 15``) stays below 2^14 and small x stay normal;
+    the product is scaled back once at the end. Rounding: fp16 products and three fp16 additions per half
+    (relative ~2^-11 of a word's partial sum) instead of fp32."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_n = offs_n < N
+    xr = x_ptr + m * stride_xm
+    NW: tl.constexpr = BK // 8
+    kstart = pid_k * K_PER_PROG
+    k_end = tl.minimum(kstart + K_PER_PROG, K)
+    mx = tl.zeros((XB,), dtype=tl.float32)
+    for k0 in range(0, K_PER_PROG, XB):  # this program's largest |x|
+        kk = kstart + k0 + tl.arange(0, XB)
+        mk = kk < k_end
+        if HAS_PERM:
+            src = tl.load(perm + kk, mask=mk, other=0)
+        else:
+            src = kk
+        mx = tl.maximum(mx, tl.abs(tl.load(xr + src, mask=mk, other=0.0).to(tl.float32)))
+    ex = (tl.max(mx, axis=0).to(tl.int32, bitcast=True) >> 23) & 255  # biased exponent of the largest |x|
+    sb = tl.minimum(tl.maximum(261 - ex, 1), 253)  # 2^(7 - (ex - 127)): the largest |x| lands in [128, 256)
+    xsc = (sb << 23).to(tl.float32, bitcast=True)
+    xsc16 = xsc * 0.0625
+    acc = tl.zeros((NW, BN), dtype=tl.float32)
+    for kt in range(0, K_PER_PROG, BK):
+        k0 = kstart + kt
+        g = k0 // GROUP
+        rows = k0 // 8 + tl.arange(0, NW)
+        if EVEN:
+            s = tl.load(scale + g * N + offs_n).to(tl.float32)
+            z = tl.load(zero + g * N + offs_n).to(tl.float32)
+            w = tl.load(q4 + rows[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+        else:
+            ms = mask_n & (k0 < K)
+            s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+            z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+            w = tl.load(q4 + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW) & mask_n[None, :],
+                        other=0, eviction_policy="evict_first")
+        x0 = _xrow(xr, perm, rows, 0, K, 8, EVEN, HAS_PERM)
+        x1 = _xrow(xr, perm, rows, 1, K, 8, EVEN, HAS_PERM)
+        x2 = _xrow(xr, perm, rows, 2, K, 8, EVEN, HAS_PERM)
+        x3 = _xrow(xr, perm, rows, 3, K, 8, EVEN, HAS_PERM)
+        x4 = _xrow(xr, perm, rows, 4, K, 8, EVEN, HAS_PERM)
+        x5 = _xrow(xr, perm, rows, 5, K, 8, EVEN, HAS_PERM)
+        x6 = _xrow(xr, perm, rows, 6, K, 8, EVEN, HAS_PERM)
+        x7 = _xrow(xr, perm, rows, 7, K, 8, EVEN, HAS_PERM)
+        X = ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        p0 = _f16x2(x0 * xsc, x4 * xsc)
+        p1 = _f16x2(x1 * xsc16, x5 * xsc16)
+        p2 = _f16x2(x2 * xsc, x6 * xsc)
+        p3 = _f16x2(x3 * xsc16, x7 * xsc16)
+        A = _word_dot_f16x2(w, p0[:, None], p1[:, None], p2[:, None], p3[:, None])
+        acc += s[None, :] * (A - z[None, :] * (X * xsc)[:, None])
+    total = tl.sum(acc, axis=0) * (1.0 / xsc)
+    if SPLIT_ATOMIC:
+        tl.atomic_add(out_ptr + m * N + offs_n, total, mask=mask_n, sem="relaxed")
+    else:
+        tl.store(out_ptr + m * N + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
 def _tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr):
     """Rows and columns of this program's ``(BM, BN)`` output tile (grid axes 0 and 1) and their bounds masks."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -894,7 +1018,8 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
                 tma: bool = False) -> dict:
     """Tile sizes for the GEMV path: enough programs to cover the SMs ``waves`` times (split-K when N is small).
 
-    ``v=4`` is :func:`_gemv3_kernel` with the exact exponent decode (the default), ``v=5`` the same on x
+    ``v=6`` is :func:`_gemv6_kernel` (affine 4-bit: codes decoded and multiplied in fp16x2; others fall back
+    to v4), ``v=4`` is :func:`_gemv3_kernel` with the exact exponent decode (the default), ``v=5`` the same on x
     prepared once per call by :func:`_xprep_kernel` (affine 2/4-bit), ``v=3`` the mantissa decode, ``v=2`` the
     earlier kernel (kept for the benchmark). The look-up-table modes
     (v3 and v4 alike) read one scale per 32 codes, so their K-tile need not lie in one group.
@@ -902,6 +1027,8 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
     (affine 2/4-bit, v4, N·4 a multiple of 16) loads the word tiles with a tensor descriptor. ``split=1``
     writes x's dtype straight from the kernel: one launch, no zeroed fp32 buffer, no cast.
     """
+    if BN is None and v == 6 and mode == "affine" and bits == 4:
+        BN = 128 if N >= 16384 else 32
     if BN is None:
         if v >= 4 and mode == "affine":  # H100 sweeps (NOTES_gpu.md): 8192×28672 BN64 split 4 64.5 µs
             BN = (256 if bits == 3 else 64) if N >= 16384 else 32  # (int3 BN256 split 8); 4096×11008 BN32 split 4
@@ -937,6 +1064,11 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
     if tma:
         cfg["tma"] = True
     return cfg
+
+
+def gemv6_fits(pw: PackedWeight, BK: int) -> bool:
+    """Whether :func:`_gemv6_kernel` (fp16x2 decode) takes this weight: affine 4-bit, K-tile inside one group."""
+    return pw.mode == "affine" and pw.bits == 4 and pw.group_size % BK == 0 and pw.zero_point is not None
 
 
 def _tma_words(pw: PackedWeight, cfg: dict, v: int):
@@ -983,7 +1115,15 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
         meta["TMA"] = True
         q4, q2 = (desc, q2) if pw.bits == 4 else (q4, desc)
         args = (args[0], args[1], q4, q2) + args[4:]
-    if v == 2:
+    if v == 6 and not gemv6_fits(pw, cfg["BK"]):
+        v = 4
+    if v == 6:
+        _gemv6_kernel[grid](x2, out, pw.q4, sc, zp, pw.perm if pw.perm is not None else out, N, K, pw.q4.shape[0],
+                            x2.stride(0), GROUP=pw.group_size, HAS_PERM=pw.perm is not None, BN=cfg["BN"],
+                            BK=cfg["BK"], K_PER_PROG=cfg["k_per"], SPLIT_ATOMIC=atomic,
+                            EVEN=N % cfg["BN"] == 0 and K % cfg["k_per"] == 0,
+                            XB=min(1024, triton.next_power_of_2(cfg["k_per"])), num_warps=cfg["num_warps"])
+    elif v == 2:
         _gemv_kernel[grid](*args, **meta)
     elif v == 5 and pw.mode == "affine" and pw.bits in (2, 4):  # v4 decode on x prepared once per call
         B = pw.bits
