@@ -569,8 +569,9 @@ def _timed_cfgs(pws, x, path, cfgs, ref_w, graph=True):
 def one_launch_sweep(out_dir: str) -> dict:
     """Session 5 (NOTES_gpu.md): the M = 1 GEMV with split 1 (one launch, x's dtype written by the kernel) and its
     K loop pipelined through shared memory (``stages``: cp.async; ``tma``: tensor-descriptor bulk copies),
-    against the split-K default; the M = 16 mm v4 with split 1 / pipelining; M = 2048 NF4 byte-pair table and
-    3-bit plane-once dequantize against the former kernels. bf16 timed before and after each block."""
+    against the split-K default, GEMV v6 (fp16x2 decode) tiles and its L2 prefetch distance; the M = 16 mm v4
+    with split 1 / pipelining; M = 2048 3-bit plane-once dequantize against the former kernel (and, in runs 1-2,
+    an NF4 byte-pair table, since removed). bf16 timed before and after each block."""
     res: dict = {}
 
     def lab(cfg):
@@ -600,16 +601,11 @@ def one_launch_sweep(out_dir: str) -> dict:
             pw = pws[0]
             g = lambda **c: wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, **c)  # noqa: E731
             cfgs = {"default " + lab(g()): g()}
-            if full:
-                # session 5 run 1's best pipelined configs, measured a second time
-                for c in (g(stages=3, tma=True), g(BN=64, split=1, stages=3, tma=True), g(BN=32, split=1)):
-                    cfgs[lab(c)] = c
-                for bn in (32, 64, 128, 256):  # v6: fp16x2 decode
-                    for sp in (1, 2, 4, 8):
-                        for w in (4, 8):
-                            if bn == 32 and w == 8:
-                                continue
-                            c = g(v=6, BN=bn, split=sp, num_warps=w)
+            if full:  # run 1: split 1 / cp.async / TMA (all slower); run 2: v6 tiles; run 3: v6 with L2 prefetch
+                for bn in (32, 64):
+                    for sp in (4, 8):
+                        for pfd in (0, 2, 4, 8):
+                            c = g(v=6, BN=bn, split=sp, pfd=pfd)
                             cfgs["v6 " + lab(c)] = c
             else:
                 for c in best[:4]:
@@ -628,7 +624,7 @@ def one_launch_sweep(out_dir: str) -> dict:
                 keep = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple) and not k.startswith("default"))
                 for _, k in keep[:4]:
                     c = dict(cfgs[k])
-                    best.append({kk: c[kk] for kk in ("BN", "split", "stages", "tma", "num_warps", "v") if kk in c})
+                    best.append({kk: c[kk] for kk in ("BN", "split", "stages", "tma", "num_warps", "v", "pfd") if kk in c})
             del pws, Wd, Ws
 
     def mm_block():
@@ -662,7 +658,7 @@ def one_launch_sweep(out_dir: str) -> dict:
             del pws, Wd, Ws
 
     def dequant_block():
-        # M = 2048 dequantize + cuBLAS: NF4 byte pairs, 3-bit planes once, each against its former kernel
+        # M = 2048 dequantize + cuBLAS: 3-bit planes once against the former kernel; NF4 and int4 for reference
         K, N, M = 8192, 28672, 2048
         torch.manual_seed(5)
         W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -671,7 +667,7 @@ def one_launch_sweep(out_dir: str) -> dict:
         fns = {"bf16": lambda: torch.nn.functional.linear(x, nW())}
         checks = {}
         keep = []
-        for name, opts in (("nf4 g64 dq", {"pairs": dict(pair=True), "former (gather per code)": dict(pair=False)}),
+        for name, opts in (("nf4 g64 dq", {"default": {}}),  # the byte-pair table lost twice (runs 1-2): removed
                            ("int3 g128", {"planes once": dict(rs3=True), "former (words per K row)": dict(rs3=False)}),
                            ("int4 g128 asym", {"default": {}})):
             pws = [VARIANTS[name](N, K) for _ in range(2)]
@@ -684,7 +680,7 @@ def one_launch_sweep(out_dir: str) -> dict:
                 def call(xi, pwi, o=o):
                     rs3, wq.RS3 = wq.RS3, o.get("rs3", wq.RS3)
                     try:
-                        return wq.dequant_matmul(xi, pwi, wq.DEQUANT_CHUNK, pair=o.get("pair"))
+                        return wq.dequant_matmul(xi, pwi, wq.DEQUANT_CHUNK)
                     finally:
                         wq.RS3 = rs3
                 key = f"{name} {olab}"
@@ -694,13 +690,13 @@ def one_launch_sweep(out_dir: str) -> dict:
                     nxt = cycler(pws)
                     fns[key] = lambda nxt=nxt, call=call: call(x, nxt())
         res["dequant checks"] = checks
-        res["dequant"] = interleaved(fns, rounds=3)
+        res["dequant"] = interleaved(fns, rounds=5)
         print("dequant", json.dumps(checks), json.dumps({k: (round(v["us"], 1), round(v["x bf16"], 3))
                                                         for k, v in res["dequant"].items()}), flush=True)
         del keep
         dump()
 
-    for block in (dequant_block, gemv_block, mm_block):
+    for block in (dequant_block, gemv_block) + ((mm_block,) if os.environ.get("LOWBIT_SWEEP_MM") else ()):
         block()
     return res
 
@@ -1089,8 +1085,8 @@ def main() -> None:
     ap.add_argument("--graph-only", action="store_true",
                     help="M <= 16 rows only, with --graph, no bitsandbytes/W8A8/AdamW/opcheck (a short run)")
     ap.add_argument("--one-launch-sweep", action="store_true",
-                    help="session 5: M = 1 split 1 / pipelined (cp.async, TMA) GEMV, M = 16 split 1, M = 2048 NF4 "
-                         "pairs and 3-bit planes, against the former kernels")
+                    help="session 5: M = 1 GEMV v6 / L2 prefetch against v4, M = 2048 3-bit planes against the former "
+                         "kernel (M = 16 split 1 with LOWBIT_SWEEP_MM=1)")
     ap.add_argument("--adam-sweep", action="store_true",
                     help="only the 8-bit AdamW rows x warps x cache-hint grid against torch fused AdamW")
     args = ap.parse_args()

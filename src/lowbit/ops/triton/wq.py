@@ -42,7 +42,6 @@ BIG_M = 1024
 GEMV_PREFETCH = False  # v3 affine 2/4-bit prefetch of the next tile: no gain on the H100 (88.0 vs 92.5 µs)
 MM_MAGIC = False  # mm path, affine 2/4-bit: bf16(128 + c) from the bits, scale after the dot: slower on the H100
 DEQUANT_SEL = False  # large-M dequantize: select-tree tables were slower than L1 gathers there (NF4 0.76x vs 0.88x)
-DEQUANT_PAIR = False  # large-M dequantize, shared 4-bit tables (NF4/FP4): one 8-byte gather per two codes
 RS3 = True  # 3-bit dequantized tiles: each plane's words loaded once and unpacked (False: re-read per K row)
 GEMV_PMIN = 12  # v4: codes at bit >= 12 skip the per-code subtract (H100: 66.4 -> 64.5 µs, graphs 56.7 -> 52.8)
 DEQUANT_V4 = False  # v4 dequantize (exact in-place decode, per-code-position row stores): slower on the H100, 1520 vs 1420 µs
@@ -110,30 +109,10 @@ def _codes2d_rs(q_ptr, k0, offs_n, mask_n, N, KW, BK: tl.constexpr, B: tl.conste
 
 
 @triton.jit
-def _pair_tile(q4, pairs, k0, offs_n, mask_n, N, KW, BK: tl.constexpr):
-    """Shared 4-bit table values of a ``(BK, BN)`` tile, one gather per byte: ``pairs`` (int64, 256 entries) holds
-    ``table[b & 15]`` in its low and ``table[b >> 4]`` in its high 32 bits (fp32 bits), see :func:`pair_table`."""
-    BN: tl.constexpr = offs_n.shape[0]
-    rows = k0 // 8 + tl.arange(0, BK // 8)
-    w = tl.load(q4 + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW) & mask_n[None, :], other=0)
-    b = (w[:, None, :] >> (tl.arange(0, 4) * 8)[None, :, None]) & 255  # (BK/8, 4, BN): codes 2j, 2j + 1
-    v = tl.load(pairs + b)
-    lo = (v & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-    hi = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 1, 3, 2)), (BK, BN))
-
-
-@triton.jit
 def _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K,
                   BK: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr,
-                  RS: tl.constexpr = False, SEL: tl.constexpr = False, PAIR: tl.constexpr = False):
-    """fp32 ``(BK, BN)`` tile of W^T (requires GROUP % BK == 0, so the tile lies in one group). ``PAIR`` (shared
-    4-bit table): ``cb`` is :func:`pair_table`'s byte-indexed table, read once per two codes."""
-    if PAIR:
-        g = k0 // GROUP
-        ms = mask_n & (k0 < K)
-        s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
-        return _pair_tile(q4, cb, k0, offs_n, mask_n, N, (K + 7) // 8, BK) * s[None, :]
+                  RS: tl.constexpr = False, SEL: tl.constexpr = False):
+    """fp32 ``(BK, BN)`` tile of W^T (requires GROUP % BK == 0, so the tile lies in one group)."""
     if RS and BITS == 4:
         c = _codes2d_rs(q4, k0, offs_n, mask_n, N, (K + 7) // 8, BK, 4)
     elif RS and BITS == 2:
@@ -643,6 +622,14 @@ def _xrow(xr, perm, rows, i: tl.constexpr, K, PER: tl.constexpr, EVEN: tl.conste
 
 
 @triton.jit
+def _prefetch_l2(ptr, ok):
+    """``prefetch.global.L2`` of each address where ``ok`` is nonzero (a hint: nothing is returned or waited for)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+        "=r,l,r", [ptr, ok], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _f16x2(lo, hi):
     """Two fp32 tensors -> one int32 tensor of packed fp16 pairs (``lo`` in the low half), round to nearest."""
     return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
@@ -687,13 +674,16 @@ def _word_dot_f16x2(w, p0, p1, p2, p3):
 @triton.jit
 def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, stride_xm,
                   GROUP: tl.constexpr, HAS_PERM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, EVEN: tl.constexpr, XB: tl.constexpr):
+                  K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, EVEN: tl.constexpr, XB: tl.constexpr,
+                  PFD: tl.constexpr = 0):
     """GEMV v6 (affine 4-bit, ``GROUP % BK == 0``): the codes decoded and multiplied two at a time in fp16x2
     (:func:`_word_dot_f16x2`), each word's sum taken to fp32 at once; scale and zero point per (word, column)
     in fp32 as in v4. x is scaled by a power of two chosen per program from its largest ``|x|`` (into
     [128, 256)), so a half's sum of four products (``|c| <= 15``) stays below 2^14 and small x stay normal;
     the product is scaled back once at the end. Rounding: fp16 products and three fp16 additions per half
-    (relative ~2^-11 of a word's partial sum) instead of fp32."""
+    (relative ~2^-11 of a word's partial sum) instead of fp32. ``PFD > 0``: each iteration also asks L2 for the
+    word tile ``PFD`` tiles ahead (``prefetch.global.L2``, one per 128-byte line; no registers, no shared
+    memory), so more of the stream is in flight than the loads alone keep."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -731,6 +721,12 @@ def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, stride_xm,
             z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
             w = tl.load(q4 + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW) & mask_n[None, :],
                         other=0, eviction_policy="evict_first")
+        if PFD > 0:
+            LINES: tl.constexpr = (BN + 31) // 32  # 128-byte lines of words in one row of the tile
+            pr = rows + PFD * NW
+            pc = pid_n * BN + tl.arange(0, LINES) * 32
+            ok = ((pr * 8 < k_end)[:, None] & (pc < N)[None, :]).to(tl.int32)
+            _prefetch_l2(q4 + pr[:, None] * N + pc[None, :], ok)
         x0 = _xrow(xr, perm, rows, 0, K, 8, EVEN, HAS_PERM)
         x1 = _xrow(xr, perm, rows, 1, K, 8, EVEN, HAS_PERM)
         x2 = _xrow(xr, perm, rows, 2, K, 8, EVEN, HAS_PERM)
@@ -932,7 +928,7 @@ def _mm4_kernel(x_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_xm, stride_
 def _dequant_kernel(out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, n_off, n_end, stride_out,
                     BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, RS: tl.constexpr, SEL: tl.constexpr, HAS_PERM: tl.constexpr,
-                    TRANS: tl.constexpr = False, PAIR: tl.constexpr = False):
+                    TRANS: tl.constexpr = False):
     """Columns ``[n_off, n_end)`` of W^T into ``out[:, n - n_off]`` (``TRANS``: rows of W into
     ``out[n - n_off, :]``)."""
     pid_k = tl.program_id(0)
@@ -940,7 +936,7 @@ def _dequant_kernel(out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, n_off, n_e
     offs_n = n_off + pid_n * BN + tl.arange(0, BN)
     mask_n = offs_n < n_end
     k0 = pid_k * BK
-    w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE, RS, SEL, PAIR)
+    w = _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K, BK, BITS, GROUP, MODE, RS, SEL)
     offs_k = k0 + tl.arange(0, BK)
     mk = offs_k < K
     if HAS_PERM:  # act-order: kernel row k is row perm[k] of W^T, so x needs no permutation
@@ -1015,7 +1011,7 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
                 BN: int | None = None, BK: int | None = None, split: int | None = None,
                 num_warps: int | None = None, v: int = 4, waves: int = 4, pf: bool = GEMV_PREFETCH,
                 num_stages: int | None = None, pmin: int | None = None, stages: int = 1,
-                tma: bool = False) -> dict:
+                tma: bool = False, pfd: int = 0) -> dict:
     """Tile sizes for the GEMV path: enough programs to cover the SMs ``waves`` times (split-K when N is small).
 
     ``v=6`` is :func:`_gemv6_kernel` (affine 4-bit: codes decoded and multiplied in fp16x2; others fall back
@@ -1033,7 +1029,8 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
         if v >= 4 and mode == "affine":  # H100 sweeps (NOTES_gpu.md): 8192×28672 BN64 split 4 64.5 µs
             BN = (256 if bits == 3 else 64) if N >= 16384 else 32  # (int3 BN256 split 8); 4096×11008 BN32 split 4
             if waves == 4 and bits != 3:
-                waves = 8
+                waves = 16 if bits == 2 and N >= 16384 else 8  # int2 8192×28672 split 8 (46.6-46.8 vs 48.8-49.2 µs
+                # under graphs: session 4 run 9, session 5 run 2)
         else:  # v3 sweep: affine BN64 split-K 4 88 µs; tables BN128 BK128
             BN = (64 if mode == "affine" else 128) if v >= 3 else (128 if mode == "affine" else 64)
     warps = num_warps or 4
@@ -1063,6 +1060,8 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
         cfg["stages"] = stages
     if tma:
         cfg["tma"] = True
+    if pfd:
+        cfg["pfd"] = pfd
     return cfg
 
 
@@ -1122,7 +1121,8 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
                             x2.stride(0), GROUP=pw.group_size, HAS_PERM=pw.perm is not None, BN=cfg["BN"],
                             BK=cfg["BK"], K_PER_PROG=cfg["k_per"], SPLIT_ATOMIC=atomic,
                             EVEN=N % cfg["BN"] == 0 and K % cfg["k_per"] == 0,
-                            XB=min(1024, triton.next_power_of_2(cfg["k_per"])), num_warps=cfg["num_warps"])
+                            XB=min(1024, triton.next_power_of_2(cfg["k_per"])), PFD=cfg.get("pfd", 0),
+                            num_warps=cfg["num_warps"])
     elif v == 2:
         _gemv_kernel[grid](*args, **meta)
     elif v == 5 and pw.mode == "affine" and pw.bits in (2, 4):  # v4 decode on x prepared once per call
@@ -1268,39 +1268,18 @@ def mmt(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Te
     return out
 
 
-def pair_table(codebook: torch.Tensor) -> torch.Tensor:
-    """A shared 16-entry table as 256 byte-indexed pairs: int64 entry ``b`` holds the fp32 bits of
-    ``codebook[b & 15]`` (low half) and ``codebook[b >> 4]`` (high half), for :func:`_pair_tile`."""
-    b = torch.arange(256, device=codebook.device)
-    t = codebook.float()
-    return torch.stack((t[b & 15], t[b >> 4]), 1).contiguous().view(torch.int64).view(256)
-
-
-def _pairs_for(pw: PackedWeight, pair: bool | None) -> torch.Tensor | None:
-    """:func:`pair_table` of the weight's codebook where the pair path applies (shared 4-bit table), else None."""
-    use = DEQUANT_PAIR if pair is None else pair
-    if not (use and pw.mode == "lut" and pw.bits == 4 and pw.codebook is not None and pw.codebook.dim() == 1):
-        return None
-    return pair_table(pw.codebook)
-
-
 def dequantize_t(pw: PackedWeight, dtype: torch.dtype, n_off: int = 0, n_end: int | None = None,
                  out: torch.Tensor | None = None, RS: bool = True, unpermute: bool = False,
-                 SEL: bool | None = None, trans: bool = False, pairs: torch.Tensor | None = None) -> torch.Tensor:
+                 SEL: bool | None = None, trans: bool = False) -> torch.Tensor:
     """Columns ``[n_off, n_end)`` of ``W^T`` as ``(K, n_end - n_off)`` in ``dtype``: rows in kernel order, or in
     the weight's own column order with ``unpermute`` (act-order rows scattered back through ``perm``).
-    ``trans``: rows ``[n_off, n_end)`` of ``W`` instead, ``(n_end - n_off, K)``. ``pairs``: the codebook's
-    :func:`pair_table` (shared 4-bit tables only), read in its place."""
+    ``trans``: rows ``[n_off, n_end)`` of ``W`` instead, ``(n_end - n_off, K)``."""
     K, N = pw.in_features, pw.out_features
     n_end = N if n_end is None else n_end
     dev = pw.q4.device if pw.q4.numel() else pw.q2.device
     shape = (n_end - n_off, K) if trans else (K, n_end - n_off)
     out = torch.empty(shape, device=dev, dtype=dtype) if out is None else out
     q4, q2, q1, sc, zp, cb = _args(pw, out)
-    if pairs is not None:
-        if not (pw.mode == "lut" and pw.bits == 4 and pw.codebook is not None and pw.codebook.dim() == 1):
-            raise ValueError(f"pairs apply to a shared 4-bit table only; got mode={pw.mode}, bits={pw.bits}")
-        cb = pairs
     if DEQUANT_V4 and not trans and pw.mode == "affine" and pw.bits in (2, 4) and pw.group_size % 128 == 0 and \
             pw.zero_point is not None:
         _dequant4_kernel[(triton.cdiv(K, 128), triton.cdiv(n_end - n_off, 128))](
@@ -1315,7 +1294,7 @@ def dequantize_t(pw: PackedWeight, dtype: torch.dtype, n_off: int = 0, n_end: in
         out.stride(0), BITS=pw.bits, GROUP=pw.group_size, MODE=MODE_ID[pw.mode], BN=BN, BK=BK,
         RS=RS and (pw.bits != 3 or RS3),
         SEL=DEQUANT_SEL if SEL is None else SEL,
-        HAS_PERM=unpermute and pw.perm is not None, TRANS=trans, PAIR=pairs is not None, num_warps=4)
+        HAS_PERM=unpermute and pw.perm is not None, TRANS=trans, num_warps=4)
     return out
 
 
@@ -1323,15 +1302,13 @@ _SIDE: dict[int, torch.cuda.Stream] = {}
 
 
 def dequant_matmul(x2: torch.Tensor, pw: PackedWeight, chunk: int = 0, trans: bool | None = None,
-                   overlap: bool | None = None, pair: bool | None = None) -> torch.Tensor:
+                   overlap: bool | None = None) -> torch.Tensor:
     """Large M: dequantize to bf16 and let cuBLAS multiply. With ``chunk``, ``chunk`` columns at a time into
     one reused buffer, so the dequantized tile is still in L2 when cuBLAS reads it. ``x2`` is in the weight's
     own column order (act-order rows are scattered back by the dequantize kernel). ``trans``: the buffer holds
     rows of W (``x · Wᵀ``, the layout ``F.linear`` gives cuBLAS) instead of columns of Wᵀ. ``overlap``: two
-    buffers, the next chunk dequantized on a high-priority side stream while cuBLAS multiplies this one.
-    ``pair`` (default ``DEQUANT_PAIR``): shared 4-bit tables read as byte-indexed pairs (:func:`pair_table`)."""
+    buffers, the next chunk dequantized on a high-priority side stream while cuBLAS multiplies this one."""
     K, N = pw.in_features, pw.out_features
-    pairs = _pairs_for(pw, pair)
     trans = DEQUANT_TRANS if trans is None else trans
     overlap = DEQUANT_OVERLAP if overlap is None else overlap
 
@@ -1339,15 +1316,14 @@ def dequant_matmul(x2: torch.Tensor, pw: PackedWeight, chunk: int = 0, trans: bo
         return torch.mm(x2, b.t() if trans else b, out=out)
 
     if chunk <= 0 or chunk >= N:
-        return mm(dequantize_t(pw, x2.dtype, unpermute=True, trans=trans, pairs=pairs))
+        return mm(dequantize_t(pw, x2.dtype, unpermute=True, trans=trans))
     y = torch.empty((x2.shape[0], N), device=x2.device, dtype=x2.dtype)
     shape = (chunk, K) if trans else (K, chunk)
     bufs = [torch.empty(shape, device=x2.device, dtype=x2.dtype) for _ in range(2 if overlap else 1)]
 
     def deq(i: int, n0: int, n1: int) -> None:
         b = bufs[i % len(bufs)]
-        dequantize_t(pw, x2.dtype, n0, n1, b[: n1 - n0] if trans else b[:, : n1 - n0], unpermute=True, trans=trans,
-                     pairs=pairs)
+        dequantize_t(pw, x2.dtype, n0, n1, b[: n1 - n0] if trans else b[:, : n1 - n0], unpermute=True, trans=trans)
 
     starts = list(range(0, N, chunk))
     if not overlap:
