@@ -773,28 +773,35 @@ def run_matmuls(rows, out_rows, bw, bnb, quick):
                     row[key] = bench(lowbit_fn(pws, x, path))
                     if args_graph and M <= 16:
                         row[key + " graph"] = bench_graph(lowbit_fn(pws, x, path))
-                    if path == "dequant" and name in ("int4 g128 asym", "int2 g128"):  # the earlier dequantize
-                        wq.DEQUANT_V4 = False
+                    if path == "dequant" and name in ("int4 g128 asym", "int2 g128"):  # the other dequantize
+                        old = wq.DEQUANT_V4  # (until session 5 this set True afterwards: later rows ran v4)
+                        wq.DEQUANT_V4 = not old
                         try:
-                            row[f"{name} [dequant v3]"] = bench(lowbit_fn(pws, x, path))
+                            row[f"{name} [dequant {'v3' if old else 'v4'}]"] = bench(lowbit_fn(pws, x, path))
                         finally:
-                            wq.DEQUANT_V4 = True
+                            wq.DEQUANT_V4 = old
                     if path == "mm" and M <= wq.MM4_MAX_M and name == "int4 g128 asym":  # the earlier mm tiles
                         cfg3 = wq.mm_config(M, N, K, 128, wq._sms(x.device))
                         row[f"{name} [mm v3]"] = bench(lowbit_fn(pws, x, path, cfg3))
-                    if path == "gemv" and name in ("int4 g128 asym", "int4 g128 sym", "int4 g128 act-order",
-                                                   "int2 g128"):  # v5: x prepared once per call
-                        cfg5 = wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), pws[0].bits, "affine", v=5)
-                        xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-                        row[f"{name} [gemv v5] err"] = rel(wq.gemv(xx, pws[0], cfg5), xx.float() @ Wd.t())
-                        row[f"{name} [gemv v5]"] = bench(lowbit_fn(pws, x, path, cfg5))
-                        if args_graph:
-                            row[f"{name} [gemv v5] graph"] = bench_graph(lowbit_fn(pws, x, path, cfg5))
-                    if path == "gemv" and name in ("int4 g128 asym", "int2 g128"):  # the earlier GEMV
-                        cfg3 = wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), pws[0].bits, "affine", v=3)
-                        row[f"{name} [gemv v3]"] = bench(lowbit_fn(pws, x, path, cfg3))
-                        if args_graph:
-                            row[f"{name} [gemv v3] graph"] = bench_graph(lowbit_fn(pws, x, path, cfg3))
+                    if path == "gemv" and pws[0].mode == "affine" and pws[0].bits == 4:
+                        # the other GEMV decode in the same process: v4 where v6 is the default, else v6 (BN64
+                        # split 8, and with the L2 prefetch 8 tiles ahead, opt-in: one winning sweep, run 3)
+                        dflt = wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), 4, "affine",
+                                              act_order=pws[0].perm is not None)
+                        alts = {"gemv v4": wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), 4, "affine",
+                                                          v=4)} if dflt["v"] == 6 else \
+                            {"gemv v6": wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), 4, "affine", v=6,
+                                                       BN=64, split=8)}
+                        if N >= 16384:
+                            alts["gemv v6 pfd8"] = wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), 4,
+                                                                  "affine", v=6, BN=64, split=8, pfd=8)
+                        for alab, acfg in alts.items():
+                            xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                            row[f"{name} [{alab}] err"] = rel(wq.gemv(xx, pws[0], acfg).to(xx.dtype),
+                                                              xx.float() @ Wd.t())
+                            row[f"{name} [{alab}]"] = bench(lowbit_fn(pws, x, path, acfg))
+                            if args_graph:
+                                row[f"{name} [{alab}] graph"] = bench_graph(lowbit_fn(pws, x, path, acfg))
                 except Exception as e:
                     row[key + " error"] = repr(e)[:300]
                     traceback.print_exc()

@@ -1009,9 +1009,9 @@ def _bk_for(group: int, want: int) -> int:
 @functools.lru_cache(maxsize=1024)
 def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
                 BN: int | None = None, BK: int | None = None, split: int | None = None,
-                num_warps: int | None = None, v: int = 4, waves: int = 4, pf: bool = GEMV_PREFETCH,
+                num_warps: int | None = None, v: int | None = None, waves: int = 4, pf: bool = GEMV_PREFETCH,
                 num_stages: int | None = None, pmin: int | None = None, stages: int = 1,
-                tma: bool = False, pfd: int = 0) -> dict:
+                tma: bool = False, pfd: int = 0, act_order: bool = False) -> dict:
     """Tile sizes for the GEMV path: enough programs to cover the SMs ``waves`` times (split-K when N is small).
 
     ``v=6`` is :func:`_gemv6_kernel` (affine 4-bit: codes decoded and multiplied in fp16x2; others fall back
@@ -1022,7 +1022,17 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
     ``stages > 1`` pipelines the K loop through shared memory (``STAGES`` of :func:`_gemv3_kernel`); ``tma``
     (affine 2/4-bit, v4, N·4 a multiple of 16) loads the word tiles with a tensor descriptor. ``split=1``
     writes x's dtype straight from the kernel: one launch, no zeroed fp32 buffer, no cast.
+    Default ``v`` (``None``): 6 for affine 4-bit weights with ``N >= 8192`` that are act-order (``act_order``),
+    have 64-wide groups (HQQ) or ``N < 16384``, with BN 64 and split 8 (faster on the H100 in session 5 runs
+    2 and 3: act-order 60.9/60.7 vs 64.8/64.3 µs, HQQ g64 55.4/55.3 vs 69.7/69.8, 4096×11008 16.6/16.4 vs
+    17.6/17.3, under CUDA graphs); 4 otherwise (plain and symmetric int4 at 8192×28672: v6 53.8/53.9 vs
+    52.8/52.9, and every other shape or format).
     """
+    if v is None:
+        v = 4
+        if mode == "affine" and bits == 4 and N >= 8192 and (act_order or group % 128 or N < 16384):
+            v = 6
+            BN, split = BN or 64, split or 8
     if BN is None and v == 6 and mode == "affine" and bits == 4:
         BN = 128 if N >= 16384 else 32
     if BN is None:
@@ -1093,7 +1103,7 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
     """``x2: (M, K)`` contiguous, M small -> ``(M, N)`` (fp32 when split-K accumulates atomically)."""
     M, K = x2.shape
     N = pw.out_features
-    cfg = cfg or gemv_config(N, K, pw.group_size, _sms(x2.device), pw.bits, pw.mode)
+    cfg = cfg or gemv_config(N, K, pw.group_size, _sms(x2.device), pw.bits, pw.mode, act_order=pw.perm is not None)
     atomic = cfg["split"] > 1
     v = cfg.get("v", 4)
     prep = v == 5 and pw.mode == "affine" and pw.bits in (2, 4)  # the x preparation zeroes the output too
