@@ -785,16 +785,15 @@ def run_matmuls(rows, out_rows, bw, bnb, quick):
                         row[f"{name} [mm v3]"] = bench(lowbit_fn(pws, x, path, cfg3))
                     if path == "gemv" and pws[0].mode == "affine" and pws[0].bits == 4:
                         # the other GEMV decode in the same process: v4 where v6 is the default, else v6 (BN64
-                        # split 8, and with the L2 prefetch 8 tiles ahead, opt-in: one winning sweep, run 3)
+                        # split 8); at N >= 16384 v6 with or without the L2 prefetch, whichever is not the default
                         dflt = wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), 4, "affine",
                                               act_order=pws[0].perm is not None)
+                        g6 = lambda **c: wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), 4,  # noqa: E731
+                                                        "affine", v=6, BN=64, split=8, **c)
                         alts = {"gemv v4": wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), 4, "affine",
-                                                          v=4)} if dflt["v"] == 6 else \
-                            {"gemv v6": wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), 4, "affine", v=6,
-                                                       BN=64, split=8)}
-                        if N >= 16384:
-                            alts["gemv v6 pfd8"] = wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), 4,
-                                                                  "affine", v=6, BN=64, split=8, pfd=8)
+                                                          v=4)} if dflt["v"] == 6 else {"gemv v6": g6()}
+                        if N >= 16384:  # v6 with / without the L2 prefetch, whichever is not the default
+                            alts.update({"gemv v6 no prefetch": g6()} if dflt.get("pfd") else {"gemv v6 pfd8": g6(pfd=8)})
                         for alab, acfg in alts.items():
                             xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                             row[f"{name} [{alab}] err"] = rel(wq.gemv(xx, pws[0], acfg).to(xx.dtype),

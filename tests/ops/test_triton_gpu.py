@@ -403,20 +403,21 @@ def test_gemv_v6_fp16x2_decode_matches_reference(fmt, opts, act_order):
 
 
 def test_gemv_default_decode_by_shape_and_format():
-    """The default GEMV decode follows the measured choice (v6 for act-order / 64-wide groups / N in [8192, 16384),
-    v4 for plain int4 at N >= 16384 and below N = 8192), and the default path matches the reference for each."""
+    """The default GEMV decode follows the measured choice (affine 4-bit at N >= 8192: v6, with the L2 prefetch at
+    N >= 16384 for 128-wide groups; v4 below N = 8192 and for other formats), and the default path matches the
+    reference for each."""
     torch.manual_seed(36)
     K = 1024
-    cases = [(IntAffine(bits=4, group_size=128), True, 8192, 6), (IntAffine(bits=4, group_size=64,
-             float_zero_point=True), False, 8192, 6), (IntAffine(bits=4, group_size=128), False, 8192, 6),
-             (IntAffine(bits=4, group_size=128), False, 16384, 4), (IntAffine(bits=4, group_size=128), False, 4096, 4),
-             (IntAffine(bits=2, group_size=128), True, 8192, 4)]
-    for fmt, act, N, want in cases:
+    cases = [(IntAffine(bits=4, group_size=128), True, 8192, 6, 0), (IntAffine(bits=4, group_size=64,
+             float_zero_point=True), False, 16384, 6, 0), (IntAffine(bits=4, group_size=128), False, 8192, 6, 0),
+             (IntAffine(bits=4, group_size=128, symmetric=True), False, 16384, 6, 8),
+             (IntAffine(bits=4, group_size=128), False, 4096, 4, 0), (IntAffine(bits=2, group_size=128), True, 8192, 4, 0)]
+    for fmt, act, N, want, pfd in cases:
         Wf = torch.randn(N, K)
         kw = dict(g_idx=(torch.randperm(K) // fmt.group_size).to(torch.int32), **fmt.params(Wf)) if act else {}
         q = fmt.quantize(Wf, **kw)
         pw = R.repack_quantized(q).to("cuda")
         cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, act_order=pw.perm is not None)
-        assert cfg["v"] == want, (fmt.spec(), act, N, cfg)
+        assert cfg["v"] == want and cfg.get("pfd", 0) == pfd, (fmt.spec(), act, N, cfg)
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         assert rel(wq.packed_linear(x, pw), x.float() @ q.dequantize().float().cuda().t()) < TOL

@@ -1022,17 +1022,20 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
     ``stages > 1`` pipelines the K loop through shared memory (``STAGES`` of :func:`_gemv3_kernel`); ``tma``
     (affine 2/4-bit, v4, N·4 a multiple of 16) loads the word tiles with a tensor descriptor. ``split=1``
     writes x's dtype straight from the kernel: one launch, no zeroed fp32 buffer, no cast.
-    Default ``v`` (``None``): 6 for affine 4-bit weights with ``N >= 8192`` that are act-order (``act_order``),
-    have 64-wide groups (HQQ) or ``N < 16384``, with BN 64 and split 8 (faster on the H100 in session 5 runs
-    2 and 3: act-order 60.9/60.7 vs 64.8/64.3 µs, HQQ g64 55.4/55.3 vs 69.7/69.8, 4096×11008 16.6/16.4 vs
-    17.6/17.3, under CUDA graphs); 4 otherwise (plain and symmetric int4 at 8192×28672: v6 53.8/53.9 vs
-    52.8/52.9, and every other shape or format).
+    Default ``v`` (``None``) for affine 4-bit weights with ``N >= 8192``: 6 with BN 64 and split 8, and at
+    ``N >= 16384`` with 128-wide groups the L2 prefetch 8 tiles ahead (``pfd``). H100, session 5, under CUDA
+    graphs (NOTES_gpu.md): act-order v6 60.9/60.7 vs v4 64.8/64.3 µs (runs 2, 3), with prefetch 57.6/57.5 (runs
+    3, 4); HQQ g64 v6 55.4/55.3 vs 69.7/69.8 (prefetch slower there: 66.7/66.4); 4096×11008 v6 16.6/16.4 vs
+    17.6/17.3; plain and symmetric int4 at 8192×28672 v6 alone 53.8/53.9 vs 52.8/52.9 but with prefetch
+    51.3/51.3 (asym) and 51.4/51.2 (sym) vs 52.9/53.2 and 53.4/53.3 (runs 3, 4). 4 for everything else.
     """
     if v is None:
         v = 4
-        if mode == "affine" and bits == 4 and N >= 8192 and (act_order or group % 128 or N < 16384):
+        if mode == "affine" and bits == 4 and N >= 8192:
             v = 6
             BN, split = BN or 64, split or 8
+            if N >= 16384 and group % 128 == 0 and not pfd:
+                pfd = 8
     if BN is None and v == 6 and mode == "affine" and bits == 4:
         BN = 128 if N >= 16384 else 32
     if BN is None:
