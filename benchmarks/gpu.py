@@ -197,6 +197,18 @@ def sweep(pws, x, path, M, N, K, quick_names):
     return res
 
 
+def gemv_operands(K: int, N: int, name: str):
+    """M = 1 operands: enough copies of the packed weight ``name`` to exceed L2 three times, its fp32 dequantized
+    weight, x ``(1, K)`` bf16, bf16 weight copies for the baseline and their cycler."""
+    torch.manual_seed(K + N)
+    ncopy = max(1, math.ceil(3 * L2_BYTES / (N * K * 0.375)))
+    pws = [VARIANTS[name](N, K) for _ in range(ncopy)]
+    Wd = R.dequantize_packed(pws[0], torch.float32)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, ncopy // 4))]
+    return pws, Wd, x, Ws, cycler(Ws)
+
+
 def gemv_waves(out_dir: str, pf_only: bool = False) -> dict:
     """M = 1 GEMV (v4) split-K and tile width by how many waves the grid makes (ncu, session 4: the default grid at
     8192×28672 is 1.51 waves of 9 resident CTAs per SM); every config checked, then timed plain and as CUDA-graph
@@ -204,13 +216,7 @@ def gemv_waves(out_dir: str, pf_only: bool = False) -> dict:
     res: dict = {}
     for (K, N), name in (((8192, 28672), "int4 g128 asym"), ((8192, 28672), "int2 g128"),
                          ((4096, 11008), "int4 g128 asym")):
-        torch.manual_seed(K + N)
-        ncopy = max(1, math.ceil(3 * L2_BYTES / (N * K * 0.375)))
-        pws = [VARIANTS[name](N, K) for _ in range(ncopy)]
-        Wd = R.dequantize_packed(pws[0], torch.float32)
-        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, ncopy // 4))]
-        nW = cycler(Ws)
+        pws, Wd, x, Ws, nW = gemv_operands(K, N, name)
         out = {"bf16": bench(lambda: torch.nn.functional.linear(x, nW())),
                "bf16 graph": bench_graph(lambda: torch.nn.functional.linear(x, nW()))}
         grid = [(bn, sp, w, False) for bn in (32, 64, 128) for sp in (2, 4, 8, 16) for w in (4, 8)] if not pf_only \
@@ -581,6 +587,13 @@ def one_launch_sweep(out_dir: str) -> dict:
         with open(os.path.join(out_dir, "one_launch_sweep.json"), "w") as f:
             json.dump(res, f, indent=1)
 
+    def record(key, row):  # keep, print the fastest under graphs, write
+        res[key] = row
+        timed = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple))
+        print(key, json.dumps(row["before"]), json.dumps(row["after"]), "best under graphs:",
+              [(v, k, row[k][0]) for v, k in timed[:8]], flush=True)
+        dump()
+
     def base(x, nW):
         return {"bf16": round(bench(lambda: torch.nn.functional.linear(x, nW())), 2),
                 "bf16 graph": round(bench_graph(lambda: torch.nn.functional.linear(x, nW())), 2)}
@@ -591,13 +604,7 @@ def one_launch_sweep(out_dir: str) -> dict:
                  ((8192, 28672), "hqq int4 g64 float-zero", False), ((8192, 28672), "int4 g128 sym", False)]
         best: list = []
         for (K, N), name, full in plans:
-            torch.manual_seed(K + N)
-            ncopy = max(1, math.ceil(3 * L2_BYTES / (N * K * 0.375)))
-            pws = [VARIANTS[name](N, K) for _ in range(ncopy)]
-            Wd = R.dequantize_packed(pws[0], torch.float32)
-            x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-            Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, ncopy // 4))]
-            nW = cycler(Ws)
+            pws, Wd, x, Ws, nW = gemv_operands(K, N, name)
             pw = pws[0]
             g = lambda **c: wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, **c)  # noqa: E731
             cfgs = {"default " + lab(g()): g()}
@@ -614,12 +621,7 @@ def one_launch_sweep(out_dir: str) -> dict:
             row = {"before": base(x, nW)}
             row.update(_timed_cfgs(pws, x, "gemv", cfgs, Wd))
             row["after"] = base(x, nW)
-            key = f"gemv {name} {K}x{N}"
-            res[key] = row
-            timed = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple))
-            print(key, json.dumps(row["before"]), json.dumps(row["after"]), "best under graphs:",
-                  [(v, k, row[k][0]) for v, k in timed[:8]], flush=True)
-            dump()
+            record(f"gemv {name} {K}x{N}", row)
             if full and not best:
                 keep = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple) and not k.startswith("default"))
                 for _, k in keep[:4]:
@@ -649,12 +651,7 @@ def one_launch_sweep(out_dir: str) -> dict:
                 cfgs = {"default (planes once) " + lab(d): d, "former (words per K row) " + lab(d): dict(d, RS3=False)}
             row.update(_timed_cfgs(pws, x, "mm", cfgs, Wd))
             row["after"] = base(x, nW)
-            key = f"mm {name} M{M} {K}x{N}"
-            res[key] = row
-            timed = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple))
-            print(key, json.dumps(row["before"]), json.dumps(row["after"]), "best under graphs:",
-                  [(v, k, row[k][0]) for v, k in timed[:8]], flush=True)
-            dump()
+            record(f"mm {name} M{M} {K}x{N}", row)
             del pws, Wd, Ws
 
     def dequant_block():

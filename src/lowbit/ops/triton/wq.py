@@ -4,7 +4,8 @@ Layout: :mod:`lowbit.ops.repack` (bit planes packed along K, N contiguous; scale
 
 Three paths, chosen by the number of activation rows ``M``:
 
-- ``M <= GEMV_MAX_M``: GEMV with split-K (:func:`_gemv3_kernel`; v4 decode by default, see :func:`_exact_code`). Each program reduces a ``BK``-slice of K
+- ``M <= GEMV_MAX_M``: GEMV with split-K (:func:`_gemv3_kernel` and :func:`_gemv6_kernel`, chosen by
+  :func:`gemv_config`). Each program reduces a ``BK``-slice of K
   for ``BN`` outputs and ``tl.atomic_add``-s its partial sums into an fp32 output (many CTAs even for small N:
   the M = 1 case is memory-bound, so the grid must cover every SM several times). The codes of a word are
   unpacked with constant shifts; an affine code is moved into the mantissa of 1.0 (``f = 1 + c/2^B``), so
@@ -12,8 +13,10 @@ Three paths, chosen by the number of activation rows ``M``:
   and zero point are applied once per (word, column): ``Σ_k x_k (c_k − z) s = s (Σ_k x_k c_k − z Σ_k x_k)``.
   Look-up tables (NF4/FP4 shared, SqueezeLLM per column) are held in registers and read by a select tree on
   the code bits. The earlier ``_gemv_kernel`` (``gemv_config(v=2)``) is kept for the benchmark's comparison.
-  v4 (the default for affine codes) skips the shifts: each code is decoded exactly in place by
-  :func:`_exact_code` (one LOP3 and one subtract), see ``benchmarks/NOTES_gpu.md`` session 3.
+  v4 skips the shifts: each code is decoded exactly in place by :func:`_exact_code` (one LOP3 and one
+  subtract), see ``benchmarks/NOTES_gpu.md`` session 3. v6 (:func:`_gemv6_kernel`, the default for affine
+  4-bit weights with N >= 8192; v4 for the other affine ones) decodes and multiplies two codes per fp16x2
+  instruction and, at N >= 16384, asks L2 for the word tiles 8 tiles ahead (session 5).
 - ``GEMV_MAX_M < M < BIG_M``: tiled ``tl.dot`` kernel that dequantizes a ``(BK, BN)`` tile in registers; for
   ``M <= MM4_MAX_M`` and affine 2/4-bit codes, :func:`_mm4_kernel` (one dot per code position) instead.
 - ``M >= BIG_M``: dequantize to a bf16 ``(K, N)`` buffer with a Triton kernel (act-order rows scattered back
@@ -143,17 +146,22 @@ def _dequant_tile(q4, q2, q1, scale, zero, cb, k0, offs_n, mask_n, N, K,
 
 
 @triton.jit
+def _gemv_program(x_ptr, N, stride_xm, BN: tl.constexpr):
+    """A GEMV program's place: column tile (grid axis 0), K split (axis 1), row of x (axis 2); its columns, their
+    bounds mask and its row of x."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(2)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    return pid_n, tl.program_id(1), m, offs_n, offs_n < N, x_ptr + m * stride_xm
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, KW2, KW1, stride_xm,
                  BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_PERM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr):
     # Partial sums stay 2-D (word, column) across the K loop: the sum over the codes of one word is
     # in-thread, and the only cross-thread reduction happens once, after the loop.
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_n = offs_n < N
-    xr = x_ptr + m * stride_xm
+    pid_n, pid_k, m, offs_n, mask_n, xr = _gemv_program(x_ptr, N, stride_xm, BN)
     P0: tl.constexpr = 8 if BITS == 4 else 16
     acc = tl.zeros((BK // P0, BN), dtype=tl.float32)
     acc1 = tl.zeros((BK // 32, BN), dtype=tl.float32)
@@ -501,6 +509,15 @@ def _table_lookup(c, cb, offs_n, mask_n, BITS: tl.constexpr, ROW: tl.constexpr):
 
 
 @triton.jit
+def _group_scale_zero(scale, zero, g, N, offs_n, ms, EVEN: tl.constexpr):
+    """Group ``g``'s scale and zero point for columns ``offs_n`` in fp32 (``ms`` masks them unless ``EVEN``)."""
+    if EVEN:
+        return tl.load(scale + g * N + offs_n).to(tl.float32), tl.load(zero + g * N + offs_n).to(tl.float32)
+    return (tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32),
+            tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, KW2, KW1, stride_xm, E23,
                   BITS: tl.constexpr, GROUP: tl.constexpr, MODE: tl.constexpr, HAS_PERM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr,
@@ -514,12 +531,7 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
     a plain ``range`` with the launch's ``num_stages`` is not pipelined for a loop without a dot. ``TMA``
     (affine 2/4-bit, v4 decode): ``q4``/``q2`` is a host-made tensor descriptor of the word plane with block
     ``(BK·B/32, BN)``, so the tiles are bulk copies (pipelined over ``STAGES`` too), zero past the plane's end."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_n = offs_n < N
-    xr = x_ptr + m * stride_xm
+    pid_n, pid_k, m, offs_n, mask_n, xr = _gemv_program(x_ptr, N, stride_xm, BN)
     P0: tl.constexpr = 8 if BITS == 4 else 16
     acc = tl.zeros((BK // P0, BN), dtype=tl.float32)
     acc1 = tl.zeros((BK // 32, BN), dtype=tl.float32)
@@ -553,22 +565,12 @@ def _gemv3_kernel(x_ptr, out_ptr, q4, q2, q1, scale, zero, cb, perm, N, K, KW4, 
                 A, X = _hm_dot(w, xr, perm, k0, K, BK // P0, BP, HAS_PERM)
                 acc += s[None, :] * ((1 << BP) * A - ((1 << BP) + z[None, :]) * X[:, None])
         elif TMA:  # affine 2/4-bit, v4 decode, the word tile by bulk copy
-            if EVEN:
-                s = tl.load(scale + g * N + offs_n).to(tl.float32)
-                z = tl.load(zero + g * N + offs_n).to(tl.float32)
-            else:
-                s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
-                z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+            s, z = _group_scale_zero(scale, zero, g, N, offs_n, ms, EVEN)
             w = QP.load([k0 // P0, pid_n * BN])
             A, X = _ex_dot(w, xr, perm, k0, K, E23, BK // P0, BP, HAS_PERM, EVEN, PMIN)
             acc += s[None, :] * (A - z[None, :] * X[:, None])
         elif MODE == 0:
-            if EVEN:
-                s = tl.load(scale + g * N + offs_n).to(tl.float32)
-                z = tl.load(zero + g * N + offs_n).to(tl.float32)
-            else:
-                s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
-                z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
+            s, z = _group_scale_zero(scale, zero, g, N, offs_n, ms, EVEN)
             if BITS == 4:
                 A, X = _hm_plane(q4, xr, perm, k0, offs_n, mask_n, N, K, KW4, BK // 8, 4, HAS_PERM, DEC, EVEN, E23,
                                  PMIN, xsr, xbr, XPRE)
@@ -684,12 +686,7 @@ def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, stride_xm,
     (relative ~2^-11 of a word's partial sum) instead of fp32. ``PFD > 0``: each iteration also asks L2 for the
     word tile ``PFD`` tiles ahead (``prefetch.global.L2``, one per 128-byte line; no registers, no shared
     memory), so more of the stream is in flight than the loads alone keep."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    mask_n = offs_n < N
-    xr = x_ptr + m * stride_xm
+    pid_n, pid_k, m, offs_n, mask_n, xr = _gemv_program(x_ptr, N, stride_xm, BN)
     NW: tl.constexpr = BK // 8
     kstart = pid_k * K_PER_PROG
     k_end = tl.minimum(kstart + K_PER_PROG, K)
@@ -711,14 +708,10 @@ def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, stride_xm,
         k0 = kstart + kt
         g = k0 // GROUP
         rows = k0 // 8 + tl.arange(0, NW)
+        s, z = _group_scale_zero(scale, zero, g, N, offs_n, mask_n & (k0 < K), EVEN)
         if EVEN:
-            s = tl.load(scale + g * N + offs_n).to(tl.float32)
-            z = tl.load(zero + g * N + offs_n).to(tl.float32)
             w = tl.load(q4 + rows[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
         else:
-            ms = mask_n & (k0 < K)
-            s = tl.load(scale + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
-            z = tl.load(zero + g * N + offs_n, mask=ms, other=0.0).to(tl.float32)
             w = tl.load(q4 + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW) & mask_n[None, :],
                         other=0, eviction_policy="evict_first")
         if PFD > 0:
