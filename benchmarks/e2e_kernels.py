@@ -211,7 +211,7 @@ def main() -> None:
             model, _ = load_gguf_model(path, dtype=torch.float32)
             quantize_(model, RTNConfig(format=FORMATS[name]()))
             model = model.to(a.device).eval()
-            with torch.no_grad():
+            with torch.no_grad(), cached_reference() if a.ref_cache else contextlib.nullcontext():
                 f32 = evaluate(model, ids)
             row += f" {f32:.6f} | {abs(ref - f32) / f32:.2e} | {abs(fast - f32) / f32:.2e} |"
         if pre:
