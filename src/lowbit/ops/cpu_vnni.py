@@ -57,6 +57,12 @@ int lowbit_cpu_ok(void) {
 }
 
 #define LMAX 3  /* limbs: 2 or 3 (NL) */
+#ifndef PF_AHEAD
+/* software prefetch distance in weight bytes. 1024 (the first choice, tuned on one warm 4096² weight) left the loads
+   of weights read from DRAM waiting: with 35-52 rotating copies (600 MB, past the L3) 4096 took int8 0.70 -> 0.62 ms
+   and int4 0.43 -> 0.36 ms on 4096², with warm weights unchanged (benchmarks/cpu_prefetch.py, results/cpu.md run 7) */
+#define PF_AHEAD 4096
+#endif
 /* MB rows (1..4) x L limbs: two accumulators each (k and k + 64), 64 unsigned x signed byte products each. */
 static inline __attribute__((always_inline)) void row_kernel(
         const uint8_t *xu, const double *sx, const int8_t *w, int32_t off, double sw, float *y,
@@ -66,8 +72,9 @@ static inline __attribute__((always_inline)) void row_kernel(
         for (int l = 0; l < NL; l++) a[m][l][0] = a[m][l][1] = _mm512_setzero_si512();
     int k = 0;
     for (; k + 128 <= Kp; k += 128) {
-        _mm_prefetch((const char *)(w + k + 1024), _MM_HINT_T0);  /* measured: 0.67 -> 0.58 ms on 4096² */
-        _mm_prefetch((const char *)(w + k + 1024 + 64), _MM_HINT_T0);
+        /* PF_AHEAD bytes ahead (into the next rows: rows are contiguous); benchmarks/cpu_prefetch.py */
+        _mm_prefetch((const char *)(w + k + PF_AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(w + k + PF_AHEAD + 64), _MM_HINT_T0);
         __m512i w0 = _mm512_loadu_si512((const void *)(w + k));
         __m512i w1 = _mm512_loadu_si512((const void *)(w + k + 64));
         for (int m = 0; m < MB; m++)
@@ -186,7 +193,7 @@ static inline __attribute__((always_inline)) void NAME(                         
         int k = g * gs;                                                                                                    \
         const int k_end = k + gs;                                                                                          \
         for (; k + 128 <= k_end; k += 128) {  /* group sizes are multiples of 128 */                                       \
-            _mm_prefetch((const char *)(q + k / 2 + 1024), _MM_HINT_T0);  /* measured: 0.54 -> 0.50 ms (4096², 2 limbs) */ \
+            _mm_prefetch((const char *)(q + k / 2 + PF_AHEAD), _MM_HINT_T0);  /* as in row_kernel */        \
             __m512i v = _mm512_loadu_si512((const void *)(q + k / 2));                                                     \
             __m512i c0 = _mm512_and_si512(v, m0f);                        /* codes k .. k + 63 */                          \
             __m512i c1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), m0f);  /* codes k + 64 .. k + 127 */                    \
