@@ -134,3 +134,15 @@ def test_unknown_isa_is_an_error():
     env = dict(os.environ, LOWBIT_CPU_ISA="sse9")
     out = run_fresh(code, env)
     assert out.returncode != 0 and "valid choices" in out.stderr and "avx2" in out.stderr
+
+
+@needs_kernel
+def test_lut4_linear_rejects_inputs_of_the_wrong_width():
+    # the kernel reads padded_in values per row: a narrower or wider x must be an error, never a read past it
+    q = Codebook("nf4", 64, True).quantize(torch.randn(8, 192))
+    spans = (32, 64) if cpu_lut4.bf16_available() else (32,)
+    for span in spans:
+        w = cpu_lut4.pack_codebook(q, span=span)
+        for K in (128, 200):
+            with pytest.raises(ValueError, match=f"x has {K} features, the weight 192"):
+                cpu_lut4.lut4_linear(torch.randn(2, K).bfloat16(), w)

@@ -201,3 +201,16 @@ def test_no_rows():
     x = torch.randn(0, 256)
     assert cpu_vnni.w8_linear(x, cpu_vnni.pack_w8(q8["qdata"], q8["scale"])).shape == (0, 8)
     assert cpu_vnni.int4_linear(x, cpu_vnni.pack_int4(q4)).shape == (0, 8)
+
+
+@needs_kernel
+def test_int4_vnni_rejects_inputs_of_the_wrong_width_before_the_act_order_gather():
+    K = 256
+    fmt = IntAffine(bits=4, group_size=128)
+    W = torch.randn(16, K)
+    q = fmt.quantize(W, g_idx=(torch.randperm(K) // 128).to(torch.int32), **fmt.params(W))
+    w = cpu_vnni.pack_int4(q)
+    assert w.perm is not None
+    for bad in (128, 384):
+        with pytest.raises(ValueError, match=f"x has {bad} features, the weight {K}"):
+            cpu_vnni.int4_linear(torch.randn(2, bad), w)

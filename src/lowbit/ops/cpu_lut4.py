@@ -437,10 +437,13 @@ def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None
 
     Raises:
         RuntimeError: that kernel is not available here (check :func:`available` / :func:`bf16_available`).
-        ValueError: another layout (``span=128`` is :func:`lowbit.ops.cpu_vnni.int4_linear`'s).
+        ValueError: another layout (``span=128`` is :func:`lowbit.ops.cpu_vnni.int4_linear`'s), or ``x`` has not
+            ``in_features`` features (the kernel would read past the input).
     """
     if w.span not in (32, 64):
         raise ValueError(f"lut4_linear takes the span-32 or span-64 layout, got span {w.span}")
+    if x.dim() == 0 or x.shape[-1] != w.in_features:
+        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features, the weight {w.in_features}")
     lib = _lib() if w.span == 32 else _lib_bf16()
     if lib is None:
         raise RuntimeError(f"the {'float32' if w.span == 32 else 'bf16'} lut4 CPU kernel is not available here "

@@ -32,7 +32,8 @@ __all__ = ["load", "load_variant", "cache_dir", "as_rows", "like_input"]
 
 def as_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x (..., K)`` as a contiguous ``(rows, K)`` tensor of ``dtype`` for a kernel: ``x`` itself when it already is
-    one (the common decode call: no reshape, cast or copy, each of which costs about a microsecond here)."""
+    one (the common decode call: no reshape, cast or copy, whose Python overhead is comparable to a small layer's
+    kernel time)."""
     if x.dim() == 2 and x.dtype == dtype and x.is_contiguous():
         return x
     return x.reshape(-1, x.shape[-1]).to(dtype).contiguous()

@@ -585,12 +585,12 @@ def int4_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.T
     lib = _require()
     if w.span != 128:
         raise ValueError(f"int4_linear needs the span-128 layout (pack_int4), got span {w.span}")
+    if x.dim() == 0 or x.shape[-1] != w.in_features:  # before the act-order gather, which would fail unclearly
+        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features, the weight {w.in_features}")
     x2 = cpu_native.as_rows(x, torch.float32)
     if w.perm is not None:
         x2 = x2.index_select(1, w.perm.long())
     M, N = x2.shape[0], w.out_features
-    if x2.shape[1] != w.in_features:
-        raise ValueError(f"x has {x2.shape[1]} features, the weight {w.in_features}")
     y = torch.empty(M, N, dtype=torch.float32)
     if lib.lowbit_int4_linear(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(),
                               0 if w.shift is None else w.shift.data_ptr(), y.data_ptr(), M, limbs_for(x.dtype),
