@@ -11,11 +11,11 @@ x86 kernels (AVX-512, with AVX2 variants) where ATen has nothing that fits or is
   float inputs split into int8 limbs (3 for float32 inputs: error ≤ 6.1e-8·max|x|, float32's level; 2 for
   bf16/fp16: ≤ 1.6e-5·max|x|), integer dot products, float epilogue. Not bit-identical to the reference; tested
   against float64.
-- 4-bit codebooks (NF4/FP4 ``Codebook``, double quantization or not) with bf16 inputs -> the AVX512-BF16 kernel of
-  :mod:`lowbit.ops.cpu_lut4` (``span=64``; group sizes that are multiples of 64): weights ``bf16(code·absmax)``
-  exactly as the reference dequantizes them for bf16 inputs, exact products, float32 accumulation.
-- other 4-bit codebooks and inputs (float32, fp16; bf16 without AVX512-BF16 or with groups of 32), and other 4-bit
-  affine groups with float32 inputs -> the float32 lookup-table kernel of :mod:`lowbit.ops.cpu_lut4`.
+- 4-bit codebooks (NF4/FP4 ``Codebook``, double quantization or not), and 4-bit affine groups the VNNI kernel does
+  not take with float32 inputs -> the lookup-table kernels of :mod:`lowbit.ops.cpu_lut4`: the AVX-512 span-64
+  kernel for group sizes that are multiples of 64 (float32 math; for bf16 inputs on codebooks the weights are
+  ``bf16(code·absmax)`` exactly as the reference dequantizes them for bf16 inputs, exact products, float32
+  accumulation), else the span-32 kernel (groups of 32·k, and AVX2 machines; float32 math).
 - otherwise 4-bit affine -> ``aten._weight_int4pack_mm_for_cpu``, which computes ``x · ((q − 8)·s + z')ᵀ`` per
   group; lowbit's ``(q − zero_point)·scale`` maps exactly to it with ``z' = (8 − zero_point)·scale`` (group sizes
   32, 64, 128, 256; K padded to a whole group); weight-only int8 -> ``aten._weight_int8pack_mm``.
@@ -202,7 +202,7 @@ def compute_dtype(x_dtype: torch.dtype, float32_compute: str = "auto", fmt=None)
     if float32_compute == "auto":  # float32 where a hand-written kernel is faster than ATen's in bf16
         own = fmt is not None and fmt.kind == "int_affine" and fmt.bits == 4 and (cpu_lut4.isa() == "avx512"
                                                                                   or cpu_vnni.available())
-        # 4-bit codebooks: float32 keeps float32 inputs on the float32 lut4 kernel (bf16 picks the bf16 kernel)
+        # 4-bit codebooks: float32 inputs stay float32 on the lut4 kernels
         own = own or (fmt is not None and fmt.kind == "codebook" and fmt.bits == 4)
         return torch.float32 if own else torch.bfloat16
     return torch.bfloat16 if float32_compute == "bfloat16" else torch.float32
@@ -213,9 +213,9 @@ def pack(q, dtype: torch.dtype = torch.bfloat16) -> CpuWeight | None:  # type: i
 
     The hand-written kernels come first where they build and take the layout: 4-bit affine with group sizes
     that are multiples of 128 -> :func:`lowbit.ops.cpu_vnni.int4_linear` (int8 limbs of the inputs); other 4-bit
-    affine groups -> the float32 lut4 kernel if ``dtype`` is float32, else ATen's int4 kernel in ``dtype``;
-    NF4/FP4 -> the bf16 lut4 kernel if ``dtype`` is bf16 (and it builds here and takes the groups), else the
-    float32 lut4 kernel; weight-only int8 -> the VNNI int8 kernel, else ATen's int8 kernel
+    affine groups -> the lut4 kernels (span 64 where the groups are multiples of 64 and it builds here, else span
+    32) if ``dtype`` is float32, else ATen's int4 kernel in ``dtype``; NF4/FP4 -> the same lut4 kernels for every
+    ``dtype`` (the span-64 kernel picks bf16 weights for bf16 inputs at call time); weight-only int8 -> the VNNI int8 kernel, else ATen's int8 kernel
     in ``dtype``; W8A8 -> ``torch._int_mm`` (int32 / float32). ``dtype`` is the compute dtype of the ATen kernels.
     """
     fmt = q.format
@@ -230,13 +230,15 @@ def pack(q, dtype: torch.dtype = torch.bfloat16) -> CpuWeight | None:  # type: i
         packers = []
         if cpu_vnni.available():
             packers.append(cpu_vnni.pack_int4)  # group sizes that are multiples of 128 (or one group per row)
+        if dtype == torch.float32 and cpu_lut4.span64_available():
+            packers.append(lambda q: cpu_lut4.pack_affine4(q, span=64))  # groups that are multiples of 64
         if dtype == torch.float32 and cpu_lut4.available():
             packers.append(cpu_lut4.pack_affine4)
         packers.append(lambda q: _aten_pack(q, dtype))
         return _first_fit(packers, q)
     if fmt.kind == "codebook" and fmt.bits == 4:
         packers = []
-        if dtype == torch.bfloat16 and cpu_lut4.bf16_available():
+        if cpu_lut4.span64_available():
             packers.append(lambda q: cpu_lut4.pack_codebook(q, span=64))  # groups that are multiples of 64
         if cpu_lut4.available():
             packers.append(cpu_lut4.pack_codebook)

@@ -1,42 +1,45 @@
-"""CPU kernels for 4-bit weights through a 16-entry lookup table: NF4/FP4 and 4-bit IntAffine in float32, and
-NF4/FP4 (any 16-entry code) with bf16 inputs on AVX512-BF16.
+"""CPU kernels for 4-bit weights through a 16-entry lookup table: NF4/FP4 (any 16-entry code) and 4-bit IntAffine,
+in float32, and NF4/FP4 with bf16 inputs on the reference's bf16 weights.
 
 ``y[m, n] = Σ_g scale[n, g] · Σ_{k ∈ g} x[m, k] · lut[code[n, k]]  −  Σ_g xsum[m, g] · shift[n, g]``
 
 - NF4 / FP4 (``Codebook``): ``lut`` = the float32 code, ``scale`` = the first-level absmax per block, no shift.
 - IntAffine 4-bit: ``lut = [0, 1, …, 15]``, ``scale`` per group and ``shift = zero_point · scale`` (applied with
   the per-group input sums ``xsum``, a ``(M, G) @ (G, N)`` matmul done by torch). 4-bit affine with group sizes
-  that are multiples of 128 usually runs :mod:`lowbit.ops.cpu_vnni` instead (faster); this kernel takes the rest.
+  that are multiples of 128 usually runs :mod:`lowbit.ops.cpu_vnni` instead (faster); these kernels take the rest.
 
 Why hand-written: ATen has no lookup-table matmul (NF4 had no CPU fast path), and its int4 packed kernel runs a
-scalar loop for float32 inputs. This kernel keeps activations, code values and accumulation in float32 (AVX-512:
-``vpermps`` looks the 16 code values up in one register; four independent FMA chains per input row), so it
-matches the float32 reference to float32 rounding, and bf16 inputs are widened exactly to float32.
+scalar loop for float32 inputs. Both kernels build, per output row and group, the 16 weights ``lut · scale`` in one
+register (``vmulps``), look 16 weights up per ``vpermps`` and multiply-add them with the float32 inputs (``vfmadd``,
+four independent chains per input row): float32 math, so they match the float32 reference to float32 rounding;
+bf16/fp16 inputs are widened exactly to float32.
 
-The C sources below are compiled on first use by :mod:`lowbit.ops.cpu_native`: the AVX-512 kernel, else an AVX2
-one (8-lane permutes of both table halves and a blend: about 3× the lookup work, for laptops without AVX-512). No
-compiler or neither instruction set: :func:`available` is ``False`` (logged once) and callers keep their other paths.
+**span 64** (AVX-512, :func:`span64_available`; group sizes that are multiples of 64; the one the dispatcher picks).
+Layout: per 128 inputs 64 bytes = 16 dwords, nibble ``j`` of dword ``i`` holds the code of input ``16j + i`` (a last
+64 inputs: 16 words, the same), so the shifted dword itself is the ``vpermps`` index: 7 shifts per 128 codes (port
+0) and 8 lookups (port 5), with the 8 FMAs on either port. **bf16 inputs** on codebook weights: the reference op
+dequantizes ``W = bf16(code · absmax)`` (the product in float32, rounded to nearest-even) and multiplies in bf16
+with float32 accumulation; this kernel rounds each group's 16 products to bf16 the same way (on the bits, as torch
+does: ``+ 0x7FFF + lsb``, then the low 16 bits cleared), so its weights are the reference's bit for bit (tested
+with one-hot inputs, subnormal weights included); each bf16 × bf16 product is exact in float32 and the sums are
+float32. fp16 inputs and affine weights keep the float32 weights. A NaN product whose top 8 mantissa bits are all
+ones would round to ±0 (only a NaN absmax with such a payload makes one; x86's default NaN does not).
 
-Layout (:class:`Lut4Weight`, ``span=32``): ``codes (N, Kp/2) uint8`` where, for each chunk of 32 inputs, byte ``j``
-holds the code of input ``j`` in its low nibble and of input ``j + 16`` in its high nibble; ``Kp`` = K padded to a
-whole group. Kernel reads ``x (M, Kp) float32`` (zero-padded), one output row per loop step, rows split over
-threads. ``span=128`` is the VNNI kernel's layout of the same codes (see :func:`pack_lut4`).
+**span 32** (AVX-512, else AVX2): groups that are multiples of 32 (the span-64 kernel takes those of 64), and the
+AVX2 variant for laptops without AVX-512 (8-lane permutes of both table halves and a blend: about 3× the lookup
+work). Layout ``codes (N, Kp/2) uint8`` where, for each chunk of 32 inputs, byte ``j`` holds the code of input ``j``
+in its low nibble and of input ``j + 16`` in its high nibble; the lookups' indices come from ``vpmovzxbd`` (port 5,
+like the lookups: why it is slower than span 64). ``span=128`` is the VNNI kernel's layout of the same codes (see
+:func:`pack_lut4`).
 
-**bf16 inputs** (``span=64``, AVX512-BF16; :func:`bf16_available`; codebooks with groups that are multiples of 64):
-what it rounds, and where. For bf16 inputs the reference op dequantizes ``W = bf16(code · absmax)`` (the product in
-float32, rounded to nearest-even) and multiplies in bf16 with float32 accumulation. This kernel builds, per output
-row and group, the 16-entry table ``bf16(lut[c] · scale)`` the same way (``vmulps`` then ``vcvtne2ps2bf16``: the
-same bf16 weights bit for bit, tested with one-hot inputs), looks 32 weights up per ``vpermw`` and accumulates
-``x · w`` with ``vdpbf16ps``: each bf16 × bf16 product is exact in float32, the sums are float32 (two accumulators
-of 16 lanes per output row, reduced at the end), bias is added in float32, and the output is rounded once to the
-input's dtype. Measured (tests/ops/test_cpu_lut4_bf16.py, random data, K 192 … 1536): float32 output against the
-float64 product of the same bf16 inputs and weights 3e-8 … 1.2e-7 relative; bf16 output against the reference
-op's ≤ 1.5e-3 (bf16 output rounding: the two round differently accumulated float32 sums). ``vdpbf16ps`` treats
-bf16 denormals (below 1.2e-38) as zero and flushes denormal results, whatever MXCSR says; NaN and ±inf propagate
-as in the reference (inf · 0 = NaN for the zero code). fp16 inputs are not rounded to bf16: they stay on the
-float32 kernel. Layout: per 128 inputs 64 bytes, nibble ``j`` of 16-bit word ``w`` holds the code of input
-``32j + w`` (a last 64 inputs: byte ``j`` holds inputs ``j`` and ``j + 32``). One input row: four output rows
-per step; more input rows (up to :data:`MAX_ROWS`, four per pass): one output row per step.
+Why not bf16 arithmetic: on this machine (results/cpu.md run 9) ``vdpbf16ps`` (32 multiply-adds) has the
+throughput of one instruction per ~2.1 cycles, i.e. 16 multiply-adds per cycle, where two float32 FMAs per cycle
+give 32; the previous bf16 kernel (``vpermw`` lookups, ``vdpbf16ps``) was no faster than the float32 one for it.
+
+Both kernels: ``Kp`` = K padded to a whole group, ``x (M, Kp) float32`` zero-padded, one output row per step, rows
+split over threads, input rows in passes of up to 4 (:data:`MAX_ROWS` at most). Compiled on first use by
+:mod:`lowbit.ops.cpu_native`; no compiler or instruction set: :func:`available` / :func:`span64_available` are
+``False`` (logged once) and callers keep their other paths.
 """
 
 from __future__ import annotations
@@ -54,9 +57,9 @@ from lowbit.ops import cpu_native
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Lut4Weight", "available", "bf16_available", "isa", "pack_lut4", "pack_codebook", "pack_affine4", "lut4_linear", "MAX_ROWS"]
+__all__ = ["Lut4Weight", "available", "span64_available", "isa", "pack_lut4", "pack_codebook", "pack_affine4", "lut4_linear", "MAX_ROWS"]
 
-SPANS = (32, 64, 128)  # layouts: this float32 kernel, the bf16 kernel, cpu_vnni.int4_linear
+SPANS = (32, 64, 128)  # layouts: the span-32 kernel, the span-64 kernel, cpu_vnni.int4_linear
 MAX_ROWS = 256  # input rows the op sends here: the weight is re-read per 4 rows, time grows ~linearly with M, and at
 # 128 rows (4096², one thread) this kernel still took 92 ms against 274 ms for dequantize + matmul
 
@@ -200,94 +203,87 @@ void lowbit_lut4_gemm(const float *x, const uint8_t *q, const float *s, const fl
 
 _VARIANTS = {"avx512": (_SOURCE, ("-mavx512f",)), "avx2": (_SOURCE_AVX2, ("-mavx2", "-mfma"))}
 
-_SOURCE_BF16 = _C_PASSES + r"""
-int lowbit_cpu_ok(void) {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-        && __builtin_cpu_supports("avx512bf16");
+_SOURCE_SPAN64 = _C_PASSES + r"""
+int lowbit_cpu_ok(void) { return __builtin_cpu_supports("avx512f"); }
+
+#ifndef PF_AHEAD
+#define PF_AHEAD 4096  /* software prefetch distance in code bytes, as in cpu_vnni (results/cpu.md run 7) */
+#endif
+
+/* The 16 weights of a group: lut·s in float32 (float32 inputs), or that product rounded to bf16 and widened back
+   (BF16: the reference's bf16 weights; round to nearest-even on the bits as torch rounds float32 to bf16). */
+static inline __attribute__((always_inline)) __m512 group_table(__m512 lut, float s, const int BF16) {
+    const __m512 t = _mm512_mul_ps(lut, _mm512_set1_ps(s));
+    if (!BF16) return t;
+    __m512i b = _mm512_castps_si512(t);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    b = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
+    return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32((int)0xFFFF0000)));
 }
 
-/* [bf16(lut·s0) | bf16(lut·s1)]: 16 words each, the products in float32, rounded to nearest-even (vcvtne2ps2bf16) */
-static inline __attribute__((always_inline)) __m512i tables2(__m512 lut, float s0, float s1) {
-    return (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(lut, _mm512_set1_ps(s1)), _mm512_mul_ps(lut, _mm512_set1_ps(s0)));
-}
-#define DOT(acc, w, xp) acc = _mm512_dpbf16_ps(acc, (__m512bh)(w), (__m512bh)_mm512_loadu_si512((const void *)(xp)))
-
-/* MB input rows x R output rows (constants after inlining). Per 128 codes (64 bytes, 32 words; nibble j of word w
-   is code 32j + w): four vpermw lookups of 32 bf16 weights in a table held twice (vpermw reads index bits 0-4; bit 4
-   is the next nibble's bit 0), four vdpbf16ps per input row. One vcvtne2ps2bf16 builds both halves' tables, and
-   vshufi64x2 doubles each (measured, one thread, 256 x 4096: a conversion per table 0.058 ms, per two 0.053).
-   The rows of the next block are prefetched. A last 64 codes (32 bytes) go through vpmovzxbw. */
-static inline __attribute__((always_inline)) void bf16_rows(
-        const uint16_t *x, const uint8_t *q, const float *s, __m512 lut, float *y,
-        const int MB, const int R, int Kp, int N, int gs, int n) {
-    __m512 a[4][4][2];
+/* MB input rows (1..4), one output row, four FMA chains per input row. Per 128 codes (64 bytes, 16 dwords; nibble
+   j of dword i is code 16j + i): vpermps reads bits 0-3 of each dword, so the 8 lookups need 7 shifts and no
+   widening (the span-32 kernel spends 8 vpmovzxbd on port 5, where vpermps also runs); nibbles 0-3 are the first
+   64 codes (table A), 4-7 the next 64 (table B). A last 64 codes: 16 words, nibble j of word i = code 16j + i. */
+static inline __attribute__((always_inline)) void span64_row(
+        const float *x, const uint8_t *q, const float *s, __m512 lut, float *y,
+        const int MB, const int BF16, int Kp, int N, int gs, int n) {
+    __m512 a[4][4];
     for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++) a[m][r][0] = a[m][r][1] = _mm512_setzero_ps();
-    const size_t Kb = (size_t)Kp / 2, G = (size_t)(Kp / gs);
+        for (int j = 0; j < 4; j++) a[m][j] = _mm512_setzero_ps();
     const int halves = gs / 64;
-    int g = 0, h = 0;  /* group of the current 64 codes, and which 64 of that group */
-    int k = 0;
+    int g = 0, h = 0, k = 0;  /* group of the current 64 codes, and which 64 of that group */
     for (; k + 128 <= Kp; k += 128) {
-        const int g0 = g;
+        const int gA = g;
         if (++h == halves) { h = 0; g++; }
-        const int g1 = g;
+        const int gB = g;
         if (++h == halves) { h = 0; g++; }
-        for (int r = 0; r < R; r++) {
-            const uint8_t *qr = q + r * Kb + k / 2;
-            _mm_prefetch((const char *)(qr + R * Kb), _MM_HINT_T0);
-            const __m512i p = tables2(lut, s[r * G + g0], s[r * G + g1]);
-            const __m512i t0 = _mm512_shuffle_i64x2(p, p, 0x44), t1 = _mm512_shuffle_i64x2(p, p, 0xEE);
-            const __m512i v = _mm512_loadu_si512((const void *)qr);
-            const __m512i w0 = _mm512_permutexvar_epi16(v, t0);
-            const __m512i w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), t0);
-            const __m512i w2 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 8), t1);
-            const __m512i w3 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 12), t1);
-            for (int m = 0; m < MB; m++) {
-                const uint16_t *xk = x + (size_t)m * Kp + k;
-                DOT(a[m][r][0], w0, xk);
-                DOT(a[m][r][1], w1, xk + 32);
-                DOT(a[m][r][0], w2, xk + 64);
-                DOT(a[m][r][1], w3, xk + 96);
-            }
-        }
+        _mm_prefetch((const char *)(q + k / 2 + PF_AHEAD), _MM_HINT_T0);  /* into the next rows: rows are contiguous */
+        const __m512 tA = group_table(lut, s[gA], BF16), tB = gB == gA ? tA : group_table(lut, s[gB], BF16);
+        const __m512i v = _mm512_loadu_si512((const void *)(q + k / 2));
+        const __m512 w[8] = {
+            _mm512_permutexvar_ps(v, tA), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tA),
+            _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), tA), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), tA),
+            _mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), tB), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 20), tB),
+            _mm512_permutexvar_ps(_mm512_srli_epi32(v, 24), tB), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 28), tB)};
+        for (int m = 0; m < MB; m++)
+            for (int j = 0; j < 8; j++)
+                a[m][j & 3] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(x + (size_t)m * Kp + k + 16 * j), a[m][j & 3]);
     }
-    if (k < Kp) {  /* Kp is a multiple of 64: byte j of the last 32 holds codes j and j + 32 */
-        for (int r = 0; r < R; r++) {
-            const __m512i t = tables2(lut, s[r * G + g], s[r * G + g]);
-            const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(q + r * Kb + k / 2)));
-            const __m512i w0 = _mm512_permutexvar_epi16(b, t), w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), t);
-            for (int m = 0; m < MB; m++) {
-                DOT(a[m][r][0], w0, x + (size_t)m * Kp + k);
-                DOT(a[m][r][1], w1, x + (size_t)m * Kp + k + 32);
-            }
-        }
+    if (k < Kp) {  /* Kp is a multiple of 64 */
+        const __m512 t = group_table(lut, s[g], BF16);
+        const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(q + k / 2)));
+        const __m512 w[4] = {
+            _mm512_permutexvar_ps(v, t), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t),
+            _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), t), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), t)};
+        for (int m = 0; m < MB; m++)
+            for (int j = 0; j < 4; j++)
+                a[m][j] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(x + (size_t)m * Kp + k + 16 * j), a[m][j]);
     }
     for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++)
-            y[(size_t)m * N + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[m][r][0], a[m][r][1]));
+        y[(size_t)m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]),
+                                                                  _mm512_add_ps(a[m][2], a[m][3])));
 }
 
-/* One input row: four output rows per step (eight independent accumulators); more input rows: one output row. */
-void lowbit_lut4_bf16_gemm(const uint16_t *x, const uint8_t *q, const float *s, const float *lut16, float *y,
-                           int M, int N, int Kp, int gs, int n_threads) {
+/* bf16 != 0: bf16-rounded tables (the caller passes bf16 inputs widened to float32, exactly). One output row per
+   step at every MB (2 or 4 rows per step were slower at one input row: results/cpu.md run 9). */
+void lowbit_lut4_span64_gemm(const float *x, const uint8_t *q, const float *s, const float *lut16, float *y,
+                             int M, int N, int Kp, int gs, int bf16, int n_threads) {
     const __m512 lut = _mm512_loadu_ps(lut16);
     const size_t Kb = (size_t)Kp / 2, G = (size_t)(Kp / gs);
-    #define BF16_ROWS(MB_) {                                                                              \
-        const uint16_t *xm = x + (size_t)m0 * Kp;                                                         \
-        float *ym = y + (size_t)m0 * N;                                                                   \
-        int n = lo;                                                                                       \
-        if (MB_ == 1)                                                                                     \
-            for (; n + 4 <= hi; n += 4) bf16_rows(xm, q + n * Kb, s + n * G, lut, ym, 1, 4, Kp, N, gs, n); \
-        for (; n < hi; n++) bf16_rows(xm, q + n * Kb, s + n * G, lut, ym, MB_, 1, Kp, N, gs, n);          \
-    }
-    LOWBIT_FOR_PASSES(M, N, n_threads, BF16_ROWS)
-    #undef BF16_ROWS
+    #define SPAN64_ROWS(MB_)                                                                              \
+        for (int n = lo; n < hi; n++) {                                                                   \
+            if (bf16) span64_row(x + (size_t)m0 * Kp, q + n * Kb, s + n * G, lut, y + (size_t)m0 * N, MB_, 1, \
+                                 Kp, N, gs, n);                                                           \
+            else span64_row(x + (size_t)m0 * Kp, q + n * Kb, s + n * G, lut, y + (size_t)m0 * N, MB_, 0,   \
+                            Kp, N, gs, n);                                                                \
+        }
+    LOWBIT_FOR_PASSES(M, N, n_threads, SPAN64_ROWS)
+    #undef SPAN64_ROWS
 }
 """
 
-
-
-_VARIANTS_BF16 = {"avx512": (_SOURCE_BF16, ("-mavx512f", "-mavx512bw", "-mavx512bf16"))}
+_VARIANTS_SPAN64 = {"avx512": (_SOURCE_SPAN64, ("-mavx512f",))}
 
 
 @lru_cache(maxsize=1)
@@ -297,14 +293,14 @@ def _lib() -> ctypes.CDLL | None:
 
 
 @lru_cache(maxsize=1)
-def _lib_bf16() -> ctypes.CDLL | None:
-    """The AVX512-BF16 kernel for bf16 inputs, or None (no compiler or no avx512_bf16: logged once by
-    :mod:`lowbit.ops.cpu_native`; ``LOWBIT_CPU_ISA`` forcing a variant it does not have, e.g. ``avx2``)."""
+def _lib_span64() -> ctypes.CDLL | None:
+    """The AVX-512 span-64 kernel, or None (no compiler or no AVX-512: logged once by :mod:`lowbit.ops.cpu_native`;
+    ``LOWBIT_CPU_ISA`` forcing a variant it does not have, e.g. ``avx2``)."""
     forced = os.environ.get("LOWBIT_CPU_ISA")
-    if forced is not None and forced not in _VARIANTS_BF16 and forced in _VARIANTS:
-        logger.info("LOWBIT_CPU_ISA=%s: the bf16 lut4 kernel (avx512 only) is not used", forced)
+    if forced is not None and forced not in _VARIANTS_SPAN64 and forced in _VARIANTS:
+        logger.info("LOWBIT_CPU_ISA=%s: the span-64 lut4 kernel (avx512 only) is not used", forced)
         return None
-    return cpu_native.load_variant("lut4_bf16", _VARIANTS_BF16, {"lowbit_lut4_bf16_gemm": (None, 5, 5)})
+    return cpu_native.load_variant("lut4_span64", _VARIANTS_SPAN64, {"lowbit_lut4_span64_gemm": (None, 5, 6)})
 
 
 def isa() -> str | None:
@@ -318,9 +314,9 @@ def available() -> bool:
     return _lib() is not None
 
 
-def bf16_available() -> bool:
-    """Whether the bf16-input kernel (``span=64`` layout) loads here (AVX512-BF16 and a C compiler); cached."""
-    return _lib_bf16() is not None
+def span64_available() -> bool:
+    """Whether the span-64 kernel (AVX-512; float32 and bf16 inputs) loads here (and a C compiler); cached."""
+    return _lib_span64() is not None
 
 
 @dataclass(frozen=True, eq=False)
@@ -346,8 +342,8 @@ def pack_lut4(codes: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, group
               shift: torch.Tensor | None = None, perm: torch.Tensor | None = None, span: int = 32) -> Lut4Weight:
     """Build the kernel layout from codes ``(N, K)`` in [0, 16), ``scale (N, ceil(K/group_size))``.
 
-    ``span=32``: this kernel's layout. ``span=64``: the bf16 kernel's (module docstring; group sizes multiple of
-    64). ``span=128``: byte ``i`` of each 64-byte block holds codes ``i`` and ``i + 64`` of its 128 inputs, the
+    ``span=32``: the span-32 kernel's layout. ``span=64``: the span-64 kernel's (module docstring; group sizes
+    multiple of 64). ``span=128``: byte ``i`` of each 64-byte block holds codes ``i`` and ``i + 64`` of its 128 inputs, the
     layout of :func:`lowbit.ops.cpu_vnni.int4_linear` (group sizes multiple of 128).
 
     Raises:
@@ -364,22 +360,24 @@ def pack_lut4(codes: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, group
         raise ValueError(f"scale must be (out_features, groups) = {(N, G)}, got {tuple(scale.shape)}")
     if lut.numel() != 16:
         raise ValueError(f"lut must hold 16 values, got {lut.numel()}")
-    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, Kp - K)).reshape(N, Kp // span, 2, span // 2)
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, Kp - K))
     if int(c.max()) > 15:
         raise ValueError("codes must be in [0, 16)")
-    packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, Kp // 2)
-    if span == 64:  # pairs of 32-byte halves interleaved bytewise: nibble j of 16-bit word w = code 32j + w
-        n2 = Kp // 128 * 64
-        full = packed[:, :n2].reshape(N, -1, 2, 32).transpose(2, 3).reshape(N, n2)
-        packed = torch.cat([full, packed[:, n2:]], 1)
+    if span == 64:  # per 128 codes 16 dwords, nibble j of dword i = code 16j + i; a last 64: 16 words, the same
+        n2 = Kp // 128 * 128
+        parts = [c[:, :n2].reshape(N, -1, 8, 16), c[:, n2:].reshape(N, -1, 4, 16)]  # (N, blocks, nibble j, i)
+        packed = torch.cat([(t[:, :, 0::2] | (t[:, :, 1::2] << 4)).transpose(2, 3).reshape(N, -1) for t in parts], 1)
+    else:  # byte i of each span // 2 bytes: code i (low nibble), code i + span // 2 (high nibble)
+        c = c.reshape(N, Kp // span, 2, span // 2)
+        packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, Kp // 2)
     packed = packed.contiguous()
     return Lut4Weight(packed, scale.to(torch.float32).contiguous(), lut.to(torch.float32).contiguous(),
                       None if shift is None else shift.to(torch.float32).contiguous(), group_size, K, Kp, perm, span)
 
 
 def pack_codebook(q, span: int = 32) -> Lut4Weight:  # type: ignore[no-untyped-def]
-    """NF4 / FP4 (``Codebook`` with 4-bit codes, double quantization or not), for the float32 kernel
-    (``span=32``) or the bf16 one (``span=64``).
+    """NF4 / FP4 (``Codebook`` with 4-bit codes, double quantization or not), for the span-32 kernel
+    (``span=32``) or the span-64 one (``span=64``: float32 inputs, and bf16 inputs with the reference's bf16 weights).
 
     Blocks run over the row-major flattened weight, so a row may start inside a block: the kernel's groups are
     ``gcd(in_features, block_size)`` wide and each takes its block's absmax.
@@ -431,12 +429,13 @@ def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x (..., K) -> (..., N)`` through the kernel of ``w``'s layout; output in ``out_dtype`` (default: ``x``'s).
 
-    ``span=32``: the float32 kernel (bf16/fp16 inputs widened exactly). ``span=64``: the bf16 kernel; inputs are
-    rounded to bf16 (exact for bf16 inputs; what ``float32_compute="bfloat16"`` asks for, otherwise). Bias is added
-    in float32 before the output is cast.
+    ``span=32``: the span-32 kernel; ``span=64``: the span-64 kernel. Both compute in float32 with the inputs widened
+    exactly (bf16, fp16). Weights: ``lut · scale`` in float32, except codebook weights (no ``shift``) on the span-64
+    kernel with bf16 inputs, which take the reference's bf16 weights ``bf16(lut · scale)``. Bias is added in
+    float32 before the output is cast.
 
     Raises:
-        RuntimeError: that kernel is not available here (check :func:`available` / :func:`bf16_available`).
+        RuntimeError: that kernel is not available here (check :func:`available` / :func:`span64_available`).
         ValueError: another layout (``span=128`` is :func:`lowbit.ops.cpu_vnni.int4_linear`'s), or ``x`` has not
             ``in_features`` features (the kernel would read past the input).
     """
@@ -444,11 +443,11 @@ def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None
         raise ValueError(f"lut4_linear takes the span-32 or span-64 layout, got span {w.span}")
     if x.dim() == 0 or x.shape[-1] != w.in_features:
         raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features, the weight {w.in_features}")
-    lib = _lib() if w.span == 32 else _lib_bf16()
+    lib = _lib() if w.span == 32 else _lib_span64()
     if lib is None:
-        raise RuntimeError(f"the {'float32' if w.span == 32 else 'bf16'} lut4 CPU kernel is not available here "
-                           "(needs a C compiler and AVX-512 / AVX2, or AVX512-BF16 for the bf16 one)")
-    x2 = cpu_native.as_rows(x, torch.float32 if w.span == 32 else torch.bfloat16)
+        raise RuntimeError(f"the span-{w.span} lut4 CPU kernel is not available here "
+                           "(needs a C compiler and AVX-512, or AVX2 for the span-32 one)")
+    x2 = cpu_native.as_rows(x, torch.float32)
     if w.perm is not None:
         x2 = x2.index_select(1, w.perm.long())
     if w.padded_in != w.in_features:
@@ -456,9 +455,12 @@ def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None
     x2 = x2.contiguous()
     M, N = x2.shape[0], w.out_features
     y = torch.empty(M, N, dtype=torch.float32)
-    fn = lib.lowbit_lut4_gemm if w.span == 32 else lib.lowbit_lut4_bf16_gemm
-    fn(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.lut.data_ptr(), y.data_ptr(), M, N, w.padded_in,
-       w.group_size, torch.get_num_threads())
+    args = (x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.lut.data_ptr(), y.data_ptr(), M, N, w.padded_in,
+            w.group_size)
+    if w.span == 32:
+        lib.lowbit_lut4_gemm(*args, torch.get_num_threads())
+    else:
+        lib.lowbit_lut4_span64_gemm(*args, int(x.dtype == torch.bfloat16 and w.shift is None), torch.get_num_threads())
     if w.shift is not None:
         y -= x2.float().reshape(M, -1, w.group_size).sum(-1) @ w.shift.t()
     if bias is not None:
