@@ -204,30 +204,39 @@ void lowbit_lut4_gemm(const float *x, const uint8_t *q, const float *s, const fl
 _VARIANTS = {"avx512": (_SOURCE, ("-mavx512f",)), "avx2": (_SOURCE_AVX2, ("-mavx2", "-mfma"))}
 
 _SOURCE_SPAN64 = _C_PASSES + r"""
+#include <stdlib.h>
+#include <string.h>
+
 int lowbit_cpu_ok(void) { return __builtin_cpu_supports("avx512f"); }
 
 #ifndef PF_AHEAD
 #define PF_AHEAD 4096  /* software prefetch distance in code bytes, as in cpu_vnni (results/cpu.md run 7) */
 #endif
 
-/* The 16 weights of a group: lut·s in float32 (float32 inputs), or that product rounded to bf16 and widened back
-   (BF16: the reference's bf16 weights; round to nearest-even on the bits as torch rounds float32 to bf16). */
-static inline __attribute__((always_inline)) __m512 group_table(__m512 lut, float s, const int BF16) {
+/* The 16 weights of a group: lut·s in float32; with UP, that product rounded to bf16: truncated to its top 16 bits
+   and raised by one bf16 unit where bit j of the group's round-up mask says (computed when packing, by torch's
+   float32 -> bf16 rounding of the same float32 products: the reference's bf16 weights; measured against rounding
+   here on the bits, 5 more instructions per table: 0.29 vs 0.34 ms, results/cpu.md run 9). */
+static inline __attribute__((always_inline)) __m512 group_table(__m512 lut, float s, const uint16_t *up, int g,
+                                                                const int UP) {
     const __m512 t = _mm512_mul_ps(lut, _mm512_set1_ps(s));
-    if (!BF16) return t;
-    __m512i b = _mm512_castps_si512(t);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    b = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), lsb);
-    return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32((int)0xFFFF0000)));
+    if (!UP) return t;
+    const __m512i b = _mm512_and_si512(_mm512_castps_si512(t), _mm512_set1_epi32((int)0xFFFF0000));
+    __mmask16 k;  /* kmovw from memory: a load (gcc goes through a general register: a port-5 slot) */
+    __asm__("kmovw %1, %0" : "=k"(k) : "m"(up[g]));
+    return _mm512_castsi512_ps(_mm512_mask_add_epi32(b, k, b, _mm512_set1_epi32(0x10000)));
 }
 
 /* MB input rows (1..4), one output row, four FMA chains per input row. Per 128 codes (64 bytes, 16 dwords; nibble
-   j of dword i is code 16j + i): vpermps reads bits 0-3 of each dword, so the 8 lookups need 7 shifts and no
-   widening (the span-32 kernel spends 8 vpmovzxbd on port 5, where vpermps also runs); nibbles 0-3 are the first
-   64 codes (table A), 4-7 the next 64 (table B). A last 64 codes: 16 words, nibble j of word i = code 16j + i. */
+   j of dword i is code 16j + i): vpermps reads bits 0-3 of each dword, so the dword loaded 0, 1, 2, 3 bytes further
+   on holds nibbles 0, 2, 4, 6 there and a 4-bit shift of each gives 1, 3, 5, 7: 4 shifts (port 0) and 8 lookups
+   (port 5) per 128 codes, the 8 FMAs on either port (the span-32 kernel spends 8 vpmovzxbd on port 5, where vpermps
+   also runs). The loads reach 3 bytes past a row: the codes are allocated with 64 bytes to spare. Nibbles 0-3 are
+   the first 64 codes (table A), 4-7 the next 64 (table B). A last 64 codes: 16 words, nibble j of word i = code
+   16j + i. */
 static inline __attribute__((always_inline)) void span64_row(
-        const float *x, const uint8_t *q, const float *s, __m512 lut, float *y,
-        const int MB, const int BF16, int Kp, int N, int gs, int n) {
+        const float *x, const uint8_t *q, const float *s, const uint16_t *up, __m512 lut, float *y,
+        const int MB, const int UP, int Kp, int N, int gs, int n) {
     __m512 a[4][4];
     for (int m = 0; m < MB; m++)
         for (int j = 0; j < 4; j++) a[m][j] = _mm512_setzero_ps();
@@ -238,20 +247,23 @@ static inline __attribute__((always_inline)) void span64_row(
         if (++h == halves) { h = 0; g++; }
         const int gB = g;
         if (++h == halves) { h = 0; g++; }
-        _mm_prefetch((const char *)(q + k / 2 + PF_AHEAD), _MM_HINT_T0);  /* into the next rows: rows are contiguous */
-        const __m512 tA = group_table(lut, s[gA], BF16), tB = gB == gA ? tA : group_table(lut, s[gB], BF16);
-        const __m512i v = _mm512_loadu_si512((const void *)(q + k / 2));
+        const uint8_t *qk = q + k / 2;
+        _mm_prefetch((const char *)(qk + PF_AHEAD), _MM_HINT_T0);  /* into the next rows: rows are contiguous */
+        const __m512 tA = group_table(lut, s[gA], up, gA, UP);
+        const __m512 tB = gB == gA ? tA : group_table(lut, s[gB], up, gB, UP);
+        const __m512i v0 = _mm512_loadu_si512((const void *)qk), v1 = _mm512_loadu_si512((const void *)(qk + 1));
+        const __m512i v2 = _mm512_loadu_si512((const void *)(qk + 2)), v3 = _mm512_loadu_si512((const void *)(qk + 3));
         const __m512 w[8] = {
-            _mm512_permutexvar_ps(v, tA), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tA),
-            _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), tA), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), tA),
-            _mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), tB), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 20), tB),
-            _mm512_permutexvar_ps(_mm512_srli_epi32(v, 24), tB), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 28), tB)};
+            _mm512_permutexvar_ps(v0, tA), _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), tA),
+            _mm512_permutexvar_ps(v1, tA), _mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), tA),
+            _mm512_permutexvar_ps(v2, tB), _mm512_permutexvar_ps(_mm512_srli_epi32(v2, 4), tB),
+            _mm512_permutexvar_ps(v3, tB), _mm512_permutexvar_ps(_mm512_srli_epi32(v3, 4), tB)};
         for (int m = 0; m < MB; m++)
             for (int j = 0; j < 8; j++)
                 a[m][j & 3] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(x + (size_t)m * Kp + k + 16 * j), a[m][j & 3]);
     }
     if (k < Kp) {  /* Kp is a multiple of 64 */
-        const __m512 t = group_table(lut, s[g], BF16);
+        const __m512 t = group_table(lut, s[g], up, g, UP);
         const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(q + k / 2)));
         const __m512 w[4] = {
             _mm512_permutexvar_ps(v, t), _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), t),
@@ -265,21 +277,32 @@ static inline __attribute__((always_inline)) void span64_row(
                                                                   _mm512_add_ps(a[m][2], a[m][3])));
 }
 
-/* bf16 != 0: bf16-rounded tables (the caller passes bf16 inputs widened to float32, exactly). One output row per
-   step at every MB (2 or 4 rows per step were slower at one input row: results/cpu.md run 9). */
-void lowbit_lut4_span64_gemm(const float *x, const uint8_t *q, const float *s, const float *lut16, float *y,
-                             int M, int N, int Kp, int gs, int bf16, int n_threads) {
+/* up (N, G) round-up masks, or NULL: float32 tables. x (M, Kp): float32, or bf16 (x_bf16), widened here into
+   scratch (a torch conversion before the call cost ~15 µs more at one row, measured). One output row per step at
+   every MB (2 or 4 rows per step were not faster at one input row: results/cpu.md run 9). Returns 0, or -1 when
+   out of memory. */
+int lowbit_lut4_span64_gemm(const void *xv, const uint8_t *q, const float *s, const float *lut16, const uint16_t *up,
+                            float *y, int M, int N, int Kp, int gs, int x_bf16, int n_threads) {
     const __m512 lut = _mm512_loadu_ps(lut16);
     const size_t Kb = (size_t)Kp / 2, G = (size_t)(Kp / gs);
+    float *xw = 0;
+    if (x_bf16) {
+        const uint16_t *xh = (const uint16_t *)xv;
+        if (!(xw = malloc(sizeof(float) * (size_t)M * Kp))) return -1;
+        for (size_t i = 0; i < (size_t)M * Kp; i++) { uint32_t b = (uint32_t)xh[i] << 16; memcpy(xw + i, &b, 4); }
+    }
+    const float *x = x_bf16 ? xw : (const float *)xv;
     #define SPAN64_ROWS(MB_)                                                                              \
         for (int n = lo; n < hi; n++) {                                                                   \
-            if (bf16) span64_row(x + (size_t)m0 * Kp, q + n * Kb, s + n * G, lut, y + (size_t)m0 * N, MB_, 1, \
-                                 Kp, N, gs, n);                                                           \
-            else span64_row(x + (size_t)m0 * Kp, q + n * Kb, s + n * G, lut, y + (size_t)m0 * N, MB_, 0,   \
-                            Kp, N, gs, n);                                                                \
+            if (up) span64_row(x + (size_t)m0 * Kp, q + n * Kb, s + n * G, up + n * G, lut,               \
+                               y + (size_t)m0 * N, MB_, 1, Kp, N, gs, n);                                 \
+            else span64_row(x + (size_t)m0 * Kp, q + n * Kb, s + n * G, up, lut, y + (size_t)m0 * N, MB_, \
+                            0, Kp, N, gs, n);                                                             \
         }
     LOWBIT_FOR_PASSES(M, N, n_threads, SPAN64_ROWS)
     #undef SPAN64_ROWS
+    free(xw);
+    return 0;
 }
 """
 
@@ -300,7 +323,7 @@ def _lib_span64() -> ctypes.CDLL | None:
     if forced is not None and forced not in _VARIANTS_SPAN64 and forced in _VARIANTS:
         logger.info("LOWBIT_CPU_ISA=%s: the span-64 lut4 kernel (avx512 only) is not used", forced)
         return None
-    return cpu_native.load_variant("lut4_span64", _VARIANTS_SPAN64, {"lowbit_lut4_span64_gemm": (None, 5, 6)})
+    return cpu_native.load_variant("lut4_span64", _VARIANTS_SPAN64, {"lowbit_lut4_span64_gemm": (ctypes.c_int, 6, 6)})
 
 
 def isa() -> str | None:
@@ -321,7 +344,8 @@ def span64_available() -> bool:
 
 @dataclass(frozen=True, eq=False)
 class Lut4Weight:
-    """The kernel layout (module docstring). ``shift (N, G)`` float32 or None; ``perm (K,)`` for act-order."""
+    """The kernel layout (module docstring). ``shift (N, G)`` float32 or None; ``perm (K,)`` for act-order;
+    ``round_up`` the span-64 kernel's bf16 rounding masks (codebooks only)."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -332,6 +356,7 @@ class Lut4Weight:
     padded_in: int
     perm: torch.Tensor | None
     span: int = 32
+    round_up: torch.Tensor | None = None  # span 64, codebooks: (N, G) int16 masks, bit j = bf16(lut[j]·scale) rounds up
 
     @property
     def out_features(self) -> int:
@@ -367,12 +392,33 @@ def pack_lut4(codes: torch.Tensor, scale: torch.Tensor, lut: torch.Tensor, group
         n2 = Kp // 128 * 128
         parts = [c[:, :n2].reshape(N, -1, 8, 16), c[:, n2:].reshape(N, -1, 4, 16)]  # (N, blocks, nibble j, i)
         packed = torch.cat([(t[:, :, 0::2] | (t[:, :, 1::2] << 4)).transpose(2, 3).reshape(N, -1) for t in parts], 1)
+        spare = torch.zeros(N * (Kp // 2) + 64, dtype=torch.uint8)  # the kernel's offset loads read 3 bytes past a row
+        spare[: packed.numel()] = packed.reshape(-1)
+        packed = spare[: packed.numel()].view(N, Kp // 2)
     else:  # byte i of each span // 2 bytes: code i (low nibble), code i + span // 2 (high nibble)
         c = c.reshape(N, Kp // span, 2, span // 2)
-        packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, Kp // 2)
-    packed = packed.contiguous()
-    return Lut4Weight(packed, scale.to(torch.float32).contiguous(), lut.to(torch.float32).contiguous(),
-                      None if shift is None else shift.to(torch.float32).contiguous(), group_size, K, Kp, perm, span)
+        packed = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, Kp // 2).contiguous()
+    scale32 = scale.to(torch.float32).contiguous()
+    lut32 = lut.to(torch.float32).contiguous()
+    round_up = None
+    if span == 64 and shift is None:
+        round_up = _bf16_round_up(lut32, scale32)
+    return Lut4Weight(packed, scale32, lut32, None if shift is None else shift.to(torch.float32).contiguous(), group_size,
+                      K, Kp, perm, span, round_up)
+
+
+def _bf16_round_up(lut: torch.Tensor, scale: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """``(N, G)`` int16 masks for the span-64 kernel: bit ``j`` set where torch's bf16 rounding of the float32 product
+    ``lut[j] · scale[n, g]`` (the reference's bf16 weight) is one bf16 unit above the product's top 16 bits; NaN
+    products are left truncated (a float32 product's NaN is quiet, so it stays NaN). ``rows`` at a time (memory)."""
+    bit = torch.arange(16, dtype=torch.int32)
+    out = []
+    for s in scale.split(rows):
+        t = lut.view(1, 1, 16) * s.unsqueeze(-1)
+        up = (t.to(torch.bfloat16).float().view(torch.int32) != (t.view(torch.int32) & -65536)) & ~t.isnan()
+        r = (up.to(torch.int32) << bit).sum(-1, dtype=torch.int32)
+        out.append((r - (r >> 15) * 65536).to(torch.int16))  # the same 16 bits as int16 (bit 15 is the sign)
+    return torch.cat(out).contiguous()
 
 
 def pack_codebook(q, span: int = 32) -> Lut4Weight:  # type: ignore[no-untyped-def]
@@ -447,7 +493,8 @@ def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None
     if lib is None:
         raise RuntimeError(f"the span-{w.span} lut4 CPU kernel is not available here "
                            "(needs a C compiler and AVX-512, or AVX2 for the span-32 one)")
-    x2 = cpu_native.as_rows(x, torch.float32)
+    # the span-64 kernel widens bf16 inputs itself (float32 math on the same values)
+    x2 = cpu_native.as_rows(x, torch.bfloat16 if w.span == 64 and x.dtype == torch.bfloat16 else torch.float32)
     if w.perm is not None:
         x2 = x2.index_select(1, w.perm.long())
     if w.padded_in != w.in_features:
@@ -459,8 +506,11 @@ def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None
             w.group_size)
     if w.span == 32:
         lib.lowbit_lut4_gemm(*args, torch.get_num_threads())
-    else:
-        lib.lowbit_lut4_span64_gemm(*args, int(x.dtype == torch.bfloat16 and w.shift is None), torch.get_num_threads())
+    else:  # bf16 inputs on a codebook: the reference's bf16 weights through the round-up masks
+        up = w.round_up if x.dtype == torch.bfloat16 and w.round_up is not None else None
+        if lib.lowbit_lut4_span64_gemm(*args[:4], 0 if up is None else up.data_ptr(), *args[4:],
+                                       int(x2.dtype == torch.bfloat16), torch.get_num_threads()):
+            raise MemoryError("no memory for the widened inputs")
     if w.shift is not None:
         y -= x2.float().reshape(M, -1, w.group_size).sum(-1) @ w.shift.t()
     if bias is not None:
