@@ -254,17 +254,20 @@ def main() -> None:
     datan = [qn[n] for n in qn.format.tensor_names()]
     add("ref", "lowbit NF4 reference (dequantize + matmul)",
         lambda: ref.qlinear(x, datan, qn.format.spec(), list(qn.shape), None), Wn)
+    Wnb = Wn.bfloat16().float()  # the reference's weights for bf16 inputs: bf16(code * absmax)
     if cpu_lut4.available():
         wn = cpu_lut4.pack_codebook(qn)
-        add("4", "lowbit NF4 (double quant) lut4 kernel (fp32 in)", lambda: cpu.linear(x, wn), Wn)
-        add("4", "lowbit NF4 (double quant) lut4 kernel (bf16 in)", lambda: cpu.linear(xb, wn), Wn, xb.float())
-    Wnb = Wn.bfloat16().float()  # the reference's weights for bf16 inputs: bf16(code * absmax)
-    if cpu_lut4.bf16_available():
-        wnb = cpu.pack(qn, torch.bfloat16)
-        add("4", "lowbit NF4 (double quant) lut4-bf16 kernel (bf16 in, AVX512-BF16)", lambda: cpu.linear(xb, wnb),
-            Wnb, xb.float(), f"span {wnb.span}; error vs the reference's bf16 weights")
+        add("4", "lowbit NF4 (double quant) lut4 span-32 kernel (fp32 in)", lambda: cpu.linear(x, wn), Wn)
+        add("4", "lowbit NF4 (double quant) lut4 span-32 kernel (bf16 in)", lambda: cpu.linear(xb, wn), Wn, xb.float(),
+            "float32 weights")
+    if cpu_lut4.span64_available():
+        wn64 = cpu.pack(qn, torch.float32)
+        add("4", "lowbit NF4 (double quant) lut4 span-64 kernel (fp32 in)", lambda: cpu.linear(x, wn64), Wn,
+            note=f"span {wn64.span}")
+        add("4", "lowbit NF4 (double quant) lut4 span-64 kernel (bf16 in)", lambda: cpu.linear(xb, wn64), Wnb,
+            xb.float(), f"span {wn64.span}; the reference's bf16 weights (error vs those)")
     else:
-        missing("4", "lowbit NF4 lut4-bf16 kernel", "not available here (needs AVX512-BF16 and a C compiler)")
+        missing("4", "lowbit NF4 lut4 span-64 kernel", "not available here (needs AVX-512 and a C compiler)")
 
     q8 = Int8Rowwise().quantize(W)
     W8 = q8.dequantize().float()
@@ -300,7 +303,7 @@ def main() -> None:
             torch.no_grad()(lambda m=m: m(x)), Wq)
     m = QuantLinear(qn)
     add("4", "lowbit NF4 QuantLinear, fast path enabled (bf16 in)", torch.no_grad()(lambda m=m: m(xb)), Wnb, xb.float(),
-        "the lut4-bf16 kernel" if cpu_lut4.bf16_available() else "")
+        "the span-64 kernel, bf16 weights" if cpu_lut4.span64_available() else "")
 
     # -- report --------------------------------------------------------------------------------------------
     base = rows[0][2]
@@ -308,6 +311,7 @@ def main() -> None:
     nbytes = {"fp32": a.N * a.K * 4, "bf16": a.N * a.K * 2,
               "4-bit g128 (int4 + fp32 scale, zero)": a.N * a.K // 2 + 2 * 4 * a.N * (-(-a.K // 128)),
               "NF4 (4-bit + fp32 absmax per 64)": a.N * a.K // 2 + 4 * a.N * (-(-a.K // 64)),
+              "NF4 + bf16 round-up masks (span 64, bf16 in)": a.N * a.K // 2 + 6 * a.N * (-(-a.K // 64)),
               "int8 (int8 + fp32 row scale)": a.N * a.K + 4 * a.N}
     floors = {}
     for what, nb in nbytes.items():
