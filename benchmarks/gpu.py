@@ -698,6 +698,78 @@ def one_launch_sweep(out_dir: str) -> dict:
     return res
 
 
+def bnb_nf4_gemv(x, Ws, bnb):
+    """bitsandbytes NF4 (double quantization) on the bf16 weights ``Ws``: (µs, err against its own dequantize)."""
+    import bitsandbytes.functional as F
+
+    qs = [F.quantize_4bit(w, quant_type="nf4", compress_statistics=True) for w in Ws]
+    ref = x.float() @ F.dequantize_4bit(qs[0][0], qs[0][1]).float().t()
+    err = rel(bnb.matmul_4bit(x, qs[0][0].t(), quant_state=qs[0][1]), ref)
+    nq = cycler(qs)
+
+    def f():
+        q, st = nq()
+        return bnb.matmul_4bit(x, q.t(), quant_state=st)
+    return round(bench(f), 2), f"{err:.2e}"
+
+
+def lut_sweep(out_dir: str, bnb=None) -> dict:
+    """Session 6: the M = 1 look-up-table GEMV v7 (byte-permute tables, :func:`wq._gemv7_kernel`) against the
+    select-tree kernel (v4, the default until then) for NF4 (double quant), SqueezeLLM lut4 / lut3: a grid of
+    tiles (BN × warps × BK × split, per-column tables as scaled fp16 or bf16) at 8192×28672, its four fastest
+    under graphs again at 4096×11008; every config checked on a fresh x first; bf16 before and after each block,
+    bitsandbytes' NF4 GEMV in the same process."""
+    res: dict = {}
+
+    def lab(cfg):
+        return " ".join(f"{k}{v}" for k, v in cfg.items() if k not in ("k_per", "pf"))
+
+    def base(x, nW, Ws):
+        b = {"bf16": round(bench(lambda: torch.nn.functional.linear(x, nW())), 2),
+             "bf16 graph": round(bench_graph(lambda: torch.nn.functional.linear(x, nW())), 2)}
+        if bnb is not None:
+            try:
+                b["bnb nf4"] = bnb_nf4_gemv(x, Ws, bnb)
+            except Exception as e:
+                b["bnb nf4"] = repr(e)[:200]
+        return b
+
+    best: dict = {}
+    for K, N in ((8192, 28672), (4096, 11008)):
+        for name in ("nf4 g64 dq", "lut4 per-row (SqueezeLLM)", "lut3 per-row (SqueezeLLM)"):
+            pws, Wd, x, Ws, nW = gemv_operands(K, N, name)
+            pw = pws[0]
+            g = lambda **c: wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, **c)  # noqa: E731
+            cfgs = {"v4 select tree " + lab(g(v=4)): g(v=4)}
+            if N >= 16384:
+                tiles = [(128, 1, 64), (128, 1, 128), (64, 1, 128), (256, 2, 64), (512, 4, 64)]
+                if pw.mode == "lut":
+                    tiles = [(128, 1, 64), (64, 1, 64), (256, 2, 64), (512, 4, 64), (128, 4, 64)]
+                for bn, w, bk in tiles:
+                    for sp in (4, 8, 16):
+                        for f16t in ((True, False) if pw.mode == "lut_row" else (False,)):
+                            c = g(v=7, BN=bn, num_warps=w, BK=bk, split=sp, f16t=f16t)
+                            cfgs["v7 " + lab(c)] = c
+            else:
+                for c in best.get(name, []):
+                    cc = g(**c)
+                    cfgs["v7 " + lab(cc)] = cc
+            row = {"before": base(x, nW, Ws)}
+            row.update(_timed_cfgs(pws, x, "gemv", cfgs, Wd))
+            row["after"] = base(x, nW, Ws)
+            res[f"{name} {K}x{N}"] = row
+            timed = sorted((v[1], k) for k, v in row.items() if isinstance(v, tuple))
+            print(name, K, N, json.dumps(row["before"]), json.dumps(row["after"]), "fastest under graphs:",
+                  [(v, k, row[k][0]) for v, k in timed[:6]], flush=True)
+            if N >= 16384:
+                best[name] = [{kk: cfgs[k][kk] for kk in ("BN", "BK", "split", "num_warps", "v", "f16t")
+                               if kk in cfgs[k]} for _, k in timed if k.startswith("v7")][:4]
+            with open(os.path.join(out_dir, "lut_sweep.json"), "w") as f:
+                json.dump(res, f, indent=1)
+            del pws, Wd, Ws
+    return res
+
+
 SWEEP_NAMES = ("int4 g128 asym", "nf4 g64 dq", "lut3 per-row (SqueezeLLM)")
 args_sweep = False
 args_graph = False
@@ -1090,6 +1162,8 @@ def main() -> None:
     ap.add_argument("--one-launch-sweep", action="store_true",
                     help="session 5: M = 1 GEMV v6 / L2 prefetch against v4, M = 2048 3-bit planes against the former "
                          "kernel (M = 16 split 1 with LOWBIT_SWEEP_MM=1)")
+    ap.add_argument("--lut-sweep", action="store_true",
+                    help="session 6: M = 1 look-up-table GEMV v7 (byte permutes) tiles against v4 and bitsandbytes NF4")
     ap.add_argument("--adam-sweep", action="store_true",
                     help="only the 8-bit AdamW rows x warps x cache-hint grid against torch fused AdamW")
     args = ap.parse_args()
@@ -1125,6 +1199,11 @@ def main() -> None:
         os.makedirs(args.out, exist_ok=True)
         one_launch_sweep(args.out)
         print(f"(one-launch sweep {time.time() - t0:.0f} s)")
+        return
+    if args.lut_sweep:
+        os.makedirs(args.out, exist_ok=True)
+        lut_sweep(args.out, bnb)
+        print(f"(lut sweep {time.time() - t0:.0f} s)")
         return
     if args.gemv_sweep:
         os.makedirs(args.out, exist_ok=True)

@@ -421,3 +421,80 @@ def test_gemv_default_decode_by_shape_and_format():
         assert cfg["v"] == want and cfg.get("pfd", 0) == pfd, (fmt.spec(), act, N, cfg)
         x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
         assert rel(wq.packed_linear(x, pw), x.float() @ q.dequantize().float().cuda().t()) < TOL
+
+
+def _shared_lut3(N, K, group):
+    """A shared 8-entry table with a scale per group (no stored format has it; the kernel layout does)."""
+    codes = torch.randint(0, 8, (N, K))
+    cb = torch.sort(torch.randn(8))[0]
+    scale = torch.rand(N, -(-K // group)) * 0.05 + 0.01
+    return R.repack_lut(codes, cb, 3, scale, group)
+
+
+V7_CASES = {"nf4-dq": lambda N, K: R.repack_quantized(Codebook("nf4", 64, True).quantize(torch.randn(N, K))),
+            "nf4-g128": lambda N, K: R.repack_quantized(Codebook("nf4", 128, False).quantize(torch.randn(N, K))),
+            "row4": lambda N, K: R.repack_quantized(RowCodebook(4).quantize(torch.randn(N, K))),
+            "row3": lambda N, K: R.repack_quantized(RowCodebook(3).quantize(torch.randn(N, K))),
+            "row2-fp32": lambda N, K: R.repack_quantized(RowCodebook(2, torch.float32).quantize(torch.randn(N, K))),
+            "shared3-g64": lambda N, K: _shared_lut3(N, K, 64)}
+V7_OPTS = [dict(), dict(BN=64, split=2), dict(BN=256, num_warps=2, split=3), dict(BN=128, BK=64, split=1),
+           dict(BN=512, num_warps=4, split=8, f16t=False)]
+
+
+@pytest.mark.parametrize("case", list(V7_CASES))
+@pytest.mark.parametrize("opts", V7_OPTS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()) or "default")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gemv_v7_byte_permute_tables_equal_the_reference_weights(case, opts, dtype):
+    """GEMV v7 (tables read by ``prmt``): per-column (4/3/2-bit, fp16 and fp32 codebooks) and shared tables (NF4
+    with and without double quantization, a 3-bit one), bf16 and fp16 x, M = 1..4, N and K that do not divide the
+    tiles, x of ordinary, large and tiny size. The weights looked up are the reference's own (entries rounded once
+    to x's dtype), so against float64 sums over those weights only the fp32 summation differs (split-K: fp32
+    output, 1e-5); a split-1 output is rounded to x's dtype."""
+    torch.manual_seed(41)
+    for N, K in ((328, 1536), (200, 576), (512, 4096)):
+        pw = V7_CASES[case](N, K).to("cuda")
+        cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, v=7, **opts)
+        assert cfg["v"] == 7 and wq.gemv7_fits(pw, cfg["BK"], dtype), cfg
+        W64 = R.dequantize_packed(pw, torch.float64)
+        Wx = R.dequantize_packed(pw, torch.float32).to(dtype).double()  # the reference op's weight in x's dtype
+        for M, mag in ((1, 1.0), (2, 3e4 if dtype == torch.bfloat16 else 100.0), (3, 1e-6), (4, 1.0)):
+            x = (torch.randn(M, K, device="cuda") * mag).to(dtype)
+            y = wq.gemv(x, pw, cfg)
+            ref = x.double() @ Wx.t()
+            assert torch.isfinite(y).all()
+            tol = 1e-5 if cfg["split"] > 1 else 8e-3
+            assert rel(y, ref) < tol, (N, K, M, mag, rel(y, ref))
+            if M == 1 and cfg["split"] > 1 and rel(Wx, W64) > 1e-4:  # the rounding shows: unrounded weights miss
+                assert rel(y, x.double() @ W64.t()) > 10 * tol
+
+
+def test_gemv_v7_one_hot_columns_are_the_reference_weights_bit_for_bit():
+    """x = e_k (one entry 1.0, the rest tiny normal values far below the weights' rounding) returns column k
+    of the reference's bf16 weight exactly: every looked-up entry is the reference's rounding, bit for bit."""
+    torch.manual_seed(42)
+    N, K = 640, 1024
+    for case in ("nf4-dq", "row4", "row3"):
+        pw = V7_CASES[case](N, K).to("cuda")
+        Wb = R.dequantize_packed(pw, torch.float32).to(torch.bfloat16).float()
+        for f16t in (True, False):
+            cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, v=7, split=4, f16t=f16t)
+            for k in (0, 7, 8, 15, 16, 33, 511, 1023):
+                x = torch.full((1, K), 2.0**-100, device="cuda").to(torch.bfloat16)  # products vanish in fp32 sums
+                x[0, k] = 1.0
+                y = wq.gemv(x, pw, cfg)[0]
+                nz = Wb[:, k] != 0  # (a zero weight leaves the tiny products' sum)
+                assert torch.equal(y[nz], Wb[nz, k]), (case, f16t, k)
+                assert bool((y[~nz].abs() < 2.0**-80).all())
+
+
+def test_gemv_v7_falls_back_for_fp32_x_and_affine_codes():
+    """v7 takes tables with bf16/fp16 x only: fp32 x and affine weights go to v4 (with v4's tiles), still right."""
+    torch.manual_seed(43)
+    N, K = 256, 1024
+    for pw in (V7_CASES["row4"](N, K).to("cuda"), R.repack_quantized(IntAffine(bits=4, group_size=128).quantize(
+            torch.randn(N, K))).to("cuda")):
+        cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, v=7)
+        for dt in (torch.float32, torch.bfloat16):
+            x = torch.randn(2, K, device="cuda", dtype=dt)
+            W = R.dequantize_packed(pw, torch.float32)
+            assert rel(wq.gemv(x, pw, cfg), x.float() @ W.t()) < TOL

@@ -52,6 +52,8 @@ MM4_MAX_M = 64  # mm v4 up to here (one dot per code position: fewer decode inst
 DEQUANT_CHUNK = 2048  # H100 sweep: 1563 µs vs 1591 µs unchunked at 2048×8192×28672
 DEQUANT_TRANS = False  # large-M buffer holds rows of W (F.linear's layout) instead of columns of W^T
 DEQUANT_OVERLAP = False  # large-M: dequantize chunk i + 1 on a side stream while cuBLAS multiplies chunk i
+LUT7_TILES = dict(BN=128, BK=128, num_warps=1)  # GEMV v7 (byte-permute tables) defaults; see gemv_config
+LUT7_F16T = True  # v7, per-column tables with bf16 x: bf16 entries held as scaled fp16 (cvt on the FMA pipe)
 MMT_TILES = dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, v=4)  # large-M fused, transposed
 
 
@@ -743,6 +745,266 @@ def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, stride_xm,
 
 
 @triton.jit
+def _prmt(a, b, sel):
+    """PTX ``prmt.b32``: byte ``i`` of the result is byte ``n_i`` of the eight bytes ``{b, a}`` (``a`` holds bytes
+    0-3), ``n_i`` the ``i``-th nibble of ``sel``'s low 16 bits (its high 16 bits are ignored). A nibble with bit 3
+    set would replicate the byte's sign instead: every selector here keeps bit 3 clear."""
+    return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _pack16x2(lo, hi, BF16: tl.constexpr):
+    """Two fp32 tensors -> int32 of two 16-bit floats (``lo`` in the low half), bf16 or fp16, each rounded to nearest
+    even exactly as ``Tensor.to`` rounds."""
+    if BF16:
+        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    return _f16x2(lo, hi)
+
+
+@triton.jit
+def _unpack16x2(p, BF16: tl.constexpr):
+    """The two 16-bit floats of ``p`` (low half first) as exact fp32: bf16 by moving bits, fp16 by ``cvt``."""
+    if BF16:
+        return (p << 16).to(tl.float32, bitcast=True), (p & -65536).to(tl.float32, bitcast=True)
+    return tl.inline_asm_elementwise(
+        "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }", "=f,=f,r", [p],
+        dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _byte_planes(e0, e1, e2, e3, BF16: tl.constexpr):
+    """Four fp32 table entries rounded to 16-bit floats -> (their four low bytes, their four high bytes), one int32
+    each: the registers a ``prmt`` look-up reads."""
+    p01 = _pack16x2(e0, e1, BF16)
+    p23 = _pack16x2(e2, e3, BF16)
+    return _prmt(p01, p23, 0x6420), _prmt(p01, p23, 0x7531)
+
+
+@triton.jit
+def _lut_dot4(acc, s, u, tl0, tl1, tl2, tl3, th0, th1, th2, th3, xa, xb, xc, xd, SIXTEEN: tl.constexpr,
+              BF16: tl.constexpr):
+    """``acc + Σ x·table[c]`` over four codes per element: the nibbles of ``s``'s low 16 bits are the codes' low 3 bits;
+    with ``SIXTEEN`` (16 entries) ``u``'s nibbles pick, per code, the look-up of entries 0-7 (``i``) or 8-15
+    (``4 + i``). Byte planes ``tl*`` / ``th*`` hold the table's low / high bytes, four entries a register.
+    Per four codes: two ``prmt`` (eight entries) or six (sixteen), two to interleave the bytes into 16-bit pairs,
+    the pairs to fp32, four FMA in fp32 (``xa..xd``: the codes' x, ``(NW, 1)``)."""
+    if SIXTEEN:
+        lo = _prmt(_prmt(tl0, tl1, s), _prmt(tl2, tl3, s), u)
+        hi = _prmt(_prmt(th0, th1, s), _prmt(th2, th3, s), u)
+    else:
+        lo = _prmt(tl0, tl1, s)
+        hi = _prmt(th0, th1, s)
+    f0, f1 = _unpack16x2(_prmt(lo, hi, 0x5140), BF16)
+    f2, f3 = _unpack16x2(_prmt(lo, hi, 0x7362), BF16)
+    acc += f0 * xa
+    acc += f1 * xb
+    acc += f2 * xc
+    acc += f3 * xd
+    return acc
+
+
+@triton.jit
+def _xpair(xr, rows, j: tl.constexpr, K, PER: tl.constexpr, EVEN: tl.constexpr, BF16: tl.constexpr,
+           PAIR: tl.constexpr):
+    """x at positions ``2j`` and ``2j + 1`` of each word row ``rows`` (``PER`` codes a word) as fp32 ``(NW, 1)``:
+    with ``PAIR`` (K even, x's row 4-byte aligned) both from one 32-bit load, else two 16-bit loads."""
+    kk = rows * PER + 2 * j
+    if PAIR:
+        xi = xr.to(tl.pointer_type(tl.int32))
+        if EVEN:
+            p = tl.load(xi + kk // 2)
+        else:
+            p = tl.load(xi + kk // 2, mask=kk < K, other=0)
+        a, b = _unpack16x2(p, BF16)
+        return a[:, None], b[:, None]
+    if EVEN:
+        return tl.load(xr + kk).to(tl.float32)[:, None], tl.load(xr + kk + 1).to(tl.float32)[:, None]
+    return (tl.load(xr + kk, mask=kk < K, other=0.0).to(tl.float32)[:, None],
+            tl.load(xr + kk + 1, mask=kk + 1 < K, other=0.0).to(tl.float32)[:, None])
+
+
+@triton.jit
+def _row_entry(cb, offs_n, mask_n, j: tl.constexpr, NC: tl.constexpr):
+    """Entry ``j`` of each column's own table (``(N, NC)``) as fp32 ``(1, BN)``; 0 past the table (2-bit codes)."""
+    if j < NC:
+        return tl.load(cb + offs_n[None, :] * NC + j, mask=mask_n[None, :], other=0.0).to(tl.float32)
+    return tl.zeros((1, offs_n.shape[0]), dtype=tl.float32)
+
+
+@triton.jit
+def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, stride_xm,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, ROW: tl.constexpr, BF16: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr,
+                  EVEN: tl.constexpr, PAIR: tl.constexpr, F16T: tl.constexpr = False):
+    """GEMV v7, look-up tables (NF4/FP4 shared codebook with a scale per group, SqueezeLLM per-column tables;
+    2-4 bit codes) read by byte permutes: the table's 16-bit entries are split into a low-byte and a high-byte
+    plane, four entries a register, and one ``prmt.b32`` looks up four codes in eight entries (two ``prmt`` and
+    a ``prmt`` select by code bit 3 for sixteen), see :func:`_lut_dot4`. The weights looked up are exactly the
+    reference's: each entry is rounded once to x's dtype (bf16 or fp16) — for a shared codebook after the multiply
+    by the group's scale in fp32, ``round(codebook[j]·scale)``, as ``dequantize_packed(...).to(x.dtype)`` — and the
+    products with x are summed in fp32. Per-column tables are built once per program, shared ones once per
+    (K-tile, column); a K-tile lies in one group (``GROUP % BK == 0``).
+
+    4-bit codes: a word's nibbles are the selectors as stored. 2/3-bit codes (bit planes ``q2`` + ``q1``): the
+    even and odd codes of a ``q2`` word are each moved into nibbles with one mask, and their high bits (``q1``) into
+    nibble bit 2 by a byte permute and three shift-or-mask steps; x is read in the matching order.
+
+    ``F16T`` (per-column tables, bf16 x): the bf16-rounded entries are stored as fp16 times a power of two per
+    column (the largest into [2^14, 2^15)), which holds every bf16 value of the column exactly down to 2^-38 of its
+    largest, so the looked-up pairs convert to fp32 by ``cvt`` (the FMA pipe) instead of two integer ops; the
+    column's sum is scaled back once at the end."""
+    pid_n, pid_k, m, offs_n, mask_n, xr = _gemv_program(x_ptr, N, stride_xm, BN)
+    NC: tl.constexpr = 1 << BITS
+    SIX: tl.constexpr = BITS == 4
+    kstart = pid_k * K_PER_PROG
+    TB: tl.constexpr = BF16 and not F16T  # the tables' own format: bf16, or fp16
+    if ROW:  # this program's columns' tables, once
+        e0 = _row_entry(cb, offs_n, mask_n, 0, NC)
+        e1 = _row_entry(cb, offs_n, mask_n, 1, NC)
+        e2 = _row_entry(cb, offs_n, mask_n, 2, NC)
+        e3 = _row_entry(cb, offs_n, mask_n, 3, NC)
+        e4 = _row_entry(cb, offs_n, mask_n, 4, NC)
+        e5 = _row_entry(cb, offs_n, mask_n, 5, NC)
+        e6 = _row_entry(cb, offs_n, mask_n, 6, NC)
+        e7 = _row_entry(cb, offs_n, mask_n, 7, NC)
+        e8 = _row_entry(cb, offs_n, mask_n, 8, NC)
+        e9 = _row_entry(cb, offs_n, mask_n, 9, NC)
+        e10 = _row_entry(cb, offs_n, mask_n, 10, NC)
+        e11 = _row_entry(cb, offs_n, mask_n, 11, NC)
+        e12 = _row_entry(cb, offs_n, mask_n, 12, NC)
+        e13 = _row_entry(cb, offs_n, mask_n, 13, NC)
+        e14 = _row_entry(cb, offs_n, mask_n, 14, NC)
+        e15 = _row_entry(cb, offs_n, mask_n, 15, NC)
+        if F16T:  # bf16-rounded entries, times 2^t per column (largest into [2^14, 2^15)), held as exact fp16
+            e0 = e0.to(tl.bfloat16).to(tl.float32)
+            e1 = e1.to(tl.bfloat16).to(tl.float32)
+            e2 = e2.to(tl.bfloat16).to(tl.float32)
+            e3 = e3.to(tl.bfloat16).to(tl.float32)
+            e4 = e4.to(tl.bfloat16).to(tl.float32)
+            e5 = e5.to(tl.bfloat16).to(tl.float32)
+            e6 = e6.to(tl.bfloat16).to(tl.float32)
+            e7 = e7.to(tl.bfloat16).to(tl.float32)
+            e8 = e8.to(tl.bfloat16).to(tl.float32)
+            e9 = e9.to(tl.bfloat16).to(tl.float32)
+            e10 = e10.to(tl.bfloat16).to(tl.float32)
+            e11 = e11.to(tl.bfloat16).to(tl.float32)
+            e12 = e12.to(tl.bfloat16).to(tl.float32)
+            e13 = e13.to(tl.bfloat16).to(tl.float32)
+            e14 = e14.to(tl.bfloat16).to(tl.float32)
+            e15 = e15.to(tl.bfloat16).to(tl.float32)
+            mx = tl.maximum(tl.maximum(tl.maximum(tl.abs(e0), tl.abs(e1)), tl.maximum(tl.abs(e2), tl.abs(e3))),
+                            tl.maximum(tl.maximum(tl.abs(e4), tl.abs(e5)), tl.maximum(tl.abs(e6), tl.abs(e7))))
+            mx = tl.maximum(mx, tl.maximum(
+                tl.maximum(tl.maximum(tl.abs(e8), tl.abs(e9)), tl.maximum(tl.abs(e10), tl.abs(e11))),
+                tl.maximum(tl.maximum(tl.abs(e12), tl.abs(e13)), tl.maximum(tl.abs(e14), tl.abs(e15)))))
+            ex = (mx.to(tl.int32, bitcast=True) >> 23) & 255  # biased exponent of the largest |entry|
+            tb = tl.minimum(tl.maximum(268 - ex, 1), 253)  # 2^(14 - (ex - 127)); it and 1/it normal floats
+            ts = (tb << 23).to(tl.float32, bitcast=True)
+            e0, e1, e2, e3, e4, e5, e6, e7 = e0 * ts, e1 * ts, e2 * ts, e3 * ts, e4 * ts, e5 * ts, e6 * ts, e7 * ts
+            e8, e9, e10, e11 = e8 * ts, e9 * ts, e10 * ts, e11 * ts
+            e12, e13, e14, e15 = e12 * ts, e13 * ts, e14 * ts, e15 * ts
+        tl0, th0 = _byte_planes(e0, e1, e2, e3, TB)
+        tl1, th1 = _byte_planes(e4, e5, e6, e7, TB)
+        tl2, th2 = tl0, th0
+        tl3, th3 = tl1, th1
+        if SIX:
+            tl2, th2 = _byte_planes(e8, e9, e10, e11, TB)
+            tl3, th3 = _byte_planes(e12, e13, e14, e15, TB)
+    else:  # the shared codebook's entries (fp32 scalars; 0 past 2^BITS)
+        c0 = tl.load(cb + 0)
+        c1 = tl.load(cb + 1)
+        c2 = tl.load(cb + 2)
+        c3 = tl.load(cb + 3)
+        c4 = tl.load(cb + 4) if NC > 4 else 0.0
+        c5 = tl.load(cb + 5) if NC > 4 else 0.0
+        c6 = tl.load(cb + 6) if NC > 4 else 0.0
+        c7 = tl.load(cb + 7) if NC > 4 else 0.0
+        c8 = tl.load(cb + 8) if SIX else 0.0
+        c9 = tl.load(cb + 9) if SIX else 0.0
+        c10 = tl.load(cb + 10) if SIX else 0.0
+        c11 = tl.load(cb + 11) if SIX else 0.0
+        c12 = tl.load(cb + 12) if SIX else 0.0
+        c13 = tl.load(cb + 13) if SIX else 0.0
+        c14 = tl.load(cb + 14) if SIX else 0.0
+        c15 = tl.load(cb + 15) if SIX else 0.0
+    NW: tl.constexpr = BK // 8 if SIX else BK // 16
+    acc = tl.zeros((NW, BN), dtype=tl.float32)
+    for kt in range(0, K_PER_PROG, BK):
+        k0 = kstart + kt
+        if not ROW:  # entries round(codebook[j] · scale[g, n]) of this K-tile's group
+            g = k0 // GROUP  # (1, BN): the table is built in the word tile's own layout, no conversion
+            if EVEN:
+                sc = tl.load(scale + g * N + offs_n[None, :]).to(tl.float32)
+            else:
+                sc = tl.load(scale + g * N + offs_n[None, :], mask=mask_n[None, :] & (k0 < K), other=0.0).to(tl.float32)
+            tl0, th0 = _byte_planes(c0 * sc, c1 * sc, c2 * sc, c3 * sc, TB)
+            tl1, th1 = _byte_planes(c4 * sc, c5 * sc, c6 * sc, c7 * sc, TB)
+            tl2, th2 = tl0, th0
+            tl3, th3 = tl1, th1
+            if SIX:
+                tl2, th2 = _byte_planes(c8 * sc, c9 * sc, c10 * sc, c11 * sc, TB)
+                tl3, th3 = _byte_planes(c12 * sc, c13 * sc, c14 * sc, c15 * sc, TB)
+        if SIX:
+            rows = k0 // 8 + tl.arange(0, NW)
+            if EVEN:
+                w = tl.load(q4 + rows[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+            else:
+                w = tl.load(q4 + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW4) & mask_n[None, :],
+                            other=0, eviction_policy="evict_first")
+            s = w & 0x77777777  # codes' low 3 bits, nibble by nibble
+            u = ((w >> 1) & 0x44444444) | 0x32103210  # byte i of the 0-7 look-up, or 4 + i (8-15) by code bit 3
+            xa, xb = _xpair(xr, rows, 0, K, 8, EVEN, BF16, PAIR)
+            xc, xd = _xpair(xr, rows, 1, K, 8, EVEN, BF16, PAIR)
+            acc = _lut_dot4(acc, s, u, tl0, tl1, tl2, tl3, th0, th1, th2, th3, xa, xb, xc, xd, SIX, TB)
+            xa, xb = _xpair(xr, rows, 2, K, 8, EVEN, BF16, PAIR)
+            xc, xd = _xpair(xr, rows, 3, K, 8, EVEN, BF16, PAIR)
+            acc = _lut_dot4(acc, s >> 16, u >> 16, tl0, tl1, tl2, tl3, th0, th1, th2, th3, xa, xb, xc, xd, SIX, TB)
+        else:
+            rows = k0 // 16 + tl.arange(0, NW)
+            if EVEN:
+                w = tl.load(q2 + rows[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+            else:
+                w = tl.load(q2 + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW2) & mask_n[None, :],
+                            other=0, eviction_policy="evict_first")
+            se = w & 0x33333333  # even codes 0, 2, .., 14: nibble j holds code 2j's low two bits
+            so = (w >> 2) & 0x33333333  # odd codes 1, 3, .., 15
+            if BITS == 3:  # high bits: q1 word rows // 2, its half rows % 2 (bit i = code i of this q2 word)
+                if EVEN:
+                    h = tl.load(q1 + (rows // 2)[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+                else:
+                    h = tl.load(q1 + (rows // 2)[:, None] * N + offs_n[None, :],
+                                mask=(rows[:, None] // 2 < KW1) & mask_n[None, :], other=0,
+                                eviction_policy="evict_first")
+                h = h >> ((rows % 2) * 16)[:, None]
+                hx = _prmt(h, 0, 0x4140)  # codes 0-7 in byte 0, codes 8-15 in byte 2
+                hy = (hx | (hx << 4)) & 0x0F0F0F0F  # codes 0-3 at bits 0-3, 4-7 at bits 8-11 (8-15 likewise)
+                ht = hy | (hy << 2)  # bit 4j: code 2j; bit 4j + 1: code 2j + 1
+                se = se | ((ht & 0x11111111) << 2)
+                so = so | ((ht & 0x22222222) << 1)
+            x0, x1 = _xpair(xr, rows, 0, K, 16, EVEN, BF16, PAIR)
+            x2, x3 = _xpair(xr, rows, 1, K, 16, EVEN, BF16, PAIR)
+            x4, x5 = _xpair(xr, rows, 2, K, 16, EVEN, BF16, PAIR)
+            x6, x7 = _xpair(xr, rows, 3, K, 16, EVEN, BF16, PAIR)
+            acc = _lut_dot4(acc, se, se, tl0, tl1, tl2, tl3, th0, th1, th2, th3, x0, x2, x4, x6, False, TB)
+            acc = _lut_dot4(acc, so, so, tl0, tl1, tl2, tl3, th0, th1, th2, th3, x1, x3, x5, x7, False, TB)
+            x0, x1 = _xpair(xr, rows, 4, K, 16, EVEN, BF16, PAIR)
+            x2, x3 = _xpair(xr, rows, 5, K, 16, EVEN, BF16, PAIR)
+            x4, x5 = _xpair(xr, rows, 6, K, 16, EVEN, BF16, PAIR)
+            x6, x7 = _xpair(xr, rows, 7, K, 16, EVEN, BF16, PAIR)
+            acc = _lut_dot4(acc, se >> 16, se, tl0, tl1, tl2, tl3, th0, th1, th2, th3, x0, x2, x4, x6, False, TB)
+            acc = _lut_dot4(acc, so >> 16, so, tl0, tl1, tl2, tl3, th0, th1, th2, th3, x1, x3, x5, x7, False, TB)
+    if ROW and F16T:
+        acc = acc * (1.0 / ts)
+    total = tl.sum(acc, axis=0)
+    if SPLIT_ATOMIC:
+        tl.atomic_add(out_ptr + m * N + offs_n, total, mask=mask_n, sem="relaxed")
+    else:
+        tl.store(out_ptr + m * N + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
 def _tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr):
     """Rows and columns of this program's ``(BM, BN)`` output tile (grid axes 0 and 1) and their bounds masks."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -1004,7 +1266,7 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
                 BN: int | None = None, BK: int | None = None, split: int | None = None,
                 num_warps: int | None = None, v: int | None = None, waves: int = 4, pf: bool = GEMV_PREFETCH,
                 num_stages: int | None = None, pmin: int | None = None, stages: int = 1,
-                tma: bool = False, pfd: int = 0, act_order: bool = False) -> dict:
+                tma: bool = False, pfd: int = 0, act_order: bool = False, f16t: bool | None = None) -> dict:
     """Tile sizes for the GEMV path: enough programs to cover the SMs ``waves`` times (split-K when N is small).
 
     ``v=6`` is :func:`_gemv6_kernel` (affine 4-bit: codes decoded and multiplied in fp16x2; others fall back
@@ -1040,7 +1302,13 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
         else:  # v3 sweep: affine BN64 split-K 4 88 µs; tables BN128 BK128
             BN = (64 if mode == "affine" else 128) if v >= 3 else (128 if mode == "affine" else 64)
     warps = num_warps or 4
-    if v >= 3 and mode != "affine":
+    if v == 7 and mode != "affine":  # byte-permute tables (:func:`_gemv7_kernel`); a shared table's tile in one group
+        BN = BN or LUT7_TILES["BN"]
+        warps = num_warps or LUT7_TILES["num_warps"]
+        BK = BK or LUT7_TILES["BK"]
+        if mode == "lut":
+            BK = _bk_for(group, BK)
+    elif v >= 3 and mode != "affine":
         BK = max(32, (BK or 128) // 32 * 32)
         if mode == "lut_row" and bits == 4 and (BK // 32) * BN == 4 * 32 * warps:
             # H100, Triton 3.6: when the (BK/32, BN) tile is exactly one 4-column vector per thread, the 4th column
@@ -1068,7 +1336,16 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
         cfg["tma"] = True
     if pfd:
         cfg["pfd"] = pfd
+    if f16t is not None:
+        cfg["f16t"] = f16t
     return cfg
+
+
+def gemv7_fits(pw: PackedWeight, BK: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`_gemv7_kernel` (byte-permute tables) takes this weight and input: a look-up-table mode, x in
+    bf16 or fp16 (the dtype the entries are rounded to), and a shared table's K-tile inside one group."""
+    return (pw.mode != "affine" and dtype in (torch.float16, torch.bfloat16) and BK % 32 == 0
+            and (pw.mode == "lut_row" or pw.group_size % BK == 0))
 
 
 def gemv6_fits(pw: PackedWeight, BK: int) -> bool:
@@ -1100,6 +1377,8 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
     M, K = x2.shape
     N = pw.out_features
     cfg = cfg or gemv_config(N, K, pw.group_size, _sms(x2.device), pw.bits, pw.mode, act_order=pw.perm is not None)
+    if cfg.get("v") == 7 and not gemv7_fits(pw, cfg["BK"], x2.dtype):  # (fp32 x, affine codes): v4 and its tiles
+        cfg = gemv_config(N, K, pw.group_size, _sms(x2.device), pw.bits, pw.mode, v=4)
     atomic = cfg["split"] > 1
     v = cfg.get("v", 4)
     prep = v == 5 and pw.mode == "affine" and pw.bits in (2, 4)  # the x preparation zeroes the output too
@@ -1122,7 +1401,15 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
         args = (args[0], args[1], q4, q2) + args[4:]
     if v == 6 and not gemv6_fits(pw, cfg["BK"]):
         v = 4
-    if v == 6:
+    if v == 7:
+        _gemv7_kernel[grid](x2, out, q4, q2, q1, sc, cb, N, K, pw.q4.shape[0], pw.q2.shape[0], pw.q1.shape[0],
+                            x2.stride(0), BITS=pw.bits, GROUP=pw.group_size, ROW=pw.mode == "lut_row",
+                            BF16=x2.dtype == torch.bfloat16, BN=cfg["BN"], BK=cfg["BK"], K_PER_PROG=cfg["k_per"],
+                            SPLIT_ATOMIC=atomic, EVEN=N % cfg["BN"] == 0 and K % cfg["k_per"] == 0,
+                            PAIR=K % 2 == 0 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0,
+                            F16T=bool(cfg.get("f16t", LUT7_F16T)) and pw.mode == "lut_row" and x2.dtype == torch.bfloat16,
+                            num_warps=cfg["num_warps"])
+    elif v == 6:
         _gemv6_kernel[grid](x2, out, pw.q4, sc, zp, pw.perm if pw.perm is not None else out, N, K, pw.q4.shape[0],
                             x2.stride(0), GROUP=pw.group_size, HAS_PERM=pw.perm is not None, BN=cfg["BN"],
                             BK=cfg["BK"], K_PER_PROG=cfg["k_per"], SPLIT_ATOMIC=atomic,
