@@ -152,6 +152,23 @@ def test_span64_affine_float32(fmt):
 
 
 @needs_span64
+def test_span64_affine_padded_act_order_any_input_dtype():
+    # K = 600 padded to 640 (groups of 64), act-order: bf16 and fp16 inputs keep float32 weights (affine) and are
+    # widened exactly; the codes keep 64 spare bytes for the kernel's offset loads past the last row.
+    torch.manual_seed(17)
+    N, K, fmt = 23, 600, IntAffine(bits=4, group_size=64)
+    W = torch.randn(N, K)
+    q = fmt.quantize(W, g_idx=(torch.randperm(K) // 64).to(torch.int32), **fmt.params(W))
+    w = cpu_lut4.pack_affine4(q, span=64)
+    assert w.perm is not None and w.padded_in == 640 and w.round_up is None
+    assert w.codes.untyped_storage().nbytes() >= w.codes.numel() + 64
+    Wd = q.dequantize().double()
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(3, K).to(dt)
+        assert rel(cpu_lut4.lut4_linear(x, w, out_dtype=torch.float32), x.double() @ Wd.t()) < TOL32
+
+
+@needs_span64
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_span64_nan_and_inf_propagate_as_the_reference(dtype):
     # inf · w = ±inf, inf · 0 (the NF4 zero code) = NaN, +inf + −inf = NaN: the same outputs are NaN / ±inf as in the

@@ -16,14 +16,19 @@ bf16/fp16 inputs are widened exactly to float32.
 
 **span 64** (AVX-512, :func:`span64_available`; group sizes that are multiples of 64; the one the dispatcher picks).
 Layout: per 128 inputs 64 bytes = 16 dwords, nibble ``j`` of dword ``i`` holds the code of input ``16j + i`` (a last
-64 inputs: 16 words, the same), so the shifted dword itself is the ``vpermps`` index: 7 shifts per 128 codes (port
-0) and 8 lookups (port 5), with the 8 FMAs on either port. **bf16 inputs** on codebook weights: the reference op
-dequantizes ``W = bf16(code · absmax)`` (the product in float32, rounded to nearest-even) and multiplies in bf16
-with float32 accumulation; this kernel rounds each group's 16 products to bf16 the same way (on the bits, as torch
-does: ``+ 0x7FFF + lsb``, then the low 16 bits cleared), so its weights are the reference's bit for bit (tested
-with one-hot inputs, subnormal weights included); each bf16 × bf16 product is exact in float32 and the sums are
-float32. fp16 inputs and affine weights keep the float32 weights. A NaN product whose top 8 mantissa bits are all
-ones would round to ±0 (only a NaN absmax with such a payload makes one; x86's default NaN does not).
+64 inputs: 16 words, the same). ``vpermps`` reads bits 0-3 of each dword, so the dwords loaded 0-3 bytes further on
+hold nibbles 0, 2, 4, 6 there and a 4-bit shift of each gives the odd ones: per 128 codes 4 shifts (port 0), 8
+lookups (port 5) and 8 FMAs (either port), against 8 ``vpmovzxbd`` + 4 shifts on the span-32 kernel, whose index
+widening competes with the lookups for port 5 (0.36 -> 0.22 ms on 4096², one row, results/cpu.md run 9).
+**bf16 inputs** on codebook weights: the reference op dequantizes ``W = bf16(code · absmax)`` (the product in
+float32, rounded to nearest-even) and multiplies in bf16 with float32 accumulation. The rounding direction of
+each of a group's 16 products is found once, when packing, by torch's own float32 -> bf16 conversion of the same
+float32 products (``round_up``: 16 bits per group, 2 bytes per 32 bytes of codes read in addition); the kernel
+truncates its product to the top 16 bits and adds one bf16 unit where the mask says (``vpandd`` + a masked
+``vpaddd``, against 5 instructions to round on the bits per table), so its weights are the reference's bit for bit
+(tested with one-hot inputs, ties and subnormal products included); each bf16 × bf16 product is exact in float32
+and the sums are float32. fp16 inputs and affine weights keep the float32 weights. A NaN product stays NaN (it is
+quiet: truncation keeps its quiet bit). The kernel widens bf16 inputs itself.
 
 **span 32** (AVX-512, else AVX2): groups that are multiples of 32 (the span-64 kernel takes those of 64), and the
 AVX2 variant for laptops without AVX-512 (8-lane permutes of both table halves and a blend: about 3× the lookup
