@@ -740,16 +740,18 @@ def lut_sweep(out_dir: str, bnb=None) -> dict:
             pws, Wd, x, Ws, nW = gemv_operands(K, N, name)
             pw = pws[0]
             g = lambda **c: wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, **c)  # noqa: E731
-            cfgs = {"v4 select tree " + lab(g(v=4)): g(v=4)}
-            if N >= 16384:
-                tiles = [(128, 1, 64), (128, 1, 128), (64, 1, 128), (256, 2, 64), (512, 4, 64)]
+            cfgs = {"v4 select tree " + lab(g(v=4)): g(v=4), "default " + lab(g()): g()}
+            if N >= 16384:  # sweep 1 (run 1): BN 64-512 × warps 1-4 × BK 64/128 × split 4/8/16 × f16t; run 2 here
+                tiles = [(64, 1, 128), (64, 1, 256), (32, 1, 128), (64, 1, 64), (128, 2, 128)]
                 if pw.mode == "lut":
-                    tiles = [(128, 1, 64), (64, 1, 64), (256, 2, 64), (512, 4, 64), (128, 4, 64)]
+                    tiles = [(64, 1, 64), (32, 1, 64), (128, 2, 64)]
                 for bn, w, bk in tiles:
-                    for sp in (4, 8, 16):
-                        for f16t in ((True, False) if pw.mode == "lut_row" else (False,)):
-                            c = g(v=7, BN=bn, num_warps=w, BK=bk, split=sp, f16t=f16t)
-                            cfgs["v7 " + lab(c)] = c
+                    for sp in ((16, 32) if pw.mode == "lut_row" else (16, 32, 64)):
+                        c = g(v=7, BN=bn, num_warps=w, BK=bk, split=sp)
+                        cfgs["v7 " + lab(c)] = c
+                if pw.mode == "lut_row":  # the bf16 tables (f16t off) at the default tiles
+                    c = g(f16t=False)
+                    cfgs["v7 " + lab(c)] = c
             else:
                 for c in best.get(name, []):
                     cc = g(**c)
@@ -852,6 +854,15 @@ def run_matmuls(rows, out_rows, bw, bnb, quick):
                     if path == "mm" and M <= wq.MM4_MAX_M and name == "int4 g128 asym":  # the earlier mm tiles
                         cfg3 = wq.mm_config(M, N, K, 128, wq._sms(x.device))
                         row[f"{name} [mm v3]"] = bench(lowbit_fn(pws, x, path, cfg3))
+                    if path == "gemv" and pws[0].mode != "affine":  # the select-tree tables (default until
+                        # session 6) in the same process
+                        acfg = wq.gemv_config(N, K, pws[0].group_size, wq._sms(x.device), pws[0].bits, pws[0].mode,
+                                              v=4)
+                        xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                        row[f"{name} [gemv v4] err"] = rel(wq.gemv(xx, pws[0], acfg).to(xx.dtype), xx.float() @ Wd.t())
+                        row[f"{name} [gemv v4]"] = bench(lowbit_fn(pws, x, path, acfg))
+                        if args_graph:
+                            row[f"{name} [gemv v4] graph"] = bench_graph(lowbit_fn(pws, x, path, acfg))
                     if path == "gemv" and pws[0].mode == "affine" and pws[0].bits == 4:
                         # the other GEMV decode in the same process: v4 where v6 is the default, else v6 (BN64
                         # split 8); at N >= 16384 v6 with or without the L2 prefetch, whichever is not the default

@@ -52,7 +52,10 @@ MM4_MAX_M = 64  # mm v4 up to here (one dot per code position: fewer decode inst
 DEQUANT_CHUNK = 2048  # H100 sweep: 1563 µs vs 1591 µs unchunked at 2048×8192×28672
 DEQUANT_TRANS = False  # large-M buffer holds rows of W (F.linear's layout) instead of columns of W^T
 DEQUANT_OVERLAP = False  # large-M: dequantize chunk i + 1 on a side stream while cuBLAS multiplies chunk i
-LUT7_TILES = dict(BN=128, BK=128, num_warps=1)  # GEMV v7 (byte-permute tables) defaults; see gemv_config
+# GEMV v7 (byte-permute tables): one-warp programs of 64 columns, a split-K grid of >= 40 programs per SM (H100,
+# session 6 sweep 1 at 8192×28672, µs under graphs: lut4 BN64 BK128 split 16 76.2 vs split 8 77.5, BN128 79.1;
+# lut3 52.6 vs 54.3; NF4 BN64 BK64 split 16 78.7 vs 81.7; 4 warps / 512 columns 80-81)
+LUT7_TILES = dict(BN=64, BK=128, num_warps=1, waves=40)
 LUT7_F16T = True  # v7, per-column tables with bf16 x: bf16 entries held as scaled fp16 (cvt on the FMA pipe)
 MMT_TILES = dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, v=4)  # large-M fused, transposed
 
@@ -1286,11 +1289,15 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
     """
     if v is None:
         v = 4
-        if mode == "affine" and bits == 4 and N >= 8192:
+        if mode != "affine":  # byte-permute tables (session 6); gemv() takes v4 where x is not bf16/fp16
+            v = 7
+        elif bits == 4 and N >= 8192:
             v = 6
             BN, split = BN or 64, split or 8
             if N >= 16384 and group % 128 == 0 and not pfd:
                 pfd = 8
+    if BN is None and v == 7 and mode != "affine":
+        BN = LUT7_TILES["BN"]
     if BN is None and v == 6 and mode == "affine" and bits == 4:
         BN = 128 if N >= 16384 else 32
     if BN is None:
@@ -1303,11 +1310,12 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
             BN = (64 if mode == "affine" else 128) if v >= 3 else (128 if mode == "affine" else 64)
     warps = num_warps or 4
     if v == 7 and mode != "affine":  # byte-permute tables (:func:`_gemv7_kernel`); a shared table's tile in one group
-        BN = BN or LUT7_TILES["BN"]
         warps = num_warps or LUT7_TILES["num_warps"]
         BK = BK or LUT7_TILES["BK"]
         if mode == "lut":
             BK = _bk_for(group, BK)
+        if waves == 4:
+            waves = LUT7_TILES["waves"]
     elif v >= 3 and mode != "affine":
         BK = max(32, (BK or 128) // 32 * 32)
         if mode == "lut_row" and bits == 4 and (BK // 32) * BN == 4 * 32 * warps:
