@@ -786,6 +786,25 @@ def _byte_planes(e0, e1, e2, e3, BF16: tl.constexpr):
 
 
 @triton.jit
+def _nibble_selectors(w):
+    """``prmt`` selectors for the eight 4-bit codes of each word ``w``: ``s`` = the codes' low 3 bits nibble by
+    nibble (codes 0-3 in its low 16 bits, ``sh`` = codes 4-7), ``u`` = byte ``i`` of the entries-0-7 look-up or
+    ``4 + i`` (entries 8-15) by code bit 3 (``uh``: codes 4-7). The high halves are moved down by ``mul.hi``
+    (``w·2^16 >> 32``), which ptxas may issue to the FMA pipe instead of the integer one; ``u`` is one LOP3 with
+    0x32103210 in a register."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 k, t;
+        mov.b32 k, 0x32103210;
+        and.b32 $0, $4, 0x77777777;
+        shr.u32 t, $4, 1;
+        lop3.b32 $1, t, 0x44444444, k, 0xEA;
+        mul.hi.u32 $2, $0, 0x10000;
+        mul.hi.u32 $3, $1, 0x10000;
+        }""", "=r,=r,=r,=r,r", [w], dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
 def _lut_dot4(acc, s, u, tl0, tl1, tl2, tl3, th0, th1, th2, th3, xa, xb, xc, xd, SIXTEEN: tl.constexpr,
               BF16: tl.constexpr):
     """``acc + Σ x·table[c]`` over four codes per element: the nibbles of ``s``'s low 16 bits are the codes' low 3 bits;
@@ -934,6 +953,7 @@ def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, st
         c15 = tl.load(cb + 15) if SIX else 0.0
     NW: tl.constexpr = BK // 8 if SIX else BK // 16
     acc = tl.zeros((NW, BN), dtype=tl.float32)
+    roff = tl.arange(0, NW)[:, None] * N + offs_n[None, :]  # a word tile's offsets past its first row (hoisted)
     for kt in range(0, K_PER_PROG, BK):
         k0 = kstart + kt
         if not ROW:  # entries round(codebook[j] · scale[g, n]) of this K-tile's group
@@ -952,25 +972,24 @@ def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, st
         if SIX:
             rows = k0 // 8 + tl.arange(0, NW)
             if EVEN:
-                w = tl.load(q4 + rows[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+                w = tl.load(q4 + (k0 // 8) * N + roff, eviction_policy="evict_first")
             else:
-                w = tl.load(q4 + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW4) & mask_n[None, :],
-                            other=0, eviction_policy="evict_first")
-            s = w & 0x77777777  # codes' low 3 bits, nibble by nibble
-            u = ((w >> 1) & 0x44444444) | 0x32103210  # byte i of the 0-7 look-up, or 4 + i (8-15) by code bit 3
+                w = tl.load(q4 + (k0 // 8) * N + roff, mask=(rows[:, None] < KW4) & mask_n[None, :], other=0,
+                            eviction_policy="evict_first")
+            s, u, sh, uh = _nibble_selectors(w)
             xa, xb = _xpair(xr, rows, 0, K, 8, EVEN, BF16, PAIR)
             xc, xd = _xpair(xr, rows, 1, K, 8, EVEN, BF16, PAIR)
             acc = _lut_dot4(acc, s, u, tl0, tl1, tl2, tl3, th0, th1, th2, th3, xa, xb, xc, xd, SIX, TB)
             xa, xb = _xpair(xr, rows, 2, K, 8, EVEN, BF16, PAIR)
             xc, xd = _xpair(xr, rows, 3, K, 8, EVEN, BF16, PAIR)
-            acc = _lut_dot4(acc, s >> 16, u >> 16, tl0, tl1, tl2, tl3, th0, th1, th2, th3, xa, xb, xc, xd, SIX, TB)
+            acc = _lut_dot4(acc, sh, uh, tl0, tl1, tl2, tl3, th0, th1, th2, th3, xa, xb, xc, xd, SIX, TB)
         else:
             rows = k0 // 16 + tl.arange(0, NW)
             if EVEN:
-                w = tl.load(q2 + rows[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+                w = tl.load(q2 + (k0 // 16) * N + roff, eviction_policy="evict_first")
             else:
-                w = tl.load(q2 + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW2) & mask_n[None, :],
-                            other=0, eviction_policy="evict_first")
+                w = tl.load(q2 + (k0 // 16) * N + roff, mask=(rows[:, None] < KW2) & mask_n[None, :], other=0,
+                            eviction_policy="evict_first")
             se = w & 0x33333333  # even codes 0, 2, .., 14: nibble j holds code 2j's low two bits
             so = (w >> 2) & 0x33333333  # odd codes 1, 3, .., 15
             if BITS == 3:  # high bits: q1 word rows // 2, its half rows % 2 (bit i = code i of this q2 word)
