@@ -134,7 +134,13 @@ def main() -> None:
                     help="reference path with each dequantized weight kept between calls (same numbers, faster)")
     ap.add_argument("--decode-prefill", action="store_true",
                     help="with --decode, also the same windows in one forward pass each (M = ctx), same model")
+    ap.add_argument("--full-precision-reduction", action="store_true",
+                    help="turn off cuBLAS's reduced-precision reductions for bf16/fp16 matmuls (PyTorch allows them "
+                         "by default), so the reference path's F.linear sums in fp32 as the Triton kernels do")
     a = ap.parse_args()
+    if a.full_precision_reduction:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     bad = [f for f in a.formats.split(",") if f not in FORMATS]
     if bad:
         raise SystemExit(f"unknown --formats {bad}; valid: {sorted(FORMATS)}")
@@ -147,6 +153,8 @@ def main() -> None:
            f"(M = {a.decode_batch} rows per Linear)" if a.decode
            else f"{bt} tokens per forward pass (M = {bt} rows per Linear)")
     nwin = f" (first {a.windows} windows)" if a.windows else ""
+    if a.full_precision_reduction:
+        how += "; cuBLAS reduced-precision bf16/fp16 reductions off"
     pre = a.decode and a.decode_prefill
     lines = [f"device {a.device} ({dev_name}), {dtype}, default model SmolLM2-135M-Instruct (publisher-quantized "
              f"Q4_1 GGUF), RTN into each format, evaluation corpus, {a.tokens} tokens in windows of {a.ctx}{nwin}, "

@@ -52,10 +52,11 @@ MM4_MAX_M = 64  # mm v4 up to here (one dot per code position: fewer decode inst
 DEQUANT_CHUNK = 2048  # H100 sweep: 1563 µs vs 1591 µs unchunked at 2048×8192×28672
 DEQUANT_TRANS = False  # large-M buffer holds rows of W (F.linear's layout) instead of columns of W^T
 DEQUANT_OVERLAP = False  # large-M: dequantize chunk i + 1 on a side stream while cuBLAS multiplies chunk i
-# GEMV v7 (byte-permute tables): one-warp programs of 64 columns, a split-K grid of >= 40 programs per SM (H100,
-# session 6 sweep 1 at 8192×28672, µs under graphs: lut4 BN64 BK128 split 16 76.2 vs split 8 77.5, BN128 79.1;
-# lut3 52.6 vs 54.3; NF4 BN64 BK64 split 16 78.7 vs 81.7; 4 warps / 512 columns 80-81)
-LUT7_TILES = dict(BN=64, BK=128, num_warps=1, waves=40)
+# GEMV v7 (byte-permute tables): one-warp programs of 32 columns, a split-K grid of >= 80 programs per SM (H100,
+# session 6, 8192×28672, µs under graphs; sweep 1: BN 64-512, warps 1-4, split 4-16: more, smaller programs won;
+# sweep 2: lut4 BN32 BK128 split 16 68.5 vs BN64 BK128 88.4 / BN64 BK64 69.3, lut3 BN32 split 32 53.6 vs BN64
+# 54.3, NF4 BN32 BK64 split 16/32 74.6/74.1 vs BN64 79.1; BK 256 slower: 146-232)
+LUT7_TILES = dict(BN=32, BK=128, num_warps=1, waves=80)
 LUT7_F16T = True  # v7, per-column tables with bf16 x: bf16 entries held as scaled fp16 (cvt on the FMA pipe)
 MMT_TILES = dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, v=4)  # large-M fused, transposed
 
