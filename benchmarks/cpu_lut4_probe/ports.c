@@ -9,10 +9,15 @@
 static double tsc_per(void (*f)(void), long ops) { uint64_t t0=__rdtsc(); f(); uint64_t t1=__rdtsc(); return (double)(t1-t0)/ops; }
 /* core clock: a dependent zmm FMA chain, 4 cycles an FMA (a chain of `add $1` runs faster than 1 a cycle here) */
 static void fmachain(void){ __m512 a=_mm512_set1_ps(1.0f),b=_mm512_set1_ps(0.999f); for(long i=0;i<N;i++){ __asm__ volatile("vfmadd231ps %1,%1,%0\n\tvfmadd231ps %1,%1,%0\n\tvfmadd231ps %1,%1,%0\n\tvfmadd231ps %1,%1,%0":"+v"(a):"v"(b)); } }
-#define T12(ins) __asm__ volatile( \
- ins " %%zmm20,%%zmm21,%%zmm0\n\t" ins " %%zmm20,%%zmm21,%%zmm1\n\t" ins " %%zmm20,%%zmm21,%%zmm2\n\t" ins " %%zmm20,%%zmm21,%%zmm3\n\t" \
- ins " %%zmm20,%%zmm21,%%zmm4\n\t" ins " %%zmm20,%%zmm21,%%zmm5\n\t" ins " %%zmm20,%%zmm21,%%zmm6\n\t" ins " %%zmm20,%%zmm21,%%zmm7\n\t" \
- ins " %%zmm20,%%zmm21,%%zmm8\n\t" ins " %%zmm20,%%zmm21,%%zmm9\n\t" ins " %%zmm20,%%zmm21,%%zmm10\n\t" ins " %%zmm20,%%zmm21,%%zmm11\n\t" ::: "xmm0","xmm1","xmm2","xmm3","xmm4","xmm5","xmm6","xmm7","xmm8","xmm9","xmm10","xmm11")
+/* 12 instructions with independent results (registers 0-11), alternating a and b: "src" the sources, "cls" the
+   destination's register class, "sfx" a mask suffix */
+#define R_(ins, src, cls, r, sfx) ins " " src "%%" cls #r sfx "\n\t"
+#define REP12(a, b, src, cls, sfx) __asm__ volatile( \
+ R_(a, src, cls, 0, sfx) R_(b, src, cls, 1, sfx) R_(a, src, cls, 2, sfx) R_(b, src, cls, 3, sfx) \
+ R_(a, src, cls, 4, sfx) R_(b, src, cls, 5, sfx) R_(a, src, cls, 6, sfx) R_(b, src, cls, 7, sfx) \
+ R_(a, src, cls, 8, sfx) R_(b, src, cls, 9, sfx) R_(a, src, cls, 10, sfx) R_(b, src, cls, 11, sfx) ::: CL)
+#define T12(ins) REP12(ins, ins, "%%zmm20,%%zmm21,", "zmm", "")
+#define MIX(a, b) REP12(a, b, "%%zmm20,%%zmm21,", "zmm", "")
 #define DEP(ins) __asm__ volatile(ins " %%zmm20,%%zmm21,%%zmm0\n\t" ins " %%zmm20,%%zmm0,%%zmm0\n\t" ins " %%zmm20,%%zmm0,%%zmm0\n\t" ins " %%zmm20,%%zmm0,%%zmm0\n\t" ::: "xmm0")
 #define DEPACC(ins) __asm__ volatile(ins " %%zmm20,%%zmm21,%%zmm0\n\t" ins " %%zmm20,%%zmm21,%%zmm0\n\t" ins " %%zmm20,%%zmm21,%%zmm0\n\t" ins " %%zmm20,%%zmm21,%%zmm0\n\t" ::: "xmm0")
 static void t_vpermw(void){ for(long i=0;i<N;i++) T12("vpermw"); }
@@ -26,17 +31,9 @@ static void t_cvt2bf(void){ for(long i=0;i<N;i++) T12("vcvtne2ps2bf16"); }
 static void t_pshufb(void){ for(long i=0;i<N;i++) T12("vpshufb"); }
 static void t_vpermb(void){ for(long i=0;i<N;i++) T12("vpermb"); }
 static void t_vpermt2w(void){ for(long i=0;i<N;i++) T12("vpermt2w"); }
-static void t_srlw(void){ for(long i=0;i<N;i++) __asm__ volatile(
- "vpsrlw $4,%%zmm20,%%zmm0\n\tvpsrlw $4,%%zmm20,%%zmm1\n\tvpsrlw $4,%%zmm20,%%zmm2\n\tvpsrlw $4,%%zmm20,%%zmm3\n\tvpsrlw $4,%%zmm20,%%zmm4\n\tvpsrlw $4,%%zmm20,%%zmm5\n\t"
- "vpsrlw $4,%%zmm20,%%zmm6\n\tvpsrlw $4,%%zmm20,%%zmm7\n\tvpsrlw $4,%%zmm20,%%zmm8\n\tvpsrlw $4,%%zmm20,%%zmm9\n\tvpsrlw $4,%%zmm20,%%zmm10\n\tvpsrlw $4,%%zmm20,%%zmm11\n\t":::"xmm0","xmm1","xmm2","xmm3","xmm4","xmm5","xmm6","xmm7","xmm8","xmm9","xmm10","xmm11"); }
-static void t_pmovzxbw(void){ for(long i=0;i<N;i++) __asm__ volatile(
- "vpmovzxbw %%ymm20,%%zmm0\n\tvpmovzxbw %%ymm20,%%zmm1\n\tvpmovzxbw %%ymm20,%%zmm2\n\tvpmovzxbw %%ymm20,%%zmm3\n\tvpmovzxbw %%ymm20,%%zmm4\n\tvpmovzxbw %%ymm20,%%zmm5\n\t"
- "vpmovzxbw %%ymm20,%%zmm6\n\tvpmovzxbw %%ymm20,%%zmm7\n\tvpmovzxbw %%ymm20,%%zmm8\n\tvpmovzxbw %%ymm20,%%zmm9\n\tvpmovzxbw %%ymm20,%%zmm10\n\tvpmovzxbw %%ymm20,%%zmm11\n\t":::"xmm0","xmm1","xmm2","xmm3","xmm4","xmm5","xmm6","xmm7","xmm8","xmm9","xmm10","xmm11"); }
-/* mixes: 6 vpermw + 6 vdpbf16ps ; 6 srlw + 6 dpbf16 ; 6 vpermw + 6 dpwssd; 6 vpermw+6 fma */
-#define MIX(a,b) __asm__ volatile( \
- a " %%zmm20,%%zmm21,%%zmm0\n\t" b " %%zmm20,%%zmm21,%%zmm1\n\t" a " %%zmm20,%%zmm21,%%zmm2\n\t" b " %%zmm20,%%zmm21,%%zmm3\n\t" \
- a " %%zmm20,%%zmm21,%%zmm4\n\t" b " %%zmm20,%%zmm21,%%zmm5\n\t" a " %%zmm20,%%zmm21,%%zmm6\n\t" b " %%zmm20,%%zmm21,%%zmm7\n\t" \
- a " %%zmm20,%%zmm21,%%zmm8\n\t" b " %%zmm20,%%zmm21,%%zmm9\n\t" a " %%zmm20,%%zmm21,%%zmm10\n\t" b " %%zmm20,%%zmm21,%%zmm11\n\t" ::: "xmm0","xmm1","xmm2","xmm3","xmm4","xmm5","xmm6","xmm7","xmm8","xmm9","xmm10","xmm11")
+static void t_srlw(void){ for(long i=0;i<N;i++) REP12("vpsrlw", "vpsrlw", "$4,%%zmm20,", "zmm", ""); }
+static void t_pmovzxbw(void){ for(long i=0;i<N;i++) REP12("vpmovzxbw", "vpmovzxbw", "%%ymm20,", "zmm", ""); }
+/* mixes: 6 of a and 6 of b, interleaved (cycles per instruction: half a pair) */
 static void m_permw_dpbf(void){ for(long i=0;i<N;i++) MIX("vpermw","vdpbf16ps"); }
 static void m_permw_dpwssd(void){ for(long i=0;i<N;i++) MIX("vpermw","vpdpwssd"); }
 static void m_permw_fma(void){ for(long i=0;i<N;i++) MIX("vpermw","vfmadd231ps"); }
@@ -57,13 +54,8 @@ static void t_addd(void){ for(long i=0;i<N;i++) MIX("vpaddd","vpandd"); }
 static void m_addd_permps(void){ for(long i=0;i<N;i++) MIX("vpaddd","vpermps"); }
 static void m_addd_fma(void){ for(long i=0;i<N;i++) MIX("vpaddd","vfmadd231ps"); }
 static void m_permps_fma(void){ for(long i=0;i<N;i++) MIX("vpermps","vfmadd231ps"); }
-static void t_maskpermw(void){ for(long i=0;i<N;i++) __asm__ volatile(
- "vpermw %%zmm20,%%zmm21,%%zmm0%{%%k1%}%{z%}\n\tvpermw %%zmm20,%%zmm21,%%zmm1%{%%k1%}%{z%}\n\tvpermw %%zmm20,%%zmm21,%%zmm2%{%%k1%}%{z%}\n\tvpermw %%zmm20,%%zmm21,%%zmm3%{%%k1%}%{z%}\n\t"
- "vpermw %%zmm20,%%zmm21,%%zmm4%{%%k1%}%{z%}\n\tvpermw %%zmm20,%%zmm21,%%zmm5%{%%k1%}%{z%}\n\tvpermw %%zmm20,%%zmm21,%%zmm6%{%%k1%}%{z%}\n\tvpermw %%zmm20,%%zmm21,%%zmm7%{%%k1%}%{z%}\n\t"
- "vpermw %%zmm20,%%zmm21,%%zmm8%{%%k1%}%{z%}\n\tvpermw %%zmm20,%%zmm21,%%zmm9%{%%k1%}%{z%}\n\tvpermw %%zmm20,%%zmm21,%%zmm10%{%%k1%}%{z%}\n\tvpermw %%zmm20,%%zmm21,%%zmm11%{%%k1%}%{z%}\n\t":::CL); }
-static void t_cvtne(void){ for(long i=0;i<N;i++) __asm__ volatile(
- "vcvtneps2bf16 %%zmm20,%%ymm0\n\tvcvtneps2bf16 %%zmm20,%%ymm1\n\tvcvtneps2bf16 %%zmm20,%%ymm2\n\tvcvtneps2bf16 %%zmm20,%%ymm3\n\tvcvtneps2bf16 %%zmm20,%%ymm4\n\tvcvtneps2bf16 %%zmm20,%%ymm5\n\t"
- "vcvtneps2bf16 %%zmm20,%%ymm6\n\tvcvtneps2bf16 %%zmm20,%%ymm7\n\tvcvtneps2bf16 %%zmm20,%%ymm8\n\tvcvtneps2bf16 %%zmm20,%%ymm9\n\tvcvtneps2bf16 %%zmm20,%%ymm10\n\tvcvtneps2bf16 %%zmm20,%%ymm11\n\t":::CL); }
+static void t_maskpermw(void){ for(long i=0;i<N;i++) REP12("vpermw", "vpermw", "%%zmm20,%%zmm21,", "zmm", "%{%%k1%}%{z%}"); }
+static void t_cvtne(void){ for(long i=0;i<N;i++) REP12("vcvtneps2bf16", "vcvtneps2bf16", "%%zmm20,", "ymm", ""); }
 int main(void){
   tsc_per(fmachain, 4L*N);  /* warm-up: the clock ramps */
   double c = tsc_per(fmachain, 4L*N) / 4.0; /* tsc ticks per core cycle */
