@@ -351,7 +351,8 @@ def span64_available() -> bool:
 @dataclass(frozen=True, eq=False)
 class Lut4Weight:
     """The kernel layout (module docstring). ``shift (N, G)`` float32 or None; ``perm (K,)`` for act-order;
-    ``round_up`` the span-64 kernel's bf16 rounding masks (codebooks only)."""
+    ``round_up`` the span-64 kernel's bf16 rounding masks (codebooks only). Build it with :func:`pack_lut4` (or the
+    ``pack_*`` helpers): span-64 ``codes`` sit in storage with 64 spare bytes after them, which the kernel reads."""
 
     codes: torch.Tensor
     scale: torch.Tensor
