@@ -11,8 +11,10 @@ Three paths, chosen by the number of activation rows ``M``:
   unpacked with constant shifts; an affine code is moved into the mantissa of 1.0 (``f = 1 + c/2^B``), so
   ``Σ_k x_k c_k = 2^B (Σ x f − Σ x)`` costs one shift, one and-or and one FMA per weight, and the group scale
   and zero point are applied once per (word, column): ``Σ_k x_k (c_k − z) s = s (Σ_k x_k c_k − z Σ_k x_k)``.
-  Look-up tables (NF4/FP4 shared, SqueezeLLM per column) are held in registers and read by a select tree on
-  the code bits. The earlier ``_gemv_kernel`` (``gemv_config(v=2)``) is kept for the benchmark's comparison.
+  Look-up tables (NF4/FP4 shared, SqueezeLLM per column): :func:`_gemv7_kernel` (the default for bf16/fp16 x,
+  session 6) holds each table as byte planes in registers and looks up four codes per ``prmt.b32``, with every
+  entry rounded once to x's dtype as the reference rounds its weights; v4 (fp32 x) reads them by a select tree
+  on the code bits. The earlier ``_gemv_kernel`` (``gemv_config(v=2)``) is kept for the benchmark's comparison.
   v4 skips the shifts: each code is decoded exactly in place by :func:`_exact_code` (one LOP3 and one
   subtract), see ``benchmarks/NOTES_gpu.md`` session 3. v6 (:func:`_gemv6_kernel`, the default for affine
   4-bit weights with N >= 8192; v4 for the other affine ones) decodes and multiplies two codes per fp16x2
@@ -875,9 +877,10 @@ def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, st
     nibble bit 2 by a byte permute and three shift-or-mask steps; x is read in the matching order.
 
     ``F16T`` (per-column tables, bf16 x): the bf16-rounded entries are stored as fp16 times a power of two per
-    column (the largest into [2^14, 2^15)), which holds every bf16 value of the column exactly down to 2^-38 of its
-    largest, so the looked-up pairs convert to fp32 by ``cvt`` (the FMA pipe) instead of two integer ops; the
-    column's sum is scaled back once at the end."""
+    column (the largest into [2^14, 2^15)), which holds every bf16 entry of at least 2^-31 of the column's largest
+    exactly (smaller ones land on fp16's subnormal step: an error below 2^-39 of the largest), so the looked-up
+    pairs convert to fp32 by ``cvt`` (the FMA pipe) instead of two integer ops; the column's sum is scaled back
+    once at the end."""
     pid_n, pid_k, m, offs_n, mask_n, xr = _gemv_program(x_ptr, N, stride_xm, BN)
     NC: tl.constexpr = 1 << BITS
     SIX: tl.constexpr = BITS == 4
@@ -1293,19 +1296,22 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
     """Tile sizes for the GEMV path: enough programs to cover the SMs ``waves`` times (split-K when N is small).
 
     ``v=6`` is :func:`_gemv6_kernel` (affine 4-bit: codes decoded and multiplied in fp16x2; others fall back
-    to v4), ``v=4`` is :func:`_gemv3_kernel` with the exact exponent decode (the default), ``v=5`` the same on x
+    to v4), ``v=4`` is :func:`_gemv3_kernel` with the exact exponent decode, ``v=5`` the same on x
     prepared once per call by :func:`_xprep_kernel` (affine 2/4-bit), ``v=3`` the mantissa decode, ``v=2`` the
     earlier kernel (kept for the benchmark). The look-up-table modes
     (v3 and v4 alike) read one scale per 32 codes, so their K-tile need not lie in one group.
     ``stages > 1`` pipelines the K loop through shared memory (``STAGES`` of :func:`_gemv3_kernel`); ``tma``
     (affine 2/4-bit, v4, N·4 a multiple of 16) loads the word tiles with a tensor descriptor. ``split=1``
     writes x's dtype straight from the kernel: one launch, no zeroed fp32 buffer, no cast.
+    ``v=7`` is :func:`_gemv7_kernel` (look-up tables by byte permutes; the default for the table modes, BN 32,
+    one warp, a grid of >= 80 programs per SM, see ``LUT7_TILES``; ``f16t`` picks scaled-fp16 per-column tables for
+    bf16 x, ``LUT7_F16T``); :func:`gemv` takes v4 instead where x is fp32.
     Default ``v`` (``None``) for affine 4-bit weights with ``N >= 8192``: 6 with BN 64 and split 8, and at
     ``N >= 16384`` with 128-wide groups the L2 prefetch 8 tiles ahead (``pfd``). H100, session 5, under CUDA
     graphs (NOTES_gpu.md): act-order v6 60.9/60.7 vs v4 64.8/64.3 µs (runs 2, 3), with prefetch 57.6/57.5 (runs
     3, 4); HQQ g64 v6 55.4/55.3 vs 69.7/69.8 (prefetch slower there: 66.7/66.4); 4096×11008 v6 16.6/16.4 vs
     17.6/17.3; plain and symmetric int4 at 8192×28672 v6 alone 53.8/53.9 vs 52.8/52.9 but with prefetch
-    51.3/51.3 (asym) and 51.4/51.2 (sym) vs 52.9/53.2 and 53.4/53.3 (runs 3, 4). 4 for everything else.
+    51.3/51.3 (asym) and 51.4/51.2 (sym) vs 52.9/53.2 and 53.4/53.3 (runs 3, 4). 4 for the other affine weights.
     """
     if v is None:
         v = 4
