@@ -772,6 +772,47 @@ def lut_sweep(out_dir: str, bnb=None) -> dict:
     return res
 
 
+def linear_check(out_dir: str) -> dict:
+    """Session 6: per-Linear accuracy at the default model's shapes, M = 4 (the end-to-end decode's GEMV case): the
+    reference path's ``F.linear`` on its own bf16 weight (cuBLAS, with and without reduced-precision reductions)
+    and lowbit's GEMV against float64 sums over the same bf16 weight: relative error, the share of outputs that
+    differ from the correctly rounded bf16 value, and the mean signed error (a bias would move a perplexity)."""
+    from lowbit.formats.affine import IntAffine
+    from lowbit.formats.codebook import Codebook
+
+    res: dict = {}
+    shapes = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]  # (K, N): q/o, k/v, gate/up, down, head
+    for fname, fmt in (("nf4", Codebook("nf4", 64, True)), ("int4g128", IntAffine(bits=4, group_size=128))):
+        for K, N in shapes:
+            torch.manual_seed(K + N)
+            q = fmt.quantize(torch.randn(N, K) * 0.05)
+            pw = R.repack_quantized(q).to("cuda")
+            Wb = R.dequantize_packed(pw, torch.float32).to(torch.bfloat16)  # the reference op's weight
+            row = {}
+            for trial in range(3):
+                x = torch.randn(4, K, device="cuda", dtype=torch.bfloat16)
+                y64 = x.double() @ Wb.double().t()
+                yr = y64.to(torch.bfloat16).double()  # correctly rounded
+                outs = {"lowbit gemv": wq.packed_linear(x, pw)}
+                for red in (True, False):
+                    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = red
+                    outs["F.linear bf16" + (" (reduced-precision allowed)" if red else " (fp32 reduction)")] = \
+                        torch.nn.functional.linear(x, Wb)
+                torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
+                for lab, y in outs.items():
+                    d = y.double() - y64
+                    r = row.setdefault(lab, {"rel err": [], "outputs not correctly rounded": [], "mean signed err / rms": []})
+                    r["rel err"].append(float(d.norm() / y64.norm()))
+                    r["outputs not correctly rounded"].append(float((y.double() != yr).double().mean()))
+                    r["mean signed err / rms"].append(float(d.mean() / y64.pow(2).mean().sqrt()))
+            res[f"{fname} K{K} N{N}"] = row
+            print(fname, K, N, json.dumps({k: {kk: [f"{x:.2e}" for x in vv] for kk, vv in v.items()} for k, v in row.items()}),
+                  flush=True)
+    with open(os.path.join(out_dir, "linear_check.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
 SWEEP_NAMES = ("int4 g128 asym", "nf4 g64 dq", "lut3 per-row (SqueezeLLM)")
 args_sweep = False
 args_graph = False
@@ -1175,6 +1216,9 @@ def main() -> None:
                          "kernel (M = 16 split 1 with LOWBIT_SWEEP_MM=1)")
     ap.add_argument("--lut-sweep", action="store_true",
                     help="session 6: M = 1 look-up-table GEMV v7 (byte permutes) tiles against v4 and bitsandbytes NF4")
+    ap.add_argument("--linear-check", action="store_true",
+                    help="session 6: per-Linear accuracy of F.linear bf16 and lowbit's GEMV at the default model's "
+                         "shapes, M = 4, against float64 over the same bf16 weight")
     ap.add_argument("--adam-sweep", action="store_true",
                     help="only the 8-bit AdamW rows x warps x cache-hint grid against torch fused AdamW")
     args = ap.parse_args()
@@ -1210,6 +1254,10 @@ def main() -> None:
         os.makedirs(args.out, exist_ok=True)
         one_launch_sweep(args.out)
         print(f"(one-launch sweep {time.time() - t0:.0f} s)")
+        return
+    if args.linear_check:
+        os.makedirs(args.out, exist_ok=True)
+        linear_check(args.out)
         return
     if args.lut_sweep:
         os.makedirs(args.out, exist_ok=True)
