@@ -137,6 +137,9 @@ def main() -> None:
     ap.add_argument("--full-precision-reduction", action="store_true",
                     help="turn off cuBLAS's reduced-precision reductions for bf16/fp16 matmuls (PyTorch allows them "
                          "by default), so the reference path's F.linear sums in fp32 as the Triton kernels do")
+    ap.add_argument("--control", action="store_true",
+                    help="the second ('fast-path') evaluation runs the reference path again, after the same warm-up: "
+                         "how far the harness alone moves the perplexity")
     a = ap.parse_args()
     if a.full_precision_reduction:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
@@ -155,6 +158,8 @@ def main() -> None:
     nwin = f" (first {a.windows} windows)" if a.windows else ""
     if a.full_precision_reduction:
         how += "; cuBLAS reduced-precision bf16/fp16 reductions off"
+    if a.control:
+        how += "; CONTROL: the 'fast-path' column is the reference path evaluated a second time"
     pre = a.decode and a.decode_prefill
     lines = [f"device {a.device} ({dev_name}), {dtype}, default model SmolLM2-135M-Instruct (publisher-quantized "
              f"Q4_1 GGUF), RTN into each format, evaluation corpus, {a.tokens} tokens in windows of {a.ctx}{nwin}, "
@@ -198,10 +203,11 @@ def main() -> None:
                 ref = evaluate(model, ids)
                 t_ref = time.perf_counter() - t
                 ref_pre = evaluate(model, ids, decode=False) if pre else None
-            set_fast(True)
+            set_fast(not a.control)
             evaluate(model, ids, warm=True)
             t = time.perf_counter()
-            fast = evaluate(model, ids)
+            with cached_reference() if a.control and a.ref_cache else contextlib.nullcontext():
+                fast = evaluate(model, ids)
             t_fast = time.perf_counter() - t
             if pre:
                 evaluate(model, ids, decode=False, warm=True)
