@@ -851,6 +851,16 @@ def _xpair(xr, rows, j: tl.constexpr, K, PER: tl.constexpr, EVEN: tl.constexpr, 
 
 
 @triton.jit
+def _word_tile(q_ptr, row0, roff, rows, KW, mask_n, N, EVEN: tl.constexpr):
+    """The ``(NW, BN)`` words of one bit plane from word row ``row0`` (``roff``: the tile's offsets past its first
+    row, ``rows`` its word rows); unless ``EVEN``, zero past the plane's ``KW`` rows and the weight's columns."""
+    if EVEN:
+        return tl.load(q_ptr + row0 * N + roff, eviction_policy="evict_first")
+    return tl.load(q_ptr + row0 * N + roff, mask=(rows[:, None] < KW) & mask_n[None, :], other=0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
 def _row_entry(cb, offs_n, mask_n, j: tl.constexpr, NC: tl.constexpr):
     """Entry ``j`` of each column's own table (``(N, NC)``) as fp32 ``(1, BN)``; 0 past the table (2-bit codes)."""
     if j < NC:
@@ -975,11 +985,7 @@ def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, st
                 tl3, th3 = _byte_planes(c12 * sc, c13 * sc, c14 * sc, c15 * sc, TB)
         if SIX:
             rows = k0 // 8 + tl.arange(0, NW)
-            if EVEN:
-                w = tl.load(q4 + (k0 // 8) * N + roff, eviction_policy="evict_first")
-            else:
-                w = tl.load(q4 + (k0 // 8) * N + roff, mask=(rows[:, None] < KW4) & mask_n[None, :], other=0,
-                            eviction_policy="evict_first")
+            w = _word_tile(q4, k0 // 8, roff, rows, KW4, mask_n, N, EVEN)
             s, u, sh, uh = _nibble_selectors(w)
             xa, xb = _xpair(xr, rows, 0, K, 8, EVEN, BF16, PAIR)
             xc, xd = _xpair(xr, rows, 1, K, 8, EVEN, BF16, PAIR)
@@ -989,11 +995,7 @@ def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, st
             acc = _lut_dot4(acc, sh, uh, tl0, tl1, tl2, tl3, th0, th1, th2, th3, xa, xb, xc, xd, SIX, TB)
         else:
             rows = k0 // 16 + tl.arange(0, NW)
-            if EVEN:
-                w = tl.load(q2 + (k0 // 16) * N + roff, eviction_policy="evict_first")
-            else:
-                w = tl.load(q2 + (k0 // 16) * N + roff, mask=(rows[:, None] < KW2) & mask_n[None, :], other=0,
-                            eviction_policy="evict_first")
+            w = _word_tile(q2, k0 // 16, roff, rows, KW2, mask_n, N, EVEN)
             se = w & 0x33333333  # even codes 0, 2, .., 14: nibble j holds code 2j's low two bits
             so = (w >> 2) & 0x33333333  # odd codes 1, 3, .., 15
             if BITS == 3:  # high bits: q1 word rows // 2, its half rows % 2 (bit i = code i of this q2 word)
