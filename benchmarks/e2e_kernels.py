@@ -81,11 +81,15 @@ def decode_perplexity(model: torch.nn.Module, tokens: torch.Tensor, ctx: int, ma
 
 
 @contextlib.contextmanager
-def cached_reference() -> Iterator[None]:
+def cached_reference(fp32_sum: bool = False) -> Iterator[None]:
     """The reference path with each layer's dequantized weight kept between calls: ``lowbit::qlinear``'s reference
     computes ``F.linear(x, dequantize(...) in x's dtype, bias)`` on every call; this computes the same with the
     weight dequantized once (same function, same arguments, so the same numbers), so a decode loop does not
-    dequantize every weight per token (session 4: ~100 ms a token on the H100). Weight-only formats only."""
+    dequantize every weight per token (session 4: ~100 ms a token on the H100). Weight-only formats only.
+
+    ``fp32_sum``: the same weights and inputs (in the model's dtype) multiplied with float32 products and sums, the
+    output rounded once to the model's dtype — what lowbit's kernels compute, up to the order of the sums (a control
+    for how far a correct float32-summing kernel may land from the reference's own bf16/fp16 matmul)."""
     from lowbit.formats.base import format_from_spec
     from lowbit.nn.linear import QuantLinear
     from lowbit.ops.reference import dequantize
@@ -100,7 +104,10 @@ def cached_reference() -> Iterator[None]:
         if key not in cache:
             cache[key] = dequantize([getattr(self, n) for n in self._names], self._spec,
                                     [self.out_features, self.in_features], x.dtype)
-        return torch.nn.functional.linear(x, cache[key], None if self.bias is None else self.bias.to(x.dtype))
+        w, b = cache[key], None if self.bias is None else self.bias.to(x.dtype)
+        if fp32_sum:
+            return torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+        return torch.nn.functional.linear(x, w, b)
 
     QuantLinear.forward = forward  # type: ignore[method-assign]
     try:
@@ -121,7 +128,8 @@ def main() -> None:
     ap.add_argument("--gguf", default=None)
     ap.add_argument("--formats", default="int4g128")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="CUDA model dtype")
+    ap.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                    help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     ap.add_argument("--fp32-ref", action="store_true",
                     help="also evaluate the same quantized model in float32 (reference path) and report how far the "
                          "reference and the fast path each land from it")
@@ -140,6 +148,10 @@ def main() -> None:
     ap.add_argument("--control", action="store_true",
                     help="the second ('fast-path') evaluation runs the reference path again, after the same warm-up: "
                          "how far the harness alone moves the perplexity")
+    ap.add_argument("--fp32-sum-control", action="store_true",
+                    help="the second ('fast-path') evaluation is the reference's weights and inputs multiplied with "
+                         "float32 sums, rounded once to the model dtype (as lowbit's kernels sum): how far a correct "
+                         "float32-summing Linear lands from the reference")
     a = ap.parse_args()
     if a.full_precision_reduction:
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
@@ -149,7 +161,7 @@ def main() -> None:
         raise SystemExit(f"unknown --formats {bad}; valid: {sorted(FORMATS)}")
     torch.set_num_threads(a.threads)
     path = a.gguf or default_model_path()
-    dtype = getattr(torch, a.dtype) if a.device == "cuda" else torch.float32
+    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))
     bt = a.batch_tokens or a.ctx
     dev_name = torch.cuda.get_device_name() if a.device == "cuda" else "CPU"
     how = (f"one token per forward pass with a KV cache, {a.decode_batch} window(s) side by side "
@@ -158,6 +170,9 @@ def main() -> None:
     nwin = f" (first {a.windows} windows)" if a.windows else ""
     if a.full_precision_reduction:
         how += "; cuBLAS reduced-precision bf16/fp16 reductions off"
+    if a.fp32_sum_control:
+        how += ("; CONTROL: the 'fast-path' column is the reference's weights with float32 sums, rounded once to the "
+                "model dtype")
     if a.control:
         how += "; CONTROL: the 'fast-path' column is the reference path evaluated a second time"
     pre = a.decode and a.decode_prefill
@@ -203,10 +218,11 @@ def main() -> None:
                 ref = evaluate(model, ids)
                 t_ref = time.perf_counter() - t
                 ref_pre = evaluate(model, ids, decode=False) if pre else None
-            set_fast(not a.control)
+            set_fast(not (a.control or a.fp32_sum_control))
             evaluate(model, ids, warm=True)
             t = time.perf_counter()
-            with cached_reference() if a.control and a.ref_cache else contextlib.nullcontext():
+            with (cached_reference(fp32_sum=a.fp32_sum_control) if (a.control and a.ref_cache) or a.fp32_sum_control
+                  else contextlib.nullcontext()):
                 fast = evaluate(model, ids)
             t_fast = time.perf_counter() - t
             if pre:
