@@ -228,7 +228,40 @@ def test_enabled_fast_path_many_rows_bf16_takes_aten():
         "        y = m(x)\n"
         "        d = float((y.double() - r.double()).norm() / r.double().norm())\n"
         "        assert y.dtype == x.dtype and d < (1e-6 if x.dtype == torch.float32 else 1e-2), (x.shape, d)\n"
-        "    hit = getattr(m.qdata, cpu._ATTR)  # the cache entry of the last (bf16, many-row) call\n"
+        "    hit = cpu.cached_entry(m.qdata, torch.bfloat16)  # the bf16 entry, after the many-row call\n"
         "    assert isinstance(hit[2], (cpu.CpuInt4Weight, cpu.CpuInt8Weight)), hit[2]\n"
+        "print('ok')\n")
+    expect_ok(code)
+
+
+def test_fast_path_keeps_one_packed_weight_per_input_dtype():
+    # A layer called with float32 and bf16 inputs in turn packs its weight once per input dtype (it used to repack
+    # on every switch); changing the stored weight in place repacks it and the outputs follow the new weight.
+    code = (
+        "import torch\n"
+        "from lowbit.formats.codebook import Codebook\n"
+        "from lowbit.nn.linear import QuantLinear\n"
+        "from lowbit.ops import cpu\n"
+        "torch.manual_seed(0)\n"
+        "packs = []\n"
+        "pack = cpu.pack\n"
+        "cpu.pack = lambda *a, **k: packs.append(1) or pack(*a, **k)\n"
+        "m = QuantLinear(Codebook('nf4', 64, True).quantize(torch.randn(32, 256)))\n"
+        "xs = [torch.randn(1, 256), torch.randn(1, 256).bfloat16()]\n"
+        "cpu.enable_qlinear_fast_path()\n"
+        "with torch.no_grad():\n"
+        "    for _ in range(3):\n"
+        "        ys = [m(x) for x in xs]\n"
+        "    assert len(packs) == 2, len(packs)\n"
+        "    assert cpu.cached_entry(m.qdata, torch.float32) is not cpu.cached_entry(m.qdata, torch.bfloat16)\n"
+        "    m.qdata.copy_(m.qdata.flip(0))  # rows reversed in place: a new version of the same tensor\n"
+        "    ys2 = [m(x) for x in xs]\n"
+        "    assert len(packs) == 4, len(packs)\n"
+        "    cpu.disable_qlinear_fast_path()\n"
+        "    refs = [m(x) for x in xs]\n"
+        "for y, y2, r in zip(ys, ys2, refs):\n"
+        "    assert not torch.equal(y, y2)\n"
+        "    d = float((y2.double() - r.double()).norm() / r.double().norm())\n"
+        "    assert d < (1e-2 if y2.dtype == torch.bfloat16 else 1e-6), d\n"
         "print('ok')\n")
     expect_ok(code)

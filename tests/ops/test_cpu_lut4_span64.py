@@ -232,7 +232,7 @@ def test_quantlinear_reaches_the_span64_kernel():
         "    cpu.enable_qlinear_fast_path()\n"
         "    with torch.no_grad():\n"
         "        y = m(x)\n"
-        "        w = getattr(m.qdata, '_lowbit_cpu_packed')[1]\n"
+        "        w = cpu.cached_entry(m.qdata, x.dtype)[1]\n"
         "        assert isinstance(w, cpu_lut4.Lut4Weight) and w.span == 64, w\n"
         "        assert torch.equal(y, cpu_lut4.lut4_linear(x, w, m.bias)), 'not the kernel output'\n"
         "    cpu.disable_qlinear_fast_path()\n"

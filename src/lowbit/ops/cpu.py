@@ -47,7 +47,7 @@ from lowbit.ops import cpu_lut4, cpu_vnni
 from lowbit.ops.repack import PackedWeight, repack_quantized, unpack_planes
 
 __all__ = ["CpuInt4Weight", "CpuInt8Weight", "CpuW8A8Weight", "pack_int4", "int4_linear", "pack_int8", "int8_linear",
-           "pack_w8a8", "w8a8_linear", "compute_dtype", "FLOAT32_COMPUTE", "pack", "linear", "enable_qlinear_fast_path",
+           "pack_w8a8", "w8a8_linear", "compute_dtype", "cached_entry", "FLOAT32_COMPUTE", "pack", "linear", "enable_qlinear_fast_path",
            "disable_qlinear_fast_path", "enabled", "qlinear"]
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -293,7 +293,7 @@ def linear(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None = None) -> t
 
 _ENABLED: str | None = None
 _REGISTERED = False
-_ATTR = "_lowbit_cpu_packed"  # the packed weight lives on the stored qdata tensor, and dies with it
+_ATTR = "_lowbit_cpu_packed"  # the packed weights live on the stored qdata tensor (per input dtype), and die with it
 
 
 def enable_qlinear_fast_path(float32_compute: str = "auto") -> None:
@@ -336,13 +336,20 @@ def qlinear(x: torch.Tensor, data: list[torch.Tensor], spec: str, shape: list[in
 
     if _ENABLED is None:  # disable_qlinear_fast_path()
         return reference.qlinear(x, data, spec, shape, bias)
-    key = data[0]
     dt = compute_dtype(x.dtype, _ENABLED, format_from_spec(spec))
-    stamp = (spec, dt, x.dtype, tuple(t.data_ptr() for t in data), tuple(t._version for t in data))
-    hit = getattr(key, _ATTR, None)
+    stamp = (spec, dt, tuple(t.data_ptr() for t in data), tuple(t._version for t in data))
+    entries = getattr(data[0], _ATTR, None)
+    if entries is None:
+        entries = {}
+        setattr(data[0], _ATTR, entries)
+    hit = entries.get(x.dtype)
     if hit is None or hit[0] != stamp:
+        # one entry per input dtype, so a layer called with float32 and bf16 inputs in turn keeps both; entries of
+        # weights that changed since (another stamp) are dropped
+        for d in [d for d, e in entries.items() if e[0][0] != spec or e[0][2:] != stamp[2:]]:
+            del entries[d]
         hit = [stamp, pack(reference.as_quantized(data, spec, shape, x.dtype), dt), None]
-        setattr(key, _ATTR, hit)
+        entries[x.dtype] = hit
     y = None if hit[1] is None else linear(x, hit[1], bias)
     if y is None and isinstance(hit[1], (cpu_lut4.Lut4Weight, cpu_vnni.W8Weight)) \
             and x.dtype in (torch.bfloat16, torch.float16):
@@ -353,6 +360,12 @@ def qlinear(x: torch.Tensor, data: list[torch.Tensor], spec: str, shape: list[in
         if hit[2]:
             y = linear(x, hit[2], bias)
     return reference.qlinear(x, data, spec, shape, bias) if y is None else y
+
+
+def cached_entry(qdata: torch.Tensor, x_dtype: torch.dtype) -> list | None:
+    """What :func:`qlinear` keeps for the weight stored in ``qdata`` and inputs of ``x_dtype``:
+    ``[stamp, packed weight or None, ATen fallback (None: not built; False: none)]``, or ``None`` before a call."""
+    return (getattr(qdata, _ATTR, None) or {}).get(x_dtype)
 
 
 def disable_qlinear_fast_path() -> None:
