@@ -84,6 +84,22 @@ def test_span64_bf16_inputs_match_float64_and_the_reference_op(fmt, K):
     assert cpu_lut4.lut4_linear(x3, w).shape == (2, 3, N)
 
 
+def test_span64_codes_without_their_spare_bytes_are_refused():
+    # The kernel's offset loads read 3 bytes past the last row; a copy of the codes (clone, a loaded file) has no
+    # spare bytes after it, so the call must refuse it rather than read past the copy. The packed weight works.
+    import dataclasses
+
+    torch.manual_seed(3)
+    q = Codebook("nf4", 64, True).quantize(torch.randn(5, 128))
+    w = cpu_lut4.pack_codebook(q, span=64)
+    copied = dataclasses.replace(w, codes=w.codes.clone())
+    with pytest.raises(ValueError, match="spare bytes"):
+        cpu_lut4.lut4_linear(torch.randn(2, 128), copied)
+    if cpu_lut4.span64_available():
+        y = cpu_lut4.lut4_linear(torch.randn(2, 128), w)
+        assert y.shape == (2, 5) and bool(y.isfinite().all())
+
+
 @needs_span64
 def test_span64_weights_are_exactly_the_references():
     # One-hot inputs read single weights out: y[k, n] = W[n, k] bit for bit (one exact product, zeros elsewhere):

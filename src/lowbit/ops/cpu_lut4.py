@@ -489,13 +489,19 @@ def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None
 
     Raises:
         RuntimeError: that kernel is not available here (check :func:`available` / :func:`span64_available`).
-        ValueError: another layout (``span=128`` is :func:`lowbit.ops.cpu_vnni.int4_linear`'s), or ``x`` has not
-            ``in_features`` features (the kernel would read past the input).
+        ValueError: another layout (``span=128`` is :func:`lowbit.ops.cpu_vnni.int4_linear`'s), ``x`` has not
+            ``in_features`` features (the kernel would read past the input), or span-64 codes without the spare
+            bytes :func:`pack_lut4` allocates after them (the kernel would read past the codes).
     """
     if w.span not in (32, 64):
         raise ValueError(f"lut4_linear takes the span-32 or span-64 layout, got span {w.span}")
     if x.dim() == 0 or x.shape[-1] != w.in_features:
         raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features, the weight {w.in_features}")
+    if w.span == 64 and (not w.codes.is_contiguous() or w.codes.untyped_storage().nbytes()
+                         < w.codes.storage_offset() + w.codes.numel() + 3):
+        # the offset loads read 3 bytes past the last row: a copy of the codes (clone, load) would be read past its end
+        raise ValueError("span-64 codes need the spare bytes pack_lut4 allocates after them; rebuild the weight with "
+                         "pack_lut4 / pack_codebook / pack_affine4 (span=64) instead of copying its codes")
     lib = _lib() if w.span == 32 else _lib_span64()
     if lib is None:
         raise RuntimeError(f"the span-{w.span} lut4 CPU kernel is not available here "
