@@ -16,6 +16,10 @@ Layout (``K`` = in_features padded up to a multiple of 32, ``N`` = out_features)
   ``W[n, k] = (code - zero_point[g, n]) · scale[g, n]`` with ``g = k // group_size``.
 - ``codebook``: ``(2^bits,)`` shared (NF4, FP4: ``W = codebook[code] · scale[g, n]``) or ``(N, 2^bits)``
   per output row (SqueezeLLM: ``W = codebook[n, code]``).
+- GEMV column tiles (:func:`tile_columns`, built on demand by :func:`tiled_columns` and cached on the plane):
+  a ``(R, N)`` plane or scale row block reordered to ``(ceil(N/BN), R, BN)``, zero columns past ``N``, so the
+  ``BN`` columns of every row of one column tile lie next to each other and a GEMV program that walks K reads one
+  contiguous run instead of ``BN``-wide pieces ``N`` words apart.
 - ``perm``: ``int32 (K,)`` for act-order (GPTQ ``g_idx``): columns are sorted by group so that groups are
   contiguous; the kernel reads ``x[..., perm]`` (``x W^T = x[:, perm] W[:, perm]^T``).
 """
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["PackedWeight", "MODES", "planes_of", "pack_planes", "unpack_planes", "repack_affine", "repack_lut",
-           "repack_quantized", "dequantize_packed"]
+           "repack_quantized", "dequantize_packed", "tile_columns", "untile_columns", "tiled_columns"]
 
 MODES = ("affine", "lut", "lut_row")
 _PLANES = {4: (4,), 3: (2, 1), 2: (2,)}
@@ -115,6 +119,46 @@ def unpack_planes(q4: torch.Tensor, q2: torch.Tensor, q1: torch.Tensor, bits: in
         low += b
     assert codes is not None
     return codes[:K].t().contiguous()
+
+
+def tile_columns(t: torch.Tensor, BN: int) -> torch.Tensor:
+    """``(R, N)`` -> ``(ceil(N/BN), R, BN)`` contiguous: column tile ``j`` holds columns ``[j·BN, j·BN + BN)`` of
+    every row, rows one after another; columns past ``N`` are zero."""
+    if t.dim() != 2:
+        raise ValueError(f"tile_columns takes a 2-D (rows, columns) tensor, got shape {tuple(t.shape)}")
+    if BN < 1:
+        raise ValueError(f"BN must be a positive column count, got {BN}")
+    R, N = t.shape
+    NT = -(-N // BN)
+    if NT * BN != N:
+        t = torch.nn.functional.pad(t, (0, NT * BN - N))
+    return t.reshape(R, NT, BN).permute(1, 0, 2).contiguous()
+
+
+def untile_columns(t: torch.Tensor, N: int) -> torch.Tensor:
+    """Inverse of :func:`tile_columns`: ``(NT, R, BN)`` -> ``(R, N)``."""
+    NT, R, BN = t.shape
+    if not (NT - 1) * BN < N <= NT * BN:
+        raise ValueError(f"N={N} does not fit {NT} column tiles of {BN}")
+    return t.permute(1, 0, 2).reshape(R, NT * BN)[:, :N].contiguous()
+
+
+_TILED = "_lowbit_tiled_columns"  # {BN: (stamp, tiled copy)} on the plane itself: dies with it
+
+
+def tiled_columns(t: torch.Tensor, BN: int) -> torch.Tensor:
+    """:func:`tile_columns` of ``t``, built once per ``(t, BN)`` and cached on ``t`` (rebuilt when ``t`` is
+    changed in place or its storage moves). The copy costs as much memory as ``t``."""
+    stamp = (t.data_ptr(), t._version, tuple(t.shape))
+    cache = getattr(t, _TILED, None)
+    if cache is None:
+        cache = {}
+        setattr(t, _TILED, cache)
+    hit = cache.get(BN)
+    if hit is None or hit[0] != stamp:
+        hit = (stamp, tile_columns(t, BN))
+        cache[BN] = hit
+    return hit[1]
 
 
 def _perm_from_g_idx(g_idx: torch.Tensor, group_size: int, K: int) -> torch.Tensor | None:

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.ops.repack import PackedWeight
+from lowbit.ops.repack import PackedWeight, tiled_columns
 
 MODE_ID = {"affine": 0, "lut": 1, "lut_row": 2}
 GEMV_MAX_M = 4
@@ -682,10 +682,20 @@ def _word_dot_f16x2(w, p0, p1, p2, p3):
 
 
 @triton.jit
-def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, stride_xm,
+def _column_tile(q, scale, zero, pid_n, offs_n, N, KW, KS, KZ, BN: tl.constexpr, TILED: tl.constexpr):
+    """Where column tile ``pid_n`` starts in each operand, the row stride and the column offsets within a row: the
+    weight's own layout (``N`` a row, columns ``offs_n``) or, with ``TILED``, :func:`~lowbit.ops.repack.tile_columns`'
+    (``BN`` a row, columns ``0..BN-1``; ``KW`` rows of ``q``, ``KS`` of ``scale``, ``KZ`` of ``zero`` a tile)."""
+    if TILED:
+        return (q + pid_n * KW * BN, scale + pid_n * KS * BN, zero + pid_n * KZ * BN, BN, tl.arange(0, BN))
+    return q, scale, zero, N, offs_n
+
+
+@triton.jit
+def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, KS, stride_xm,
                   GROUP: tl.constexpr, HAS_PERM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, EVEN: tl.constexpr, XB: tl.constexpr,
-                  PFD: tl.constexpr = 0):
+                  PFD: tl.constexpr = 0, TILED: tl.constexpr = False):
     """GEMV v6 (affine 4-bit, ``GROUP % BK == 0``): the codes decoded and multiplied two at a time in fp16x2
     (:func:`_word_dot_f16x2`), each word's sum taken to fp32 at once; scale and zero point per (word, column)
     in fp32 as in v4. x is scaled by a power of two chosen per program from its largest ``|x|`` (into
@@ -693,8 +703,11 @@ def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, stride_xm,
     the product is scaled back once at the end. Rounding: fp16 products and three fp16 additions per half
     (relative ~2^-11 of a word's partial sum) instead of fp32. ``PFD > 0``: each iteration also asks L2 for the
     word tile ``PFD`` tiles ahead (``prefetch.global.L2``, one per 128-byte line; no registers, no shared
-    memory), so more of the stream is in flight than the loads alone keep."""
+    memory), so more of the stream is in flight than the loads alone keep. ``TILED`` (session 7): the words, scales
+    and zero points come in column tiles of ``BN`` (:func:`lowbit.ops.repack.tile_columns`: ``(N/BN, rows, BN)``,
+    ``KW`` word rows and ``KS`` scale rows a tile), so a program's whole K range is one contiguous run."""
     pid_n, pid_k, m, offs_n, mask_n, xr = _gemv_program(x_ptr, N, stride_xm, BN)
+    q4, scale, zero, RS, coff = _column_tile(q4, scale, zero, pid_n, offs_n, N, KW, KS, KS, BN, TILED)
     NW: tl.constexpr = BK // 8
     kstart = pid_k * K_PER_PROG
     k_end = tl.minimum(kstart + K_PER_PROG, K)
@@ -716,18 +729,20 @@ def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, stride_xm,
         k0 = kstart + kt
         g = k0 // GROUP
         rows = k0 // 8 + tl.arange(0, NW)
-        s, z = _group_scale_zero(scale, zero, g, N, offs_n, mask_n & (k0 < K), EVEN)
+        s, z = _group_scale_zero(scale, zero, g, RS, coff, mask_n & (k0 < K), EVEN)
         if EVEN:
-            w = tl.load(q4 + rows[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+            w = tl.load(q4 + rows[:, None] * RS + coff[None, :], eviction_policy="evict_first")
         else:
-            w = tl.load(q4 + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < KW) & mask_n[None, :],
+            w = tl.load(q4 + rows[:, None] * RS + coff[None, :], mask=(rows[:, None] < KW) & mask_n[None, :],
                         other=0, eviction_policy="evict_first")
         if PFD > 0:
             LINES: tl.constexpr = (BN + 31) // 32  # 128-byte lines of words in one row of the tile
             pr = rows + PFD * NW
-            pc = pid_n * BN + tl.arange(0, LINES) * 32
-            ok = ((pr * 8 < k_end)[:, None] & (pc < N)[None, :]).to(tl.int32)
-            _prefetch_l2(q4 + pr[:, None] * N + pc[None, :], ok)
+            pc = tl.arange(0, LINES) * 32
+            ok = ((pr * 8 < k_end)[:, None] & (pid_n * BN + pc < N)[None, :]).to(tl.int32)
+            if not TILED:
+                pc = pc + pid_n * BN
+            _prefetch_l2(q4 + pr[:, None] * RS + pc[None, :], ok)
         x0 = _xrow(xr, perm, rows, 0, K, 8, EVEN, HAS_PERM)
         x1 = _xrow(xr, perm, rows, 1, K, 8, EVEN, HAS_PERM)
         x2 = _xrow(xr, perm, rows, 2, K, 8, EVEN, HAS_PERM)
@@ -869,10 +884,10 @@ def _row_entry(cb, offs_n, mask_n, j: tl.constexpr, NC: tl.constexpr):
 
 
 @triton.jit
-def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, stride_xm,
+def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, KS, stride_xm,
                   BITS: tl.constexpr, GROUP: tl.constexpr, ROW: tl.constexpr, BF16: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr,
-                  EVEN: tl.constexpr, PAIR: tl.constexpr, F16T: tl.constexpr = False):
+                  EVEN: tl.constexpr, PAIR: tl.constexpr, F16T: tl.constexpr = False, TILED: tl.constexpr = False):
     """GEMV v7, look-up tables (NF4/FP4 shared codebook with a scale per group, SqueezeLLM per-column tables;
     2-4 bit codes) read by byte permutes: the table's 16-bit entries are split into a low-byte and a high-byte
     plane, four entries a register, and one ``prmt.b32`` looks up four codes in eight entries (two ``prmt`` and
@@ -890,8 +905,14 @@ def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, st
     column (the largest into [2^14, 2^15)), which holds every bf16 entry of at least 2^-31 of the column's largest
     exactly (smaller ones land on fp16's subnormal step: an error below 2^-39 of the largest), so the looked-up
     pairs convert to fp32 by ``cvt`` (the FMA pipe) instead of two integer ops; the column's sum is scaled back
-    once at the end."""
+    once at the end.
+
+    ``TILED`` (session 7): the bit planes (and a shared table's scales) in column tiles of ``BN``
+    (:func:`lowbit.ops.repack.tile_columns`), so a program's K range is one contiguous run of each plane."""
     pid_n, pid_k, m, offs_n, mask_n, xr = _gemv_program(x_ptr, N, stride_xm, BN)
+    q4, scale, q2, RS, coff = _column_tile(q4, scale, q2, pid_n, offs_n, N, KW4, KS, KW2, BN, TILED)
+    if TILED:
+        q1 = q1 + pid_n * KW1 * BN
     NC: tl.constexpr = 1 << BITS
     SIX: tl.constexpr = BITS == 4
     kstart = pid_k * K_PER_PROG
@@ -967,15 +988,15 @@ def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, st
         c15 = tl.load(cb + 15) if SIX else 0.0
     NW: tl.constexpr = BK // 8 if SIX else BK // 16
     acc = tl.zeros((NW, BN), dtype=tl.float32)
-    roff = tl.arange(0, NW)[:, None] * N + offs_n[None, :]  # a word tile's offsets past its first row (hoisted)
+    roff = tl.arange(0, NW)[:, None] * RS + coff[None, :]  # a word tile's offsets past its first row (hoisted)
     for kt in range(0, K_PER_PROG, BK):
         k0 = kstart + kt
         if not ROW:  # entries round(codebook[j] · scale[g, n]) of this K-tile's group
             g = k0 // GROUP  # (1, BN): the table is built in the word tile's own layout, no conversion
             if EVEN:
-                sc = tl.load(scale + g * N + offs_n[None, :]).to(tl.float32)
+                sc = tl.load(scale + g * RS + coff[None, :]).to(tl.float32)
             else:
-                sc = tl.load(scale + g * N + offs_n[None, :], mask=mask_n[None, :] & (k0 < K), other=0.0).to(tl.float32)
+                sc = tl.load(scale + g * RS + coff[None, :], mask=mask_n[None, :] & (k0 < K), other=0.0).to(tl.float32)
             tl0, th0 = _byte_planes(c0 * sc, c1 * sc, c2 * sc, c3 * sc, TB)
             tl1, th1 = _byte_planes(c4 * sc, c5 * sc, c6 * sc, c7 * sc, TB)
             tl2, th2 = tl0, th0
@@ -985,7 +1006,7 @@ def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, st
                 tl3, th3 = _byte_planes(c12 * sc, c13 * sc, c14 * sc, c15 * sc, TB)
         if SIX:
             rows = k0 // 8 + tl.arange(0, NW)
-            w = _word_tile(q4, k0 // 8, roff, rows, KW4, mask_n, N, EVEN)
+            w = _word_tile(q4, k0 // 8, roff, rows, KW4, mask_n, RS, EVEN)
             s, u, sh, uh = _nibble_selectors(w)
             xa, xb = _xpair(xr, rows, 0, K, 8, EVEN, BF16, PAIR)
             xc, xd = _xpair(xr, rows, 1, K, 8, EVEN, BF16, PAIR)
@@ -995,14 +1016,14 @@ def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, st
             acc = _lut_dot4(acc, sh, uh, tl0, tl1, tl2, tl3, th0, th1, th2, th3, xa, xb, xc, xd, SIX, TB)
         else:
             rows = k0 // 16 + tl.arange(0, NW)
-            w = _word_tile(q2, k0 // 16, roff, rows, KW2, mask_n, N, EVEN)
+            w = _word_tile(q2, k0 // 16, roff, rows, KW2, mask_n, RS, EVEN)
             se = w & 0x33333333  # even codes 0, 2, .., 14: nibble j holds code 2j's low two bits
             so = (w >> 2) & 0x33333333  # odd codes 1, 3, .., 15
             if BITS == 3:  # high bits: q1 word rows // 2, its half rows % 2 (bit i = code i of this q2 word)
                 if EVEN:
-                    h = tl.load(q1 + (rows // 2)[:, None] * N + offs_n[None, :], eviction_policy="evict_first")
+                    h = tl.load(q1 + (rows // 2)[:, None] * RS + coff[None, :], eviction_policy="evict_first")
                 else:
-                    h = tl.load(q1 + (rows // 2)[:, None] * N + offs_n[None, :],
+                    h = tl.load(q1 + (rows // 2)[:, None] * RS + coff[None, :],
                                 mask=(rows[:, None] // 2 < KW1) & mask_n[None, :], other=0,
                                 eviction_policy="evict_first")
                 h = h >> ((rows % 2) * 16)[:, None]
@@ -1294,7 +1315,8 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
                 BN: int | None = None, BK: int | None = None, split: int | None = None,
                 num_warps: int | None = None, v: int | None = None, waves: int = 4, pf: bool = GEMV_PREFETCH,
                 num_stages: int | None = None, pmin: int | None = None, stages: int = 1,
-                tma: bool = False, pfd: int = 0, act_order: bool = False, f16t: bool | None = None) -> dict:
+                tma: bool = False, pfd: int = 0, act_order: bool = False, f16t: bool | None = None,
+                tiled: bool = False) -> dict:
     """Tile sizes for the GEMV path: enough programs to cover the SMs ``waves`` times (split-K when N is small).
 
     ``v=6`` is :func:`_gemv6_kernel` (affine 4-bit: codes decoded and multiplied in fp16x2; others fall back
@@ -1308,6 +1330,9 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
     ``v=7`` is :func:`_gemv7_kernel` (look-up tables by byte permutes; the default for the table modes, BN 32,
     one warp, a grid of >= 80 programs per SM, see ``LUT7_TILES``; ``f16t`` picks scaled-fp16 per-column tables for
     bf16 x, ``LUT7_F16T``); :func:`gemv` takes v4 instead where x is fp32.
+    ``tiled`` (v6 and v7; session 7): the kernel reads copies of the planes, scales and zero points in column tiles
+    of ``BN`` (:func:`lowbit.ops.repack.tiled_columns`, built on the first call and cached on each tensor: as much
+    memory again as the weight), so each program's K range is one contiguous run; other versions ignore it.
     Default ``v`` (``None``) for affine 4-bit weights with ``N >= 8192``: 6 with BN 64 and split 8, and at
     ``N >= 16384`` with 128-wide groups the L2 prefetch 8 tiles ahead (``pfd``). H100, session 5, under CUDA
     graphs (NOTES_gpu.md): act-order v6 60.9/60.7 vs v4 64.8/64.3 µs (runs 2, 3), with prefetch 57.6/57.5 (runs
@@ -1374,6 +1399,8 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
         cfg["pfd"] = pfd
     if f16t is not None:
         cfg["f16t"] = f16t
+    if tiled:
+        cfg["tiled"] = True
     return cfg
 
 
@@ -1400,6 +1427,12 @@ def _tma_words(pw: PackedWeight, cfg: dict, v: int):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return TensorDescriptor.from_tensor(qp, [cfg["BK"] * pw.bits // 32, cfg["BN"]])
+
+
+def _tiled(t: torch.Tensor | None, BN: int, dummy: torch.Tensor) -> torch.Tensor:
+    """``t`` in column tiles of ``BN`` (:func:`~lowbit.ops.repack.tiled_columns`, cached on ``t``); ``dummy`` for an
+    absent or empty operand."""
+    return dummy if t is None or not t.numel() else tiled_columns(t, BN)
 
 
 def _args(pw: PackedWeight, dummy: torch.Tensor):
@@ -1437,17 +1470,21 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
         args = (args[0], args[1], q4, q2) + args[4:]
     if v == 6 and not gemv6_fits(pw, cfg["BK"]):
         v = 4
+    tiled = bool(cfg.get("tiled")) and v in (6, 7)  # column-tiled copies of the planes and scales (cached on them)
+    if tiled:
+        q4, q2, q1, sc, zp = (_tiled(t, cfg["BN"], out) for t in (pw.q4, pw.q2, pw.q1, pw.scale, pw.zero_point))
+    ks = pw.scale.shape[0] if pw.scale is not None else 0
     if v == 7:
         _gemv7_kernel[grid](x2, out, q4, q2, q1, sc, cb, N, K, pw.q4.shape[0], pw.q2.shape[0], pw.q1.shape[0],
-                            x2.stride(0), BITS=pw.bits, GROUP=pw.group_size, ROW=pw.mode == "lut_row",
+                            ks, x2.stride(0), TILED=tiled, BITS=pw.bits, GROUP=pw.group_size, ROW=pw.mode == "lut_row",
                             BF16=x2.dtype == torch.bfloat16, BN=cfg["BN"], BK=cfg["BK"], K_PER_PROG=cfg["k_per"],
                             SPLIT_ATOMIC=atomic, EVEN=N % cfg["BN"] == 0 and K % cfg["k_per"] == 0,
                             PAIR=K % 2 == 0 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0,
                             F16T=bool(cfg.get("f16t", LUT7_F16T)) and pw.mode == "lut_row" and x2.dtype == torch.bfloat16,
                             num_warps=cfg["num_warps"])
     elif v == 6:
-        _gemv6_kernel[grid](x2, out, pw.q4, sc, zp, pw.perm if pw.perm is not None else out, N, K, pw.q4.shape[0],
-                            x2.stride(0), GROUP=pw.group_size, HAS_PERM=pw.perm is not None, BN=cfg["BN"],
+        _gemv6_kernel[grid](x2, out, q4, sc, zp, pw.perm if pw.perm is not None else out, N, K, pw.q4.shape[0],
+                            ks, x2.stride(0), TILED=tiled, GROUP=pw.group_size, HAS_PERM=pw.perm is not None, BN=cfg["BN"],
                             BK=cfg["BK"], K_PER_PROG=cfg["k_per"], SPLIT_ATOMIC=atomic,
                             EVEN=N % cfg["BN"] == 0 and K % cfg["k_per"] == 0,
                             XB=min(1024, triton.next_power_of_2(cfg["k_per"])), PFD=cfg.get("pfd", 0),
