@@ -375,7 +375,8 @@ def test_three_bit_planes_once_equal_the_per_row_reads():
 
 @pytest.mark.parametrize("fmt", AFFINE_ONE_PLANE[:3], ids=lambda f: f.spec())
 @pytest.mark.parametrize("opts", [dict(BN=128, split=4), dict(BN=64, split=1), dict(BN=256, split=2, num_warps=8),
-                                  dict(BN=32, split=8), dict(BN=64, split=8, pfd=4), dict(BN=32, split=1, pfd=2)],
+                                  dict(BN=32, split=8), dict(BN=64, split=8, pfd=4), dict(BN=32, split=1, pfd=2),
+                                  dict(BN=64, split=4, pfd=8, tiled=True), dict(BN=128, split=1, tiled=True)],
                          ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
 @pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act-order"])
 def test_gemv_v6_fp16x2_decode_matches_reference(fmt, opts, act_order):
@@ -439,7 +440,7 @@ V7_CASES = {"nf4-dq": lambda N, K: R.repack_quantized(Codebook("nf4", 64, True).
             "row2-fp32": lambda N, K: R.repack_quantized(RowCodebook(2, torch.float32).quantize(torch.randn(N, K))),
             "shared3-g64": lambda N, K: _shared_lut3(N, K, 64)}
 V7_OPTS = [dict(), dict(BN=64, split=2), dict(BN=256, num_warps=2, split=3), dict(BN=128, BK=64, split=1),
-           dict(BN=512, num_warps=4, split=8, f16t=False)]
+           dict(BN=512, num_warps=4, split=8, f16t=False), dict(tiled=True), dict(BN=64, num_warps=2, split=1, tiled=True)]
 
 
 @pytest.mark.parametrize("case", list(V7_CASES))
@@ -500,3 +501,48 @@ def test_gemv_v7_falls_back_for_fp32_x_and_affine_codes():
             x = torch.randn(2, K, device="cuda", dtype=dt)
             W = R.dequantize_packed(pw, torch.float32)
             assert rel(wq.gemv(x, pw, cfg), x.float() @ W.t()) < TOL
+
+
+TILED_CASES = {"int4-asym": lambda N, K: IntAffine(bits=4, group_size=128),
+               "int4-sym": lambda N, K: IntAffine(bits=4, group_size=128, symmetric=True),
+               "hqq-g64": lambda N, K: IntAffine(bits=4, group_size=64, float_zero_point=True),
+               "act-order": lambda N, K: IntAffine(bits=4, group_size=128),
+               "nf4-dq": lambda N, K: Codebook("nf4", 64, True), "row4": lambda N, K: RowCodebook(4),
+               "row3": lambda N, K: RowCodebook(3)}
+
+
+@pytest.mark.parametrize("case", list(TILED_CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gemv_column_tiled_layout_equals_the_weights_own_layout(case, dtype):
+    """Session 7: GEMV v6 (affine 4-bit) and v7 (tables) reading the column-tiled copies (``tiled=True``) compute
+    exactly what they compute on the weight's own layout — at split 1 (no atomics, one summation order) the outputs
+    are equal bit for bit — and match the reference op on fresh inputs, for N and K that do not divide the tiles
+    (the last column tile is padded), act-order, HQQ's float zero point, bf16 and fp16 x, M = 1..4; with split-K
+    (atomics) within fp32 summation order of the reference. The tiled copy is built once per weight and tile width."""
+    torch.manual_seed(44)
+    fmt = TILED_CASES[case](0, 0)
+    for N, K in ((200, 576), (328, 1536), (96, 4096)):
+        Wf = torch.randn(N, K)
+        kw = dict(g_idx=(torch.randperm(K) // 128).to(torch.int32), **fmt.params(Wf)) if case == "act-order" else {}
+        q = fmt.quantize(Wf, **kw)
+        pw = R.repack_quantized(q).to("cuda")
+        W = R.dequantize_packed(pw, torch.float32)
+        g = lambda **o: wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, **o)  # noqa: E731
+        v = 6 if pw.mode == "affine" else 7
+        for M in (1, 2, 4):
+            x = (torch.randn(M, K, device="cuda")).to(dtype)
+            ref = x.double() @ W.double().t()
+            for o in (dict(BN=64, split=1), dict(BN=32, split=1, num_warps=1), dict(BN=128, split=1, pfd=2)):
+                if v == 7 and "pfd" in o:
+                    continue
+                a = wq.gemv(x, pw, g(v=v, **o))
+                b = wq.gemv(x, pw, g(v=v, tiled=True, **o))
+                assert torch.equal(a, b), (case, N, K, M, o)
+                assert rel(b, ref) < 8e-3, (case, N, K, M, o, rel(b, ref))  # x's dtype, rounded once
+            for o in (dict(BN=64, split=4), dict(BN=32, split=8, num_warps=1)):
+                y = wq.gemv(x, pw, g(v=v, tiled=True, **o))
+                assert y.dtype == torch.float32 and torch.isfinite(y).all()
+                assert rel(y, wq.gemv(x, pw, g(v=v, **o))) < 1e-5
+                assert rel(y, ref) < (2e-3 if v == 6 else 1e-2), (case, N, K, M, o, rel(y, ref))
+        t = R.tiled_columns(pw.q4 if pw.q4.numel() else pw.q2, 64)
+        assert R.tiled_columns(pw.q4 if pw.q4.numel() else pw.q2, 64) is t  # built once per weight and BN
