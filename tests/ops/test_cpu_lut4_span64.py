@@ -185,6 +185,42 @@ def test_span64_affine_padded_act_order_any_input_dtype():
 
 
 @needs_span64
+def test_span64_bf16_output_written_by_the_kernel_equals_torchs_cast():
+    # bf16 in, bf16 out: the kernel adds the bias and rounds to bf16 itself. That must be bit for bit torch's cast of
+    # the float32 result + bias (the kernel's own float32 output path), ties to even, ±inf, NaN and overflow included.
+    torch.manual_seed(11)
+    fmt, N, K = Codebook("nf4", 64, True), 45, 576
+    q = fmt.quantize(torch.randn(N, K))
+    w = cpu_lut4.pack_codebook(q, span=64)
+    x = torch.randn(6, K).bfloat16()
+    x[1, 7] = float("inf")
+    x[2, 99] = float("nan")
+    for b in (torch.randn(N), torch.randn(N).bfloat16(), None):
+        y32 = cpu_lut4.lut4_linear(x, w, out_dtype=torch.float32)
+        expect = (y32 if b is None else y32 + b.float()).to(torch.bfloat16)
+        got = cpu_lut4.lut4_linear(x, w, b)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(torch.isnan(got), torch.isnan(expect))
+        fin = ~torch.isnan(expect)
+        assert torch.equal(got[fin].view(torch.int16), expect[fin].view(torch.int16))
+        assert bool(torch.isinf(got[1]).any()) and bool(torch.isnan(got[2]).all())
+    # float32 sums exactly halfway between two bf16 values round to the even one, as torch does; finite float32 sums
+    # past bf16's largest finite value become +-inf
+    big = 2.0 ** 127 * (2 - 2.0 ** -9)
+    vals = torch.tensor([1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -(1.0 + 2.0 ** -8), 3.0 * 2.0 ** -8 + 2.0 ** -16, big, -big])
+    w1 = cpu_lut4.pack_codebook(Codebook("nf4", 64, False).quantize(torch.eye(6, 64)), span=64)
+    xs = torch.zeros(1, 64).bfloat16()
+    xs[0, 0] = 1.0  # the output is the bias alone (+ 1 · w[:, 0]); pick the bias so that the float32 sum is a tie
+    w0 = cpu_lut4.lut4_linear(xs, w1, out_dtype=torch.float32)[0]
+    bias = vals - w0
+    got = cpu_lut4.lut4_linear(xs, w1, bias)
+    expect = (w0 + bias).to(torch.bfloat16)
+    assert torch.equal(w0 + bias, vals)  # the float32 sums are the ties / the large values themselves
+    assert torch.equal(got[0].view(torch.int16), expect.view(torch.int16))
+    assert got[0, 4] == float("inf") and got[0, 5] == float("-inf")
+
+
+@needs_span64
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_span64_nan_and_inf_propagate_as_the_reference(dtype):
     # inf · w = ±inf, inf · 0 (the NF4 zero code) = NaN, +inf + −inf = NaN: the same outputs are NaN / ±inf as in the

@@ -240,8 +240,8 @@ static inline __attribute__((always_inline)) __m512 group_table(__m512 lut, floa
    the first 64 codes (table A), 4-7 the next 64 (table B). A last 64 codes: 16 words, nibble j of word i = code
    16j + i. */
 static inline __attribute__((always_inline)) void span64_row(
-        const float *x, const uint8_t *q, const float *s, const uint16_t *up, __m512 lut, float *y,
-        const int MB, const int UP, int Kp, int N, int gs, int n) {
+        const float *x, const uint8_t *q, const float *s, const uint16_t *up, __m512 lut, float *sums,
+        const int MB, const int UP, int Kp, int gs) {
     __m512 a[4][4];
     for (int m = 0; m < MB; m++)
         for (int j = 0; j < 4; j++) a[m][j] = _mm512_setzero_ps();
@@ -278,16 +278,27 @@ static inline __attribute__((always_inline)) void span64_row(
                 a[m][j] = _mm512_fmadd_ps(w[j], _mm512_loadu_ps(x + (size_t)m * Kp + k + 16 * j), a[m][j]);
     }
     for (int m = 0; m < MB; m++)
-        y[(size_t)m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]),
-                                                                  _mm512_add_ps(a[m][2], a[m][3])));
+        sums[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]), _mm512_add_ps(a[m][2], a[m][3])));
 }
 
-/* up (N, G) round-up masks, or NULL: float32 tables. x (M, Kp): float32, or bf16 (x_bf16), widened here into
+/* y[i] = v (+ the bias) as float32, or rounded to bf16 as torch rounds (to nearest even; NaN -> 0x7FC0): a bf16 caller
+   then needs no separate cast of the output (~10 us of a 0.35 ms call at 4096^2, measured) */
+static inline void put(void *y, size_t i, float v, int y_bf16) {
+    if (!y_bf16) { ((float *)y)[i] = v; return; }
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    ((uint16_t *)y)[i] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7FC0
+                                                         : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* up (N, G) round-up masks, or NULL: float32 tables. bias (N) float32, or NULL. y (M, N): float32, or bf16 (y_bf16).
+   x (M, Kp): float32, or bf16 (x_bf16), widened here into
    scratch (a torch conversion before the call cost ~15 µs more at one row, measured). One output row per step at
    every MB (2 or 4 rows per step were not faster at one input row: results/cpu.md run 9). Returns 0, or -1 when
    out of memory. */
 int lowbit_lut4_span64_gemm(const void *xv, const uint8_t *q, const float *s, const float *lut16, const uint16_t *up,
-                            float *y, int M, int N, int Kp, int gs, int x_bf16, int n_threads) {
+                            const float *bias, void *y, int M, int N, int Kp, int gs, int x_bf16, int y_bf16,
+                            int n_threads) {
     const __m512 lut = _mm512_loadu_ps(lut16);
     const size_t Kb = (size_t)Kp / 2, G = (size_t)(Kp / gs);
     float *xw = 0;
@@ -300,10 +311,12 @@ int lowbit_lut4_span64_gemm(const void *xv, const uint8_t *q, const float *s, co
     const float *x = x_bf16 ? xw : (const float *)xv;
     #define SPAN64_ROWS(MB_)                                                                              \
         for (int n = lo; n < hi; n++) {                                                                   \
-            if (up) span64_row(x + (size_t)m0 * Kp, q + n * Kb, s + n * G, up + n * G, lut,               \
-                               y + (size_t)m0 * N, MB_, 1, Kp, N, gs, n);                                 \
-            else span64_row(x + (size_t)m0 * Kp, q + n * Kb, s + n * G, up, lut, y + (size_t)m0 * N, MB_, \
-                            0, Kp, N, gs, n);                                                             \
+            float sums[4];                                                                                \
+            if (up) span64_row(x + (size_t)m0 * Kp, q + n * Kb, s + n * G, up + n * G, lut, sums, MB_, 1, \
+                               Kp, gs);                                                                   \
+            else span64_row(x + (size_t)m0 * Kp, q + n * Kb, s + n * G, up, lut, sums, MB_, 0, Kp, gs);   \
+            for (int m = 0; m < MB_; m++)                                                                 \
+                put(y, (size_t)(m0 + m) * N + n, bias ? sums[m] + bias[n] : sums[m], y_bf16);             \
         }
     LOWBIT_FOR_PASSES(M, N, n_threads, SPAN64_ROWS)
     #undef SPAN64_ROWS
@@ -329,7 +342,7 @@ def _lib_span64() -> ctypes.CDLL | None:
     if forced is not None and forced not in _VARIANTS_SPAN64 and forced in _VARIANTS:
         logger.info("LOWBIT_CPU_ISA=%s: the span-64 lut4 kernel (avx512 only) is not used", forced)
         return None
-    return cpu_native.load_variant("lut4_span64", _VARIANTS_SPAN64, {"lowbit_lut4_span64_gemm": (ctypes.c_int, 6, 6)})
+    return cpu_native.load_variant("lut4_span64", _VARIANTS_SPAN64, {"lowbit_lut4_span64_gemm": (ctypes.c_int, 7, 7)})
 
 
 def isa() -> str | None:
@@ -514,16 +527,25 @@ def lut4_linear(x: torch.Tensor, w: Lut4Weight, bias: torch.Tensor | None = None
         x2 = torch.nn.functional.pad(x2, (0, w.padded_in - w.in_features))
     x2 = x2.contiguous()
     M, N = x2.shape[0], w.out_features
-    y = torch.empty(M, N, dtype=torch.float32)
-    args = (x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.lut.data_ptr(), y.data_ptr(), M, N, w.padded_in,
-            w.group_size)
     if w.span == 32:
-        lib.lowbit_lut4_gemm(*args, torch.get_num_threads())
-    else:  # bf16 inputs on a codebook: the reference's bf16 weights through the round-up masks
+        y = torch.empty(M, N, dtype=torch.float32)
+        lib.lowbit_lut4_gemm(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.lut.data_ptr(), y.data_ptr(), M,
+                             N, w.padded_in, w.group_size, torch.get_num_threads())
+    else:
+        # bf16 inputs on a codebook: the reference's bf16 weights through the round-up masks. With nothing to do
+        # after the kernel (no shift to subtract), it adds a (N,) bias and writes a bf16 output itself
         up = w.round_up if x.dtype == torch.bfloat16 and w.round_up is not None else None
-        if lib.lowbit_lut4_span64_gemm(*args[:4], 0 if up is None else up.data_ptr(), *args[4:],
-                                       int(x2.dtype == torch.bfloat16), torch.get_num_threads()):
+        last = w.shift is None
+        y_bf16 = last and (x.dtype if out_dtype is None else out_dtype) == torch.bfloat16
+        kb = bias.to(torch.float32).contiguous() if last and bias is not None and bias.shape == (N,) else None
+        y = torch.empty(M, N, dtype=torch.bfloat16 if y_bf16 else torch.float32)
+        if lib.lowbit_lut4_span64_gemm(x2.data_ptr(), w.codes.data_ptr(), w.scale.data_ptr(), w.lut.data_ptr(),
+                                       0 if up is None else up.data_ptr(), 0 if kb is None else kb.data_ptr(),
+                                       y.data_ptr(), M, N, w.padded_in, w.group_size, int(x2.dtype == torch.bfloat16),
+                                       int(y_bf16), torch.get_num_threads()):
             raise MemoryError("no memory for the widened inputs")
+        if kb is not None:
+            bias = None  # added by the kernel
     if w.shift is not None:
         y -= x2.float().reshape(M, -1, w.group_size).sum(-1) @ w.shift.t()
     if bias is not None:
