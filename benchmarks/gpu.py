@@ -720,7 +720,9 @@ def one_launch_sweep(out_dir: str) -> dict:
 
 def m1_sweep(out_dir: str, bnb=None, quick: bool = False) -> dict:
     """Session 7: the M = 1 GEMVs at 8192×28672 (and int4 at 4096×11008) on the column-tiled layout
-    (``gemv_config(tiled=True)``: each program's K range one contiguous run) against the defaults, every config
+    (``gemv_config(tiled=True)``: each program's K range one contiguous run) and with serial split-K
+    (``serial=True``: the last split of a column tile adds the others' sums and writes bf16; no zeroing or cast
+    kernel) against the defaults, every config
     checked on a fresh x first, each timed three ways in one process: ``bench`` (do_bench, L2 flush before each
     call), ``bench_graph`` (20 calls a CUDA graph) and ``bench_loop`` (events around back-to-back calls, no flush);
     bf16 ``F.linear`` the same three ways before and after each block, bitsandbytes' NF4 GEMV beside NF4."""
@@ -787,19 +789,25 @@ def m1_sweep(out_dir: str, bnb=None, quick: bool = False) -> dict:
         return [cfgs[k] for _, k in t if cfgs[k].get("tiled")]
 
     v6 = lambda bn, sp, **c: dict(v=6, BN=bn, split=sp, tiled=True, **c)  # noqa: E731
+    s6 = lambda bn, sp, **c: dict(v=6, BN=bn, split=sp, serial=True, **c)  # noqa: E731
     grid = [v6(64, 8, pfd=8), v6(64, 8), v6(64, 4), v6(64, 16), v6(128, 8), v6(128, 4), v6(128, 8, num_warps=8),
-            v6(32, 16), v6(256, 4, num_warps=8), v6(128, 2, num_warps=8)]
+            v6(32, 16), v6(256, 4, num_warps=8), v6(128, 2, num_warps=8)]  # run 1: the column-tiled grid
+    ser = [s6(64, 8, pfd=8), s6(64, 8, pfd=8, tiled=True), s6(64, 16, pfd=8), s6(32, 16, pfd=8), s6(64, 8),
+           s6(128, 8, pfd=8), s6(64, 8, pfd=8, pf0=2), s6(64, 8, pfd=8, pf0=8), s6(64, 8, pfd=8, pf0=8, tiled=True),
+           dict(v=6, BN=64, split=8, pfd=8, pf0=8)]  # run 2: serial split-K (no zeroing, no cast kernel), pf0
     if quick:
-        grid = grid[:3]
-    best = block(8192, 28672, "int4 g128 asym", grid)
-    keep = [{k: c[k] for k in ("v", "BN", "split", "num_warps", "pfd", "tiled") if k in c} for c in best[:3]]
-    for name in ("int4 g128 sym", "int4 g128 act-order", "hqq int4 g64 float-zero"):
-        block(8192, 28672, name, keep + [dict(c, pfd=0) for c in keep if c.get("pfd")][:1])
-    block(4096, 11008, "int4 g128 asym", keep)
-    v7 = lambda bn, w, sp=None, **c: dict(v=7, BN=bn, num_warps=w, split=sp, tiled=True, **c)  # noqa: E731
+        grid, ser = grid[:2], ser[:2]
+    block(8192, 28672, "int4 g128 asym", grid + ser)
+    for name in ("int4 g128 sym", "int4 g128 act-order"):
+        block(8192, 28672, name, [v6(64, 8, pfd=8)] + ser[:3])
+    block(8192, 28672, "hqq int4 g64 float-zero", [s6(64, 8), s6(64, 16), s6(64, 8, tiled=True)])
+    block(4096, 11008, "int4 g128 asym", [v6(32, 16), s6(64, 8), s6(32, 16), s6(64, 16)])
+    v7 = lambda bn, w, sp=None, **c: dict(v=7, BN=bn, num_warps=w, split=sp, **c)  # noqa: E731
     for name in ("lut4 per-row (SqueezeLLM)", "lut3 per-row (SqueezeLLM)", "nf4 g64 dq"):
-        block(8192, 28672, name, [v7(32, 1), v7(32, 1, 32), v7(64, 1), v7(64, 2), v7(128, 4)][:2 if quick else 5],
-              nf4=name.startswith("nf4"))
+        cf = [v7(32, 1, tiled=True), v7(32, 1, 32, tiled=True), v7(64, 1, tiled=True), v7(64, 2, tiled=True),
+              v7(128, 4, tiled=True), v7(32, 1, serial=True), v7(32, 1, serial=True, tiled=True),
+              v7(32, 1, 32, serial=True, tiled=True), v7(64, 1, serial=True, tiled=True)]
+        block(8192, 28672, name, cf[:2] + cf[5:7] if quick else cf, nf4=name.startswith("nf4"))
     return res
 
 

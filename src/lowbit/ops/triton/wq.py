@@ -682,6 +682,31 @@ def _word_dot_f16x2(w, p0, p1, p2, p3):
 
 
 @triton.jit
+def _gemv_out(out_ptr, total, ws, cnt, m, pid_n, pid_k, offs_n, mask_n, N, SPLIT_ATOMIC: tl.constexpr,
+              SERIAL: tl.constexpr, SPLIT: tl.constexpr):
+    """A GEMV program's ``(BN,)`` fp32 sums for row ``m``: added to the fp32 output by atomics (``SPLIT_ATOMIC``),
+    stored in the output's dtype (one K split), or, with ``SERIAL`` (session 7), stored to this split's row of the
+    fp32 workspace ``ws (M, SPLIT, N)``; the program that raises column tile ``pid_n``'s counter to ``SPLIT`` (acquire
+    / release at GPU scope, after a CTA barrier: every thread's partial sums are visible to it) adds the ``SPLIT``
+    rows in a fixed order, stores them in the output's dtype and resets the counter to 0 for the next call. No zeroed
+    output, no cast kernel, and the result does not depend on the order the splits finish in."""
+    if SERIAL:
+        tl.store(ws + (m * SPLIT + pid_k) * N + offs_n, total, mask=mask_n)
+        tl.debug_barrier()
+        c = cnt + m * tl.num_programs(0) + pid_n
+        if tl.atomic_add(c, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+            acc = tl.load(ws + (m * SPLIT) * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+            for i in tl.static_range(1, SPLIT):
+                acc += tl.load(ws + (m * SPLIT + i) * N + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + m * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+            tl.atomic_xchg(c, 0, sem="relaxed", scope="gpu")
+    elif SPLIT_ATOMIC:
+        tl.atomic_add(out_ptr + m * N + offs_n, total, mask=mask_n, sem="relaxed")
+    else:
+        tl.store(out_ptr + m * N + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
 def _column_tile(q, scale, zero, pid_n, offs_n, N, KW, KS, KZ, BN: tl.constexpr, TILED: tl.constexpr):
     """Where column tile ``pid_n`` starts in each operand, the row stride and the column offsets within a row: the
     weight's own layout (``N`` a row, columns ``offs_n``) or, with ``TILED``, :func:`~lowbit.ops.repack.tile_columns`'
@@ -692,10 +717,11 @@ def _column_tile(q, scale, zero, pid_n, offs_n, N, KW, KS, KZ, BN: tl.constexpr,
 
 
 @triton.jit
-def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, KS, stride_xm,
+def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, KS, stride_xm, ws, cnt,
                   GROUP: tl.constexpr, HAS_PERM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr, EVEN: tl.constexpr, XB: tl.constexpr,
-                  PFD: tl.constexpr = 0, TILED: tl.constexpr = False):
+                  PFD: tl.constexpr = 0, TILED: tl.constexpr = False, SERIAL: tl.constexpr = False,
+                  SPLIT: tl.constexpr = 1, PF0: tl.constexpr = 0):
     """GEMV v6 (affine 4-bit, ``GROUP % BK == 0``): the codes decoded and multiplied two at a time in fp16x2
     (:func:`_word_dot_f16x2`), each word's sum taken to fp32 at once; scale and zero point per (word, column)
     in fp32 as in v4. x is scaled by a power of two chosen per program from its largest ``|x|`` (into
@@ -703,14 +729,25 @@ def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, KS, stride_xm
     the product is scaled back once at the end. Rounding: fp16 products and three fp16 additions per half
     (relative ~2^-11 of a word's partial sum) instead of fp32. ``PFD > 0``: each iteration also asks L2 for the
     word tile ``PFD`` tiles ahead (``prefetch.global.L2``, one per 128-byte line; no registers, no shared
-    memory), so more of the stream is in flight than the loads alone keep. ``TILED`` (session 7): the words, scales
+    memory), so more of the stream is in flight than the loads alone keep — within the program's own K range only:
+    where a program has no more than ``PFD`` tiles (the default 8192×28672 grid: 8 tiles a program, ``PFD`` 8)
+    every prefetch is predicated off and only the code around it changes (session 7). ``PF0 > 0`` (power of two):
+    the program's first ``PF0`` tiles are asked of L2 before the x prologue. ``TILED`` (session 7): the words, scales
     and zero points come in column tiles of ``BN`` (:func:`lowbit.ops.repack.tile_columns`: ``(N/BN, rows, BN)``,
     ``KW`` word rows and ``KS`` scale rows a tile), so a program's whole K range is one contiguous run."""
     pid_n, pid_k, m, offs_n, mask_n, xr = _gemv_program(x_ptr, N, stride_xm, BN)
     q4, scale, zero, RS, coff = _column_tile(q4, scale, zero, pid_n, offs_n, N, KW, KS, KS, BN, TILED)
     NW: tl.constexpr = BK // 8
+    LINES: tl.constexpr = (BN + 31) // 32  # 128-byte lines of words in one row of the tile
     kstart = pid_k * K_PER_PROG
     k_end = tl.minimum(kstart + K_PER_PROG, K)
+    if PF0 > 0:  # ask L2 for the first PF0 word tiles before the x prologue below (its latency overlaps theirs)
+        pr0 = kstart // 8 + tl.arange(0, PF0 * NW)
+        pc0 = tl.arange(0, LINES) * 32
+        ok0 = ((pr0 * 8 < k_end)[:, None] & (pid_n * BN + pc0 < N)[None, :]).to(tl.int32)
+        if not TILED:
+            pc0 = pc0 + pid_n * BN
+        _prefetch_l2(q4 + pr0[:, None] * RS + pc0[None, :], ok0)
     mx = tl.zeros((XB,), dtype=tl.float32)
     for k0 in range(0, K_PER_PROG, XB):  # this program's largest |x|
         kk = kstart + k0 + tl.arange(0, XB)
@@ -736,7 +773,6 @@ def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, KS, stride_xm
             w = tl.load(q4 + rows[:, None] * RS + coff[None, :], mask=(rows[:, None] < KW) & mask_n[None, :],
                         other=0, eviction_policy="evict_first")
         if PFD > 0:
-            LINES: tl.constexpr = (BN + 31) // 32  # 128-byte lines of words in one row of the tile
             pr = rows + PFD * NW
             pc = tl.arange(0, LINES) * 32
             ok = ((pr * 8 < k_end)[:, None] & (pid_n * BN + pc < N)[None, :]).to(tl.int32)
@@ -759,10 +795,7 @@ def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, KS, stride_xm
         A = _word_dot_f16x2(w, p0[:, None], p1[:, None], p2[:, None], p3[:, None])
         acc += s[None, :] * (A - z[None, :] * (X * xsc)[:, None])
     total = tl.sum(acc, axis=0) * (1.0 / xsc)
-    if SPLIT_ATOMIC:
-        tl.atomic_add(out_ptr + m * N + offs_n, total, mask=mask_n, sem="relaxed")
-    else:
-        tl.store(out_ptr + m * N + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
+    _gemv_out(out_ptr, total, ws, cnt, m, pid_n, pid_k, offs_n, mask_n, N, SPLIT_ATOMIC, SERIAL, SPLIT)
 
 
 @triton.jit
@@ -884,10 +917,11 @@ def _row_entry(cb, offs_n, mask_n, j: tl.constexpr, NC: tl.constexpr):
 
 
 @triton.jit
-def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, KS, stride_xm,
+def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, KS, stride_xm, ws, cnt,
                   BITS: tl.constexpr, GROUP: tl.constexpr, ROW: tl.constexpr, BF16: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, K_PER_PROG: tl.constexpr, SPLIT_ATOMIC: tl.constexpr,
-                  EVEN: tl.constexpr, PAIR: tl.constexpr, F16T: tl.constexpr = False, TILED: tl.constexpr = False):
+                  EVEN: tl.constexpr, PAIR: tl.constexpr, F16T: tl.constexpr = False, TILED: tl.constexpr = False,
+                  SERIAL: tl.constexpr = False, SPLIT: tl.constexpr = 1):
     """GEMV v7, look-up tables (NF4/FP4 shared codebook with a scale per group, SqueezeLLM per-column tables;
     2-4 bit codes) read by byte permutes: the table's 16-bit entries are split into a low-byte and a high-byte
     plane, four entries a register, and one ``prmt.b32`` looks up four codes in eight entries (two ``prmt`` and
@@ -1047,10 +1081,7 @@ def _gemv7_kernel(x_ptr, out_ptr, q4, q2, q1, scale, cb, N, K, KW4, KW2, KW1, KS
     if ROW and F16T:
         acc = acc * (1.0 / ts)
     total = tl.sum(acc, axis=0)
-    if SPLIT_ATOMIC:
-        tl.atomic_add(out_ptr + m * N + offs_n, total, mask=mask_n, sem="relaxed")
-    else:
-        tl.store(out_ptr + m * N + offs_n, total.to(out_ptr.dtype.element_ty), mask=mask_n)
+    _gemv_out(out_ptr, total, ws, cnt, m, pid_n, pid_k, offs_n, mask_n, N, SPLIT_ATOMIC, SERIAL, SPLIT)
 
 
 @triton.jit
@@ -1316,7 +1347,7 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
                 num_warps: int | None = None, v: int | None = None, waves: int = 4, pf: bool = GEMV_PREFETCH,
                 num_stages: int | None = None, pmin: int | None = None, stages: int = 1,
                 tma: bool = False, pfd: int = 0, act_order: bool = False, f16t: bool | None = None,
-                tiled: bool = False) -> dict:
+                tiled: bool = False, serial: bool = False, pf0: int = 0) -> dict:
     """Tile sizes for the GEMV path: enough programs to cover the SMs ``waves`` times (split-K when N is small).
 
     ``v=6`` is :func:`_gemv6_kernel` (affine 4-bit: codes decoded and multiplied in fp16x2; others fall back
@@ -1333,6 +1364,9 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
     ``tiled`` (v6 and v7; session 7): the kernel reads copies of the planes, scales and zero points in column tiles
     of ``BN`` (:func:`lowbit.ops.repack.tiled_columns`, built on the first call and cached on each tensor: as much
     memory again as the weight), so each program's K range is one contiguous run; other versions ignore it.
+    ``serial`` (v6 and v7, split > 1; session 7): no zeroed fp32 output and no cast: each split stores its sums to a
+    workspace and the last one to finish a column tile adds them (:func:`_gemv_out`) and writes x's dtype.
+    ``pf0`` (v6): L2 prefetch of each program's first ``pf0`` word tiles before its x prologue.
     Default ``v`` (``None``) for affine 4-bit weights with ``N >= 8192``: 6 with BN 64 and split 8, and at
     ``N >= 16384`` with 128-wide groups the L2 prefetch 8 tiles ahead (``pfd``). H100, session 5, under CUDA
     graphs (NOTES_gpu.md): act-order v6 60.9/60.7 vs v4 64.8/64.3 µs (runs 2, 3), with prefetch 57.6/57.5 (runs
@@ -1401,6 +1435,10 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
         cfg["f16t"] = f16t
     if tiled:
         cfg["tiled"] = True
+    if serial:
+        cfg["serial"] = True
+    if pf0:
+        cfg["pf0"] = pf0
     return cfg
 
 
@@ -1429,6 +1467,22 @@ def _tma_words(pw: PackedWeight, cfg: dict, v: int):
     return TensorDescriptor.from_tensor(qp, [cfg["BK"] * pw.bits // 32, cfg["BN"]])
 
 
+_SERIAL_WS: dict = {}
+
+
+def _serial_workspace(device: torch.device, M: int, split: int, N: int, n_tiles: int):
+    """The ``serial`` split-K GEMV's fp32 partial sums ``(M, split, N)`` and its int32 counters ``(M, n_tiles)``, one
+    pair per (device, stream, shape), made once (counters zeroed once; each call's last program resets its own), so
+    GEMVs on one stream reuse them in order and GEMVs on different streams never share them."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream, M, split, N, n_tiles)
+    hit = _SERIAL_WS.get(key)
+    if hit is None:
+        hit = (torch.empty((M, split, N), device=device, dtype=torch.float32),
+               torch.zeros((M, n_tiles), device=device, dtype=torch.int32))
+        _SERIAL_WS[key] = hit
+    return hit
+
+
 def _tiled(t: torch.Tensor | None, BN: int, dummy: torch.Tensor) -> torch.Tensor:
     """``t`` in column tiles of ``BN`` (:func:`~lowbit.ops.repack.tiled_columns`, cached on ``t``); ``dummy`` for an
     absent or empty operand."""
@@ -1442,7 +1496,8 @@ def _args(pw: PackedWeight, dummy: torch.Tensor):
 
 
 def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Tensor:
-    """``x2: (M, K)`` contiguous, M small -> ``(M, N)`` (fp32 when split-K accumulates atomically)."""
+    """``x2: (M, K)`` contiguous, M small -> ``(M, N)`` (fp32 when split-K accumulates atomically; x's dtype with one
+    split or ``serial``)."""
     M, K = x2.shape
     N = pw.out_features
     cfg = cfg or gemv_config(N, K, pw.group_size, _sms(x2.device), pw.bits, pw.mode, act_order=pw.perm is not None)
@@ -1450,9 +1505,12 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
         cfg = gemv_config(N, K, pw.group_size, _sms(x2.device), pw.bits, pw.mode, v=4)
     atomic = cfg["split"] > 1
     v = cfg.get("v", 4)
+    if v == 6 and not gemv6_fits(pw, cfg["BK"]):
+        v = 4
+    serial = atomic and bool(cfg.get("serial")) and v in (6, 7)  # the last split adds the others' sums
     prep = v == 5 and pw.mode == "affine" and pw.bits in (2, 4)  # the x preparation zeroes the output too
-    out = (torch.empty if prep else torch.zeros)((M, N), device=x2.device, dtype=torch.float32) if atomic else \
-        torch.empty((M, N), device=x2.device, dtype=x2.dtype)
+    out = (torch.empty if prep else torch.zeros)((M, N), device=x2.device, dtype=torch.float32) if atomic and \
+        not serial else torch.empty((M, N), device=x2.device, dtype=x2.dtype)
     q4, q2, q1, sc, zp, cb = _args(pw, out)
     grid = (triton.cdiv(N, cfg["BN"]), cfg["split"], M)
     args = (x2, out, q4, q2, q1, sc, zp, cb, pw.perm if pw.perm is not None else out,
@@ -1468,15 +1526,16 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
         meta["TMA"] = True
         q4, q2 = (desc, q2) if pw.bits == 4 else (q4, desc)
         args = (args[0], args[1], q4, q2) + args[4:]
-    if v == 6 and not gemv6_fits(pw, cfg["BK"]):
-        v = 4
     tiled = bool(cfg.get("tiled")) and v in (6, 7)  # column-tiled copies of the planes and scales (cached on them)
     if tiled:
         q4, q2, q1, sc, zp = (_tiled(t, cfg["BN"], out) for t in (pw.q4, pw.q2, pw.q1, pw.scale, pw.zero_point))
     ks = pw.scale.shape[0] if pw.scale is not None else 0
+    ws, cnt = _serial_workspace(x2.device, M, cfg["split"], N, grid[0]) if serial else (out, out)
+    if serial:
+        atomic = False
     if v == 7:
         _gemv7_kernel[grid](x2, out, q4, q2, q1, sc, cb, N, K, pw.q4.shape[0], pw.q2.shape[0], pw.q1.shape[0],
-                            ks, x2.stride(0), TILED=tiled, BITS=pw.bits, GROUP=pw.group_size, ROW=pw.mode == "lut_row",
+                            ks, x2.stride(0), ws, cnt, TILED=tiled, SERIAL=serial, SPLIT=cfg["split"], BITS=pw.bits, GROUP=pw.group_size, ROW=pw.mode == "lut_row",
                             BF16=x2.dtype == torch.bfloat16, BN=cfg["BN"], BK=cfg["BK"], K_PER_PROG=cfg["k_per"],
                             SPLIT_ATOMIC=atomic, EVEN=N % cfg["BN"] == 0 and K % cfg["k_per"] == 0,
                             PAIR=K % 2 == 0 and x2.stride(0) % 2 == 0 and x2.data_ptr() % 4 == 0,
@@ -1484,10 +1543,12 @@ def gemv(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
                             num_warps=cfg["num_warps"])
     elif v == 6:
         _gemv6_kernel[grid](x2, out, q4, sc, zp, pw.perm if pw.perm is not None else out, N, K, pw.q4.shape[0],
-                            ks, x2.stride(0), TILED=tiled, GROUP=pw.group_size, HAS_PERM=pw.perm is not None, BN=cfg["BN"],
+                            ks, x2.stride(0), ws, cnt, TILED=tiled, SERIAL=serial, SPLIT=cfg["split"],
+                            GROUP=pw.group_size, HAS_PERM=pw.perm is not None, BN=cfg["BN"],
                             BK=cfg["BK"], K_PER_PROG=cfg["k_per"], SPLIT_ATOMIC=atomic,
                             EVEN=N % cfg["BN"] == 0 and K % cfg["k_per"] == 0,
                             XB=min(1024, triton.next_power_of_2(cfg["k_per"])), PFD=cfg.get("pfd", 0),
+                            PF0=cfg.get("pf0", 0),
                             num_warps=cfg["num_warps"])
     elif v == 2:
         _gemv_kernel[grid](*args, **meta)
