@@ -1,0 +1,191 @@
+"""W4A16 at M = 16..64 (the tensor-core kernel of ``lowbit.ops.triton.wq_mm16``) and the M = 2048 parts, in one process.
+
+Run on a CUDA machine:  python benchmarks/gpu_mm.py [--out DIR] [--quick] [--no-m2048]
+
+For 8192×28672 (issue 7's row) it checks every kernel against the reference on fresh random inputs, then times
+bf16 ``F.linear``, today's mm path (``wq.packed_linear(path="mm")``, mm v4 for affine 2/4-bit) and ``wq_mm16`` for
+each variant, plain (``do_bench``, median) and as CUDA-graph replays, rotating weight copies beyond L2; bf16 is
+timed again at the end (it moves ±5 % between runs). ``--m2048`` parts: the dequantize kernel alone against the
+bytes it moves, cuBLAS on the dequantized buffer against an ordinary bf16 weight in both layouts, and the
+dequantize + cuBLAS path itself. Writes ``gpu_mm.json`` and ``gpu_mm.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+from gpu import L2_BYTES, VARIANTS, bench, bench_graph, copy_bandwidth, cycler, rel  # noqa: E402
+
+from lowbit.ops import repack as R  # noqa: E402
+from lowbit.ops.triton import wq, wq_mm16  # noqa: E402
+
+K, N = 8192, 28672
+MM16_VARIANTS = ("int4 g128 asym", "int4 g128 sym", "int4 g128 act-order", "hqq int4 g64 float-zero", "int2 g128")
+SWEEP = [dict(BR=br, split=s) for br in (32, 64) for s in (4, 8, 16, 32)]
+
+
+def _mm_fn(pws, x, path, cfg=None):
+    nxt = cycler(pws)
+    if path == "mm16":
+        return lambda: wq_mm16.mm16(x, nxt(), cfg)
+    return lambda: wq.packed_linear(x, nxt(), None, path=path)
+
+
+def _timed(res: dict, key: str, fn, graphs: bool) -> None:
+    try:
+        res[key] = bench(fn)
+        if graphs:
+            res[key + " graph"] = bench_graph(fn)
+    except Exception as e:  # record, never hide
+        res[key + " error"] = repr(e)[:300]
+        traceback.print_exc()
+
+
+def small_m(Ms=(16, 32, 64), quick=False) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    ncopy = max(2, math.ceil(3 * L2_BYTES / (N * K * 0.5)))
+    Ws = [W] + [W.clone() for _ in range(ncopy - 1)]
+    for M in Ms:
+        row = {"K": K, "N": N, "M": M, "copies": ncopy}
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        nW = cycler(Ws)
+        _timed(row, "bf16", lambda: F.linear(x, nW()), True)
+        names = MM16_VARIANTS if M == 16 and not quick else MM16_VARIANTS[:1]
+        for name in names:
+            pws = [VARIANTS[name](N, K) for _ in range(ncopy)]
+            Wd = R.dequantize_packed(pws[0], torch.float32)
+            for path in ("mm", "mm16"):
+                xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)  # fresh input per check
+                try:
+                    y = wq_mm16.mm16(xx, pws[0]) if path == "mm16" else wq.packed_linear(xx, pws[0], None, path="mm")
+                    row[f"{name} [{path}] err"] = rel(y, xx.float() @ Wd.t())
+                except Exception as e:
+                    row[f"{name} [{path}] error"] = repr(e)[:300]
+                    traceback.print_exc()
+                    continue
+                _timed(row, f"{name} [{path}]", _mm_fn(pws, x, path), True)
+            if path == "mm16" and name == MM16_VARIANTS[0] and M == 16 and not quick:
+                for cfg in SWEEP:
+                    lab = f"{name} [mm16 BR{cfg['BR']} split{cfg['split']}]"
+                    xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                    try:
+                        row[lab + " err"] = rel(wq_mm16.mm16(xx, pws[0], cfg), xx.float() @ Wd.t())
+                    except Exception as e:
+                        row[lab + " error"] = repr(e)[:300]
+                        continue
+                    _timed(row, lab, _mm_fn(pws, x, "mm16", cfg), True)
+            del pws, Wd
+            print(json.dumps({k: v for k, v in row.items() if name in k}), flush=True)
+        _timed(row, "bf16 again", lambda: F.linear(x, nW()), True)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def m2048_parts(bw: float) -> dict:
+    """Where the dequantize + cuBLAS path's time goes at 2048×8192×28672."""
+    M = 2048
+    torch.manual_seed(1)
+    res: dict = {"M": M, "K": K, "N": N}
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    Ws = [W, W.clone()]
+    nW = cycler(Ws)
+    res["bf16 F.linear (N,K)"] = bench(lambda: F.linear(x, nW()))
+    Wts = [w.t().contiguous() for w in Ws]  # (K, N): the layout dequantize_t writes
+    nWt = cycler(Wts)
+    res["bf16 mm (K,N)"] = bench(lambda: torch.mm(x, nWt()))
+    ch = wq.DEQUANT_CHUNK
+    buf = torch.empty((K, ch), device="cuda", dtype=torch.bfloat16)
+    out = torch.empty((M, N), device="cuda", dtype=torch.bfloat16)
+
+    def chunks_only(Wt):  # cuBLAS on 2048-column chunks of one reused buffer: no dequantize
+        for n0 in range(0, N, ch):
+            torch.mm(x, buf, out=out[:, n0:n0 + ch])
+    res[f"bf16 mm chunks of {ch} (one L2 buffer, no dequantize)"] = bench(lambda: chunks_only(None))
+    del Wts
+    torch.cuda.empty_cache()
+    for name in ("int4 g128 asym", "nf4 g64 dq", "int4 g128 act-order"):
+        pws = [VARIANTS[name](N, K) for _ in range(2)]
+        npw = cycler(pws)
+        res[f"{name} dequantize_t full"] = bench(lambda: wq.dequantize_t(npw(), torch.bfloat16, unpermute=True))
+        res[f"{name} dequantize_t full bytes"] = pws[0].nbytes + K * N * 2
+        res[f"{name} dequantize_t chunks of {ch}"] = bench(
+            lambda: [wq.dequantize_t(p, torch.bfloat16, n0, min(N, n0 + ch), buf[:, :min(N, n0 + ch) - n0],
+                                     unpermute=True) for p in [npw()] for n0 in range(0, N, ch)])
+        res[f"{name} dequant path"] = bench(lambda: wq.packed_linear(x, npw(), None, path="dequant"))
+        Wd = wq.dequantize_t(pws[0], torch.bfloat16, unpermute=True)
+        res[f"{name} mm on its dequantized (K,N) weight"] = bench(lambda: torch.mm(x, Wd))
+        del pws, Wd
+        torch.cuda.empty_cache()
+        print(json.dumps({k: v for k, v in res.items() if name in k}), flush=True)
+    res["bf16 F.linear (N,K) again"] = bench(lambda: F.linear(x, nW()))
+    res["copy bandwidth TB/s"] = bw / 1e12
+    return res
+
+
+def fmt_md(rows, parts, dev, bw) -> str:
+    out = [f"device: {dev}; copy bandwidth {bw / 1e12:.2f} TB/s", ""]
+    for row in rows:
+        M = row["M"]
+        b, bg = row.get("bf16"), row.get("bf16 graph")
+        out += [f"### {K}×{N}, M = {M} (bf16 {b:.1f} µs, graphs {bg:.1f}; again {row.get('bf16 again', 0):.1f} / "
+                f"{row.get('bf16 again graph', 0):.1f})", "", "| kernel | err | µs | × bf16 | graphs µs | × bf16 graphs |",
+                "|---|---|---|---|---|---|"]
+        for k, v in row.items():
+            if k.endswith(" err") or k.endswith("error") or k.startswith("bf16") or k.endswith(" graph"):
+                continue
+            if not isinstance(v, float) or k in ("K", "N", "M", "copies"):
+                continue
+            g = row.get(k + " graph")
+            out.append(f"| {k} | {row.get(k + ' err', float('nan')):.1e} | {v:.1f} | {b / v:.2f} | "
+                       f"{g if g is None else f'{g:.1f}'} | {'' if g is None else f'{bg / g:.2f}'} |")
+        out += [f"| {k} | {v} | | | | |" for k, v in row.items() if k.endswith("error")]
+        out.append("")
+    if parts:
+        out += ["### M = 2048 parts (µs)", ""] + [f"- {k}: {v:.1f}" if isinstance(v, float) else f"- {k}: {v}"
+                                                  for k, v in parts.items()]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--quick", action="store_true", help="M = 16 only, one variant, no sweep")
+    ap.add_argument("--no-m2048", action="store_true")
+    ap.add_argument("--m2048-only", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    dev = torch.cuda.get_device_name()
+    print("device", dev, "torch", torch.__version__, flush=True)
+    bw = copy_bandwidth()
+    t0 = time.time()
+    rows = [] if args.m2048_only else small_m((16,) if args.quick else (16, 32, 64), args.quick)
+    print(f"(small M {time.time() - t0:.0f} s)", flush=True)
+    parts = {} if args.no_m2048 else m2048_parts(bw)
+    res = {"device": dev, "bw": bw, "rows": rows, "m2048": parts}
+    with open(os.path.join(args.out, "gpu_mm.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    md = fmt_md(rows, parts, dev, bw)
+    with open(os.path.join(args.out, "gpu_mm.md"), "w") as f:
+        f.write(md + "\n")
+    print(md, flush=True)
+    print(f"(total {time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
