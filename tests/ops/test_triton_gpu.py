@@ -599,3 +599,29 @@ def test_gemv_serial_split_k_is_deterministic_and_matches_reference(case, dtype)
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(y1, eager) and torch.equal(y2, eager)
+
+
+def test_gemv_tiled_flag_makes_tables_and_act_order_read_column_tiles():
+    """``wq.GEMV_TILED`` (off by default: a second copy of the weight) turns the column-tiled layout on in the default
+    GEMV config for look-up tables and act-order weights only; the default path then still matches the reference."""
+    torch.manual_seed(46)
+    N, K = 328, 1536
+    fmts = [(Codebook("nf4", 64, True), False, True), (RowCodebook(3), False, True),
+            (IntAffine(bits=4, group_size=128), True, True), (IntAffine(bits=4, group_size=128), False, False)]
+    old = wq.GEMV_TILED
+    try:
+        for flag in (False, True):
+            wq.GEMV_TILED = flag
+            wq.gemv_config.cache_clear()
+            for fmt, act, want in fmts:
+                Wf = torch.randn(N, K)
+                kw = dict(g_idx=(torch.randperm(K) // 128).to(torch.int32), **fmt.params(Wf)) if act else {}
+                q = fmt.quantize(Wf, **kw)
+                pw = R.repack_quantized(q).to("cuda")
+                cfg = wq.gemv_config(N, K, pw.group_size, 132, pw.bits, pw.mode, act_order=pw.perm is not None)
+                assert bool(cfg.get("tiled")) == (flag and want), (fmt.spec(), act, flag, cfg)
+                x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+                assert rel(wq.packed_linear(x, pw), x.float() @ q.dequantize().float().cuda().t()) < TOL
+    finally:
+        wq.GEMV_TILED = old
+        wq.gemv_config.cache_clear()

@@ -60,6 +60,12 @@ DEQUANT_OVERLAP = False  # large-M: dequantize chunk i + 1 on a side stream whil
 # 54.3, NF4 BN32 BK64 split 16/32 74.6/74.1 vs BN64 79.1; BK 256 slower: 146-232)
 LUT7_TILES = dict(BN=32, BK=128, num_warps=1, waves=80)
 LUT7_F16T = True  # v7, per-column tables with bf16 x: bf16 entries held as scaled fp16 (cvt on the FMA pipe)
+# Session 7 (H100, 8192×28672, M = 1, µs under CUDA graphs, two runs each): the column-tiled layout is faster for
+# lut3 (52.26 / 52.1 vs 54.27 / 54.16), lut4 (67.25 / 66.94 vs 68.65 / 68.36) and int4 act-order (55.91 / 55.72 vs
+# 57.94 / 57.61), the same for int4 asym/sym and NF4, slower for HQQ g64; it keeps a second copy of the weight
+# (tiled_columns), so it is off by default. True: the default GEMV config reads tiled copies for look-up tables and
+# act-order weights.
+GEMV_TILED = False
 MMT_TILES = dict(BM=128, BN=128, BK=128, num_warps=8, num_stages=3, v=4)  # large-M fused, transposed
 
 
@@ -1374,6 +1380,8 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
     17.6/17.3; plain and symmetric int4 at 8192×28672 v6 alone 53.8/53.9 vs 52.8/52.9 but with prefetch
     51.3/51.3 (asym) and 51.4/51.2 (sym) vs 52.9/53.2 and 53.4/53.3 (runs 3, 4). 4 for the other affine weights.
     """
+    if v is None and GEMV_TILED and (mode != "affine" or act_order):  # (read on the first call of a shape: cached)
+        tiled = True
     if v is None:
         v = 4
         if mode != "affine":  # byte-permute tables (session 6); gemv() takes v4 where x is not bf16/fp16
