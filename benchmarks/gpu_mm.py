@@ -22,6 +22,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
@@ -33,7 +34,11 @@ from lowbit.ops.triton import wq, wq_mm16  # noqa: E402
 
 K, N = 8192, 28672
 MM16_VARIANTS = ("int4 g128 asym", "int4 g128 sym", "int4 g128 act-order", "hqq int4 g64 float-zero", "int2 g128")
-SWEEP = [dict(BR=br, split=s) for br in (32, 64) for s in (4, 8, 16, 32)]
+SWEEP = [dict(BR=br, split=s) for br in (32, 64) for s in (4, 8, 16, 32)]  # run 1 (results/gpu_mm.md)
+SWEEP2 = [dict(split=s, pf=pf, ws=ws) for s in (8, 16) for pf in (False, True) for ws in (False, True)] + \
+    [dict(BR=64, split=8, pf=True, ws=True), dict(split=4, pf=True, ws=True)]
+DQ_TILES = [dict(BK=64, BN=128, num_warps=4), dict(BK=128, BN=128, num_warps=8), dict(BK=64, BN=256, num_warps=8),
+            dict(BK=32, BN=256, num_warps=4), dict(BK=64, BN=64, num_warps=2), dict(BK=128, BN=64, num_warps=4)]
 
 
 def _mm_fn(pws, x, path, cfg=None):
@@ -41,6 +46,10 @@ def _mm_fn(pws, x, path, cfg=None):
     if path == "mm16":
         return lambda: wq_mm16.mm16(x, nxt(), cfg)
     return lambda: wq.packed_linear(x, nxt(), None, path=path)
+
+
+def _cfg_label(cfg: dict) -> str:
+    return " ".join(f"{k}{v}" for k, v in cfg.items())
 
 
 def _timed(res: dict, key: str, fn, graphs: bool) -> None:
@@ -78,9 +87,11 @@ def small_m(Ms=(16, 32, 64), quick=False) -> list[dict]:
                     traceback.print_exc()
                     continue
                 _timed(row, f"{name} [{path}]", _mm_fn(pws, x, path), True)
-            if path == "mm16" and name == MM16_VARIANTS[0] and M == 16 and not quick:
-                for cfg in SWEEP:
-                    lab = f"{name} [mm16 BR{cfg['BR']} split{cfg['split']}]"
+            sweep = [] if quick else (SWEEP2 if name == MM16_VARIANTS[0] else SWEEP2[:4]) if M == 16 else \
+                [dict(pf=True, ws=True), dict(pf=True, ws=True, BK=32), dict(pf=True, ws=True, BK=64)]
+            if name in (MM16_VARIANTS[0], "int2 g128"):
+                for cfg in sweep:
+                    lab = f"{name} [mm16 {_cfg_label(cfg)}]"
                     xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                     try:
                         row[lab + " err"] = rel(wq_mm16.mm16(xx, pws[0], cfg), xx.float() @ Wd.t())
@@ -138,6 +149,67 @@ def m2048_parts(bw: float) -> dict:
     return res
 
 
+def _dequant_tiles(tiles: dict):
+    """``wq.dequantize_t`` with other tiles (BK, BN, warps) for the sweep: same kernel, same arguments."""
+    def deq(pw, dtype, n_off=0, n_end=None, out=None, unpermute=False, trans=False, **_):
+        Kf, Nf = pw.in_features, pw.out_features
+        n_end = Nf if n_end is None else n_end
+        out = torch.empty((Kf, n_end - n_off), device="cuda", dtype=dtype) if out is None else out
+        q4, q2, q1, sc, zp, cb = wq._args(pw, out)
+        BK = min(tiles["BK"], pw.group_size)
+        has_perm = unpermute and pw.perm is not None
+        wq._dequant_kernel[(triton.cdiv(Kf, BK), triton.cdiv(n_end - n_off, tiles["BN"]))](
+            out, q4, q2, q1, sc, zp, cb, pw.perm if has_perm else out, Nf, Kf, n_off, n_end, out.stride(0),
+            BITS=pw.bits, GROUP=pw.group_size, MODE=wq.MODE_ID[pw.mode], BN=tiles["BN"], BK=BK,
+            RS=pw.bits != 3 or wq.RS3, SEL=wq.DEQUANT_SEL, HAS_PERM=has_perm, TRANS=False,
+            num_warps=tiles["num_warps"])
+        return out
+    return deq
+
+
+def m2048_sweep() -> dict:
+    """Dequantize tiles and chunk widths of the M = 2048 dequantize + cuBLAS path, bf16 timed before and after."""
+    M = 2048
+    torch.manual_seed(2)
+    res: dict = {}
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2)]
+    nW = cycler(Ws)
+    res["bf16"] = bench(lambda: F.linear(x, nW()))
+    orig = wq.dequantize_t
+    for name in ("int4 g128 asym", "nf4 g64 dq", "int4 g128 act-order", "hqq int4 g64 float-zero"):
+        pws = [VARIANTS[name](N, K) for _ in range(2)]
+        npw = cycler(pws)
+        Wd = R.dequantize_packed(pws[0], torch.float32)
+        for tiles in DQ_TILES:
+            lab = f"{name} dequant:2048 {_cfg_label(tiles)}"
+            wq.dequantize_t = _dequant_tiles(tiles)
+            try:
+                xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                res[lab + " err"] = rel(wq.packed_linear(xx, pws[0], None, path="dequant"), xx.float() @ Wd.t())
+                res[lab] = bench(lambda: wq.packed_linear(x, npw(), None, path="dequant"))
+            except Exception as e:
+                res[lab + " error"] = repr(e)[:300]
+            finally:
+                wq.dequantize_t = orig
+        for ch in (1024, 2048, 3072, 4096):
+            res[f"{name} dequant:{ch}"] = bench(lambda: wq.packed_linear(x, npw(), None, path=f"dequant:{ch}"))
+        del pws, Wd
+        torch.cuda.empty_cache()
+        print(json.dumps({k: v for k, v in res.items() if name in k}), flush=True)
+    res["bf16 again"] = bench(lambda: F.linear(x, nW()))
+    return res
+
+
+def profile_target() -> None:
+    """Three mm16 calls at 8192×28672, M = 16 (for ncu: skip two launches, profile the third)."""
+    pw = VARIANTS["int4 g128 asym"](N, K)
+    x = torch.randn(16, K, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        wq_mm16.mm16(x, pw)
+    torch.cuda.synchronize()
+
+
 def fmt_md(rows, parts, dev, bw) -> str:
     out = [f"device: {dev}; copy bandwidth {bw / 1e12:.2f} TB/s", ""]
     for row in rows:
@@ -157,8 +229,16 @@ def fmt_md(rows, parts, dev, bw) -> str:
         out += [f"| {k} | {v} | | | | |" for k, v in row.items() if k.endswith("error")]
         out.append("")
     if parts:
+        sw = parts.get("sweep", {})
         out += ["### M = 2048 parts (µs)", ""] + [f"- {k}: {v:.1f}" if isinstance(v, float) else f"- {k}: {v}"
-                                                  for k, v in parts.items()]
+                                                  for k, v in parts.items() if k != "sweep"]
+        if sw:
+            b = sw["bf16"]
+            out += ["", f"### M = 2048 dequantize sweep (bf16 {b:.1f} µs, again {sw.get('bf16 again', 0):.1f})", "",
+                    "| path | err | µs | × bf16 |", "|---|---|---|---|"]
+            out += [f"| {k} | {sw.get(k + ' err', float('nan')):.1e} | {v:.1f} | {b / v:.3f} |" for k, v in sw.items()
+                    if isinstance(v, float) and not k.endswith(" err") and not k.startswith("bf16")]
+            out += [f"| {k} | {v} | | |" for k, v in sw.items() if k.endswith("error")]
     return "\n".join(out)
 
 
@@ -168,7 +248,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="M = 16 only, one variant, no sweep")
     ap.add_argument("--no-m2048", action="store_true")
     ap.add_argument("--m2048-only", action="store_true")
+    ap.add_argument("--m2048-sweep", action="store_true", help="also the dequantize tile / chunk sweep at M = 2048")
+    ap.add_argument("--profile", action="store_true", help="only three mm16 calls (run under ncu)")
     args = ap.parse_args()
+    if args.profile:
+        profile_target()
+        return
     os.makedirs(args.out, exist_ok=True)
     dev = torch.cuda.get_device_name()
     print("device", dev, "torch", torch.__version__, flush=True)
@@ -177,6 +262,8 @@ def main() -> None:
     rows = [] if args.m2048_only else small_m((16,) if args.quick else (16, 32, 64), args.quick)
     print(f"(small M {time.time() - t0:.0f} s)", flush=True)
     parts = {} if args.no_m2048 else m2048_parts(bw)
+    if args.m2048_sweep:
+        parts["sweep"] = m2048_sweep()
     res = {"device": dev, "bw": bw, "rows": rows, "m2048": parts}
     with open(os.path.join(args.out, "gpu_mm.json"), "w") as f:
         json.dump(res, f, indent=1)

@@ -60,12 +60,16 @@ def test_mm16_act_order_matches_reference(M):
     assert rel(wq_mm16.packed_linear(x, pw), x.float() @ W.t()) < TOL
 
 
-@pytest.mark.parametrize("cfg", [dict(BR=64), dict(split=1), dict(split=2, BK=64), dict(BR=64, split=4, BK=32)],
+@pytest.mark.parametrize("cfg", [dict(BR=64), dict(split=1), dict(split=2, BK=64), dict(BR=64, split=4, BK=32),
+                                 dict(pf=True), dict(ws=True), dict(pf=True, ws=True, split=3),
+                                 dict(pf=True, ws=True, BR=64, BK=64)],
                          ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_mm16_tiles_match_reference(cfg):
-    pw, W = _weight(IntAffine(bits=4, group_size=128), 448, 2048, seed=3)
-    x = torch.randn(16, 2048, device="cuda", dtype=torch.bfloat16)
-    assert rel(wq_mm16.mm16(x, pw, cfg), x.float() @ W.t()) < TOL
+@pytest.mark.parametrize("N", [448, 300])
+def test_mm16_tiles_match_reference(cfg, N):
+    pw, W = _weight(IntAffine(bits=4, group_size=128), N, 2048, seed=3)
+    for M in (7, 16):
+        x = torch.randn(M, 2048, device="cuda", dtype=torch.bfloat16)
+        assert rel(wq_mm16.mm16(x, pw, cfg), x.float() @ W.t()) < TOL
 
 
 def test_mm16_is_closer_than_a_bf16_weight_one_hot():

@@ -40,7 +40,9 @@ __all__ = ["MIN_M", "MAX_M", "fits", "mm16_config", "mm16", "packed_linear"]
 MIN_M = 5  # below: the GEMVs of wq (M <= 4)
 MAX_M = 64
 MM16_TILES = dict(BR=32, BK=None, split=None, waves=None)  # defaults; None: chosen by mm16_config
-BK_BY_BM = {16: 128, 32: 64, 64: 32}  # the activation tile (BM × BK bf16) lives in registers: BM 64 × BK 128 spills
+BK_BY_BM = {16: 128, 32: 64, 64: 32}
+MM16_PF = False  # prefetch the next word tile (and its scales) before decoding this one
+MM16_WS = False  # serial split-K (workspace + reduce kernel) instead of atomics into a zeroed output  # the activation tile (BM × BK bf16) lives in registers: BM 64 × BK 128 spills
 
 
 def _log2(n: int) -> int:
@@ -97,7 +99,8 @@ def _pair_magic(w, sh, B: gl.constexpr, BF16: gl.constexpr):
 def _mm16_kernel(xp_ptr, xs_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_xm, stride_om,
                  B: gl.constexpr, GROUP: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
                  K_PER_PROG: gl.constexpr, SPLIT: gl.constexpr, EVEN: gl.constexpr,
-                 DEC: gl.constexpr, XL: gl.constexpr, MMA: gl.constexpr):
+                 DEC: gl.constexpr, XL: gl.constexpr, MMA: gl.constexpr, PF: gl.constexpr = False,
+                 WS: gl.constexpr = False):
     P: gl.constexpr = 16 // B
     I: gl.constexpr = BR // 8
     S: gl.constexpr = BK // (8 * P)
@@ -133,20 +136,15 @@ def _mm16_kernel(xp_ptr, xs_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_x
     mrow = gl.arange(0, BM, layout=LM)
     acc = gl.zeros((BR, BM), gl.float32, MMA)
     kstart = pid_k * K_PER_PROG
+    if PF:  # the first tile's loads before the loop; each iteration then asks for the next one first
+        w, sv, zv = _tile_loads(qp, scale, zero, kstart, q, cols, rcol, N, K, KW, P, GROUP, EVEN, True)
     for kt in range(0, K_PER_PROG, BK):
         k0 = kstart + kt
-        rows = k0 // (2 * P) + q
-        wp = qp + gl.expand_dims(rows, 1) * N + gl.expand_dims(cols, 0)
-        g = k0 // GROUP
-        if EVEN:
-            w = gl.load(wp)
-            sv = gl.load(scale + g * N + rcol).to(gl.float32)
-            zv = gl.load(zero + g * N + rcol).to(gl.float32)
+        if PF:  # the last iteration re-reads its own tile (in bounds, unused) instead of masking
+            k_n = gl.minimum(k0 + BK, kstart + K_PER_PROG - BK)
+            w_n, sv_n, zv_n = _tile_loads(qp, scale, zero, k_n, q, cols, rcol, N, K, KW, P, GROUP, EVEN, True)
         else:
-            w = gl.load(wp, mask=(gl.expand_dims(rows, 1) < KW) & gl.expand_dims(cols < N, 0), other=0)
-            ok = (rcol < N) & (k0 < K)
-            sv = gl.load(scale + g * N + rcol, mask=ok, other=0.0).to(gl.float32)
-            zv = gl.load(zero + g * N + rcol, mask=ok, other=0.0).to(gl.float32)
+            w, sv, zv = _tile_loads(qp, scale, zero, k0, q, cols, rcol, N, K, KW, P, GROUP, EVEN, True)
         w4, shb = gl.broadcast(gl.expand_dims(gl.expand_dims(w, 2), 3), sh)
         w4, _ = gl.broadcast(w4, gl.full((4 * S, BR, P, 2), 0, gl.int32, DEC))
         shb, _ = gl.broadcast(shb, w4)
@@ -158,13 +156,48 @@ def _mm16_kernel(xp_ptr, xs_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_x
         b = gl.convert_layout(gl.reshape(x, (BK, BM)), LB, assert_trivial=True)
         t = mma_v2(a, b, gl.zeros((BR, BM), gl.float32, MMA))
         xsum = gl.load(xs_ptr + (k0 // BK) * BM + mrow)
-        acc += gl.expand_dims(sv, 1) * (t - gl.expand_dims(zv + BASE, 1) * gl.expand_dims(xsum, 0))
-    optr = out_ptr + gl.expand_dims(mrow, 0) * stride_om + gl.expand_dims(rcol, 1)
+        acc += gl.expand_dims(sv.to(gl.float32), 1) * \
+            (t - gl.expand_dims(zv.to(gl.float32) + BASE, 1) * gl.expand_dims(xsum, 0))
+        if PF:
+            w, sv, zv = w_n, sv_n, zv_n
     om = gl.expand_dims(mrow < M, 0) & gl.expand_dims(rcol < N, 1)
-    if SPLIT == 1:
+    if SPLIT == 1 or WS:  # WS: this split's partial sums into its own slice of the workspace, no atomics
+        optr = out_ptr + pid_k * (M * stride_om) + gl.expand_dims(mrow, 0) * stride_om + gl.expand_dims(rcol, 1)
         gl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=om)
     else:
+        optr = out_ptr + gl.expand_dims(mrow, 0) * stride_om + gl.expand_dims(rcol, 1)
         gl.atomic_add(optr, acc, mask=om, sem="relaxed")
+
+
+@gluon.jit
+def _tile_loads(qp, scale, zero, k0, q, cols, rcol, N, K, KW, P: gl.constexpr, GROUP: gl.constexpr,
+                EVEN: gl.constexpr, live):
+    """The word tile ``(4S, BR)`` at K offset ``k0`` and its columns' scale and zero point (``live`` false:
+    everything masked off)."""
+    rows = k0 // (2 * P) + q
+    wp = qp + gl.expand_dims(rows, 1) * N + gl.expand_dims(cols, 0)
+    g = k0 // GROUP
+    if EVEN:
+        w = gl.load(wp)
+        sv = gl.load(scale + g * N + rcol)
+        zv = gl.load(zero + g * N + rcol)
+    else:
+        w = gl.load(wp, mask=(gl.expand_dims(rows, 1) < KW) & gl.expand_dims(cols < N, 0) & live, other=0)
+        ok = (rcol < N) & (k0 < K) & live
+        sv = gl.load(scale + g * N + rcol, mask=ok, other=0.0)
+        zv = gl.load(zero + g * N + rcol, mask=ok, other=0.0)
+    return w, sv, zv
+
+
+@triton.jit
+def _reduce_kernel(ws_ptr, out_ptr, n_out, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """``out = Σ_s ws[s]`` over the splits' partial sums, in a fixed order, cast to out's dtype."""
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n_out
+    acc = tl.load(ws_ptr + o, mask=m, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        acc += tl.load(ws_ptr + s * n_out + o, mask=m, other=0.0)
+    tl.store(out_ptr + o, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -253,8 +286,11 @@ def mm16(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
         raise ValueError(f"mm16 takes affine 2/4-bit weights with a zero point, group_size a multiple of the K-tile, "
                          f"{MIN_M} <= M <= {MAX_M} and bf16/fp16 x; got mode={pw.mode}, bits={pw.bits}, "
                          f"group_size={pw.group_size}, M={M}, dtype={x2.dtype}")
-    c = mm16_config(M, N, K, pw.group_size, pw.bits, _sms(x2.device), **(cfg or {}))
+    cfg = dict(cfg or {})
+    pf, ws = cfg.pop("pf", MM16_PF), cfg.pop("ws", MM16_WS)
+    c = mm16_config(M, N, K, pw.group_size, pw.bits, _sms(x2.device), **cfg)
     BR, BK, BM, split, k_per = c["BR"], c["BK"], c["BM"], c["split"], c["k_per"]
+    ws = ws and split > 1
     P = pairs_per_word(pw.bits)
     nkt = split * k_per // BK
     Kt = nkt * BK
@@ -263,18 +299,28 @@ def mm16(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
     dev = x2.device
     xp = torch.empty((BM, Kt), device=dev, dtype=x2.dtype)
     xs = torch.empty((nkt, BM), device=dev, dtype=torch.float32)
-    out = torch.empty((M, N), device=dev, dtype=torch.float32 if split > 1 else x2.dtype)
+    if ws:  # serial split-K: each split writes its own slice, one reduce kernel sums them and casts
+        part = torch.empty((split, M, N), device=dev, dtype=torch.float32)
+    else:  # atomics into a zeroed fp32 output (split > 1), or x's dtype directly
+        part = torch.empty((M, N), device=dev, dtype=torch.float32 if split > 1 else x2.dtype)
     ZB = 4096
-    nz = -(-(M * N) // ZB) if split > 1 else 0
-    _prep_kernel[(BM * nkt + nz,)](x2, pw.perm if pw.perm is not None else x2, xp, xs, out, M, K, x2.stride(0),
+    nz = -(-(M * N) // ZB) if split > 1 and not ws else 0
+    _prep_kernel[(BM * nkt + nz,)](x2, pw.perm if pw.perm is not None else x2, xp, xs, part, M, K, x2.stride(0),
                                    M * N, P=P, BK=BK, BM=BM, NKT=nkt, HAS_PERM=pw.perm is not None, ZB=ZB,
                                    num_warps=4)
     dec, xl, mma = _layouts(pw.bits, BR, BK, BM)
     even = N % BR == 0 and Kt == KW * (2 * P)
-    _mm16_kernel[(-(-N // BR), split)](xp, xs, out, qp, pw.scale, pw.zero_point, M, N, K, KW, Kt, out.stride(0),
+    _mm16_kernel[(-(-N // BR), split)](xp, xs, part, qp, pw.scale, pw.zero_point, M, N, K, KW, Kt, N,
                                        B=pw.bits, GROUP=pw.group_size, BR=BR, BK=BK, BM=BM, K_PER_PROG=k_per,
-                                       SPLIT=split, EVEN=even, DEC=dec, XL=xl, MMA=mma, num_warps=1)
-    return out if split == 1 else out.to(x2.dtype)
+                                       SPLIT=split, EVEN=even, DEC=dec, XL=xl, MMA=mma, PF=pf, WS=ws, num_warps=1)
+    if split == 1:
+        return part
+    if not ws:
+        return part.to(x2.dtype)
+    out = torch.empty((M, N), device=dev, dtype=x2.dtype)
+    RB = 1024
+    _reduce_kernel[(-(-(M * N) // RB),)](part, out, M * N, SPLIT=split, BLOCK=RB, num_warps=4)
+    return out
 
 
 def packed_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
