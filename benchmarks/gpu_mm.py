@@ -37,7 +37,9 @@ MM16_VARIANTS = ("int4 g128 asym", "int4 g128 sym", "int4 g128 act-order", "hqq 
 SWEEP = [dict(BR=br, split=s) for br in (32, 64) for s in (4, 8, 16, 32)]  # run 1 (results/gpu_mm.md)
 SWEEP2 = [dict(split=s, pf=pf, ws=ws) for s in (8, 16) for pf in (False, True) for ws in (False, True)] + \
     [dict(BR=64, split=8, pf=True, ws=True), dict(split=4, pf=True, ws=True)] + \
-    [dict(BK=bk, split=s, pf=pf, ws=True) for bk in (64, 32) for s in (8, 16) for pf in (False, True)]
+    [dict(BK=bk, split=s, pf=pf, ws=True) for bk in (64, 32) for s in (8, 16) for pf in (False, True)] + \
+    [dict(split=8, pfd=4), dict(split=8, pfd=8), dict(split=8, pf=True, ws=True, pfd=4),
+     dict(BK=64, split=16, ws=True, pfd=8), dict(BK=64, split=16, pf=True, ws=True, pfd=8)]
 DQ_TILES = [dict(BK=64, BN=128, num_warps=4), dict(BK=128, BN=128, num_warps=8), dict(BK=64, BN=256, num_warps=8),
             dict(BK=32, BN=256, num_warps=4), dict(BK=64, BN=64, num_warps=2), dict(BK=128, BN=64, num_warps=4)]
 

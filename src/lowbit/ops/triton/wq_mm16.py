@@ -42,7 +42,8 @@ MAX_M = 64
 MM16_TILES = dict(BR=32, BK=None, split=None, waves=None)  # defaults; None: chosen by mm16_config
 BK_BY_BM = {16: 128, 32: 64, 64: 32}
 MM16_PF = False  # prefetch the next word tile (and its scales) before decoding this one
-MM16_WS = False  # serial split-K (workspace + reduce kernel) instead of atomics into a zeroed output  # the activation tile (BM × BK bf16) lives in registers: BM 64 × BK 128 spills
+MM16_WS = False  # serial split-K (workspace + reduce kernel) instead of atomics into a zeroed output
+MM16_PFD = 0  # > 0: prefetch.global.L2 of the word tile this many tiles ahead  # the activation tile (BM × BK bf16) lives in registers: BM 64 × BK 128 spills
 
 
 def _log2(n: int) -> int:
@@ -100,7 +101,7 @@ def _mm16_kernel(xp_ptr, xs_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_x
                  B: gl.constexpr, GROUP: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
                  K_PER_PROG: gl.constexpr, SPLIT: gl.constexpr, EVEN: gl.constexpr,
                  DEC: gl.constexpr, XL: gl.constexpr, MMA: gl.constexpr, PF: gl.constexpr = False,
-                 WS: gl.constexpr = False):
+                 WS: gl.constexpr = False, PFD: gl.constexpr = 0):
     P: gl.constexpr = 16 // B
     I: gl.constexpr = BR // 8
     S: gl.constexpr = BK // (8 * P)
@@ -140,6 +141,9 @@ def _mm16_kernel(xp_ptr, xs_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_x
         w, sv, zv = _tile_loads(qp, scale, zero, kstart, q, cols, rcol, N, K, KW, P, GROUP, EVEN, True)
     for kt in range(0, K_PER_PROG, BK):
         k0 = kstart + kt
+        if PFD > 0:  # ask L2 for the word tile PFD tiles ahead: one 128-byte line per row (BR = 32)
+            pr = k0 // (2 * P) + PFD * 4 * S + q
+            _prefetch_l2(qp + pr * N + n0, (pr < KW).to(gl.int32))
         if PF:  # the last iteration re-reads its own tile (in bounds, unused) instead of masking
             k_n = gl.minimum(k0 + BK, kstart + K_PER_PROG - BK)
             w_n, sv_n, zv_n = _tile_loads(qp, scale, zero, k_n, q, cols, rcol, N, K, KW, P, GROUP, EVEN, True)
@@ -167,6 +171,14 @@ def _mm16_kernel(xp_ptr, xs_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_x
     else:
         optr = out_ptr + gl.expand_dims(mrow, 0) * stride_om + gl.expand_dims(rcol, 1)
         gl.atomic_add(optr, acc, mask=om, sem="relaxed")
+
+
+@gluon.jit
+def _prefetch_l2(ptr, ok):
+    """``prefetch.global.L2`` of each address where ``ok`` is nonzero (a hint: nothing returned or waited for)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+        "=r,l,r", [ptr, ok], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -287,7 +299,7 @@ def mm16(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
                          f"{MIN_M} <= M <= {MAX_M} and bf16/fp16 x; got mode={pw.mode}, bits={pw.bits}, "
                          f"group_size={pw.group_size}, M={M}, dtype={x2.dtype}")
     cfg = dict(cfg or {})
-    pf, ws = cfg.pop("pf", MM16_PF), cfg.pop("ws", MM16_WS)
+    pf, ws, pfd = cfg.pop("pf", MM16_PF), cfg.pop("ws", MM16_WS), cfg.pop("pfd", MM16_PFD)
     c = mm16_config(M, N, K, pw.group_size, pw.bits, _sms(x2.device), **cfg)
     BR, BK, BM, split, k_per = c["BR"], c["BK"], c["BM"], c["split"], c["k_per"]
     ws = ws and split > 1
@@ -312,7 +324,8 @@ def mm16(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
     even = N % BR == 0 and Kt == KW * (2 * P)
     _mm16_kernel[(-(-N // BR), split)](xp, xs, part, qp, pw.scale, pw.zero_point, M, N, K, KW, Kt, N,
                                        B=pw.bits, GROUP=pw.group_size, BR=BR, BK=BK, BM=BM, K_PER_PROG=k_per,
-                                       SPLIT=split, EVEN=even, DEC=dec, XL=xl, MMA=mma, PF=pf, WS=ws, num_warps=1)
+                                       SPLIT=split, EVEN=even, DEC=dec, XL=xl, MMA=mma, PF=pf, WS=ws, PFD=pfd,
+                                       num_warps=1)
     if split == 1:
         return part
     if not ws:
