@@ -18,7 +18,11 @@ Three paths, chosen by the number of activation rows ``M``:
   v4 skips the shifts: each code is decoded exactly in place by :func:`_exact_code` (one LOP3 and one
   subtract), see ``benchmarks/NOTES_gpu.md`` session 3. v6 (:func:`_gemv6_kernel`, the default for affine
   4-bit weights with N >= 8192; v4 for the other affine ones) decodes and multiplies two codes per fp16x2
-  instruction and, at N >= 16384, asks L2 for the word tiles 8 tiles ahead (session 5).
+  instruction and, at N >= 16384, asks L2 for the word tiles 8 tiles ahead (session 5). Session 7 options (off by
+  default, :func:`gemv_config`): ``tiled`` (v6/v7 read column-tiled copies of the planes, each program's K range one
+  contiguous run; ``GEMV_TILED`` for tables and act-order), ``serial`` (split-K without the zeroed fp32 output and the
+  cast: the last split of a column tile adds the others, :func:`_gemv_out`), ``pf0`` (v6: L2 prefetch of the first
+  tiles before the x prologue).
 - ``GEMV_MAX_M < M < BIG_M``: tiled ``tl.dot`` kernel that dequantizes a ``(BK, BN)`` tile in registers; for
   ``M <= MM4_MAX_M`` and affine 2/4-bit codes, :func:`_mm4_kernel` (one dot per code position) instead.
 - ``M >= BIG_M``: dequantize to a bf16 ``(K, N)`` buffer with a Triton kernel (act-order rows scattered back
@@ -737,7 +741,9 @@ def _gemv6_kernel(x_ptr, out_ptr, q4, scale, zero, perm, N, K, KW, KS, stride_xm
     word tile ``PFD`` tiles ahead (``prefetch.global.L2``, one per 128-byte line; no registers, no shared
     memory), so more of the stream is in flight than the loads alone keep — within the program's own K range only:
     where a program has no more than ``PFD`` tiles (the default 8192×28672 grid: 8 tiles a program, ``PFD`` 8)
-    every prefetch is predicated off and only the code around it changes (session 7). ``PF0 > 0`` (power of two):
+    every prefetch is predicated off and only the code around it changes (session 7) — which is worth 2-2.5 µs there:
+    with it ptxas issues both 16-byte word loads and the scale/zero loads at the loop top, without it the second word
+    load comes after half of the tile's arithmetic (offline SASS). ``PF0 > 0`` (power of two):
     the program's first ``PF0`` tiles are asked of L2 before the x prologue. ``TILED`` (session 7): the words, scales
     and zero points come in column tiles of ``BN`` (:func:`lowbit.ops.repack.tile_columns`: ``(N/BN, rows, BN)``,
     ``KW`` word rows and ``KS`` scale rows a tile), so a program's whole K range is one contiguous run."""
