@@ -1,11 +1,11 @@
 """W4A16 at M = 16..64 (the tensor-core kernel of ``lowbit.ops.triton.wq_mm16``) and the M = 2048 parts, in one process.
 
-Run on a CUDA machine:  python benchmarks/gpu_mm.py [--out DIR] [--quick] [--no-m2048]
+Run on a CUDA machine:  python benchmarks/gpu_mm.py [--out DIR] [--quick] [--no-m2048] [--m2048-sweep] [--profile]
 
 For 8192×28672 (issue 7's row) it checks every kernel against the reference on fresh random inputs, then times
 bf16 ``F.linear``, today's mm path (``wq.packed_linear(path="mm")``, mm v4 for affine 2/4-bit) and ``wq_mm16`` for
-each variant, plain (``do_bench``, median) and as CUDA-graph replays, rotating weight copies beyond L2; bf16 is
-timed again at the end (it moves ±5 % between runs). ``--m2048`` parts: the dequantize kernel alone against the
+each variant (and the candidate options in ``CANDIDATES``), plain (``do_bench``, median) and as CUDA-graph
+replays, rotating weight copies beyond L2; bf16 is timed again at the end of each M (it moves ±5 % between runs). ``--m2048`` parts: the dequantize kernel alone against the
 bytes it moves, cuBLAS on the dequantized buffer against an ordinary bf16 weight in both layouts, and the
 dequantize + cuBLAS path itself. Writes ``gpu_mm.json`` and ``gpu_mm.md`` to ``--out``.
 """
@@ -34,12 +34,16 @@ from lowbit.ops.triton import wq, wq_mm16  # noqa: E402
 
 K, N = 8192, 28672
 MM16_VARIANTS = ("int4 g128 asym", "int4 g128 sym", "int4 g128 act-order", "hqq int4 g64 float-zero", "int2 g128")
-SWEEP = [dict(BR=br, split=s) for br in (32, 64) for s in (4, 8, 16, 32)]  # run 1 (results/gpu_mm.md)
-SWEEP2 = [dict(split=s, pf=pf, ws=ws) for s in (8, 16) for pf in (False, True) for ws in (False, True)] + \
-    [dict(BR=64, split=8, pf=True, ws=True), dict(split=4, pf=True, ws=True)] + \
-    [dict(BK=bk, split=s, pf=pf, ws=True) for bk in (64, 32) for s in (8, 16) for pf in (False, True)] + \
-    [dict(split=8, pfd=4), dict(split=8, pfd=8), dict(split=8, pf=True, ws=True, pfd=4),
-     dict(BK=64, split=16, ws=True, pfd=8), dict(BK=64, split=16, pf=True, ws=True, pfd=8)]
+# candidates timed beside the defaults, per M and variant (runs 1-2's sweeps: results/gpu_mm.md, NOTES_gpu_mm.md)
+CANDIDATES = {
+    16: {"int4 g128 asym": [dict(pf=False), dict(pf2=True), dict(pfx=True), dict(ws=True, pfd=4),
+                            dict(pf2=True, ws=True)],
+         "int4 g128 sym": [dict(pf=False)], "int4 g128 act-order": [dict(pf=False)],
+         "hqq int4 g64 float-zero": [dict(pf=False), dict(pf2=True)], "int2 g128": [dict(pf=False), dict(pf2=True)]},
+    8: {"int4 g128 asym": []},
+    32: {"int4 g128 asym": [dict(BK=32), dict(pf=True, BK=32)]},
+    64: {"int4 g128 asym": [dict(BK=64), dict(pf=True, ws=True, BK=64)]},
+}
 DQ_TILES = [dict(BK=64, BN=128, num_warps=4), dict(BK=128, BN=128, num_warps=8), dict(BK=64, BN=256, num_warps=8),
             dict(BK=32, BN=256, num_warps=4), dict(BK=64, BN=64, num_warps=2), dict(BK=128, BN=64, num_warps=4)]
 
@@ -65,7 +69,7 @@ def _timed(res: dict, key: str, fn, graphs: bool) -> None:
         traceback.print_exc()
 
 
-def small_m(Ms=(16, 32, 64), quick=False) -> list[dict]:
+def small_m(Ms=(16, 8, 32, 64), quick=False) -> list[dict]:
     rows = []
     torch.manual_seed(0)
     W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -76,80 +80,27 @@ def small_m(Ms=(16, 32, 64), quick=False) -> list[dict]:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         nW = cycler(Ws)
         _timed(row, "bf16", lambda: F.linear(x, nW()), True)
-        names = MM16_VARIANTS if M == 16 and not quick else MM16_VARIANTS[:1]
-        for name in names:
+        cands = CANDIDATES.get(M, {"int4 g128 asym": []})
+        for name in (list(cands)[:1] if quick else cands):
             pws = [VARIANTS[name](N, K) for _ in range(ncopy)]
             Wd = R.dequantize_packed(pws[0], torch.float32)
-            for path in ("mm", "mm16"):
+            for path, cfg in [("mm", None), ("mm16", None)] + [("mm16", c) for c in ([] if quick else cands[name])]:
+                lab = f"{name} [{path}{' ' + _cfg_label(cfg) if cfg else ''}]"
                 xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)  # fresh input per check
                 try:
-                    y = wq_mm16.mm16(xx, pws[0]) if path == "mm16" else wq.packed_linear(xx, pws[0], None, path="mm")
-                    row[f"{name} [{path}] err"] = rel(y, xx.float() @ Wd.t())
+                    y = wq_mm16.mm16(xx, pws[0], cfg) if path == "mm16" else wq.packed_linear(xx, pws[0], None, "mm")
+                    row[lab + " err"] = rel(y, xx.float() @ Wd.t())
                 except Exception as e:
-                    row[f"{name} [{path}] error"] = repr(e)[:300]
+                    row[lab + " error"] = repr(e)[:300]
                     traceback.print_exc()
                     continue
-                _timed(row, f"{name} [{path}]", _mm_fn(pws, x, path), True)
-            sweep = [] if quick else (SWEEP2 if name == MM16_VARIANTS[0] else SWEEP2[:4]) if M == 16 else \
-                [dict(pf=True, ws=True), dict(pf=True, ws=True, BK=32), dict(pf=True, ws=True, BK=64)]
-            if name in (MM16_VARIANTS[0], "int2 g128"):
-                for cfg in sweep:
-                    lab = f"{name} [mm16 {_cfg_label(cfg)}]"
-                    xx = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-                    try:
-                        row[lab + " err"] = rel(wq_mm16.mm16(xx, pws[0], cfg), xx.float() @ Wd.t())
-                    except Exception as e:
-                        row[lab + " error"] = repr(e)[:300]
-                        continue
-                    _timed(row, lab, _mm_fn(pws, x, "mm16", cfg), True)
+                _timed(row, lab, _mm_fn(pws, x, path, cfg), True)
             del pws, Wd
             print(json.dumps({k: v for k, v in row.items() if name in k}), flush=True)
         _timed(row, "bf16 again", lambda: F.linear(x, nW()), True)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
-
-
-def m2048_parts(bw: float) -> dict:
-    """Where the dequantize + cuBLAS path's time goes at 2048×8192×28672."""
-    M = 2048
-    torch.manual_seed(1)
-    res: dict = {"M": M, "K": K, "N": N}
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
-    Ws = [W, W.clone()]
-    nW = cycler(Ws)
-    res["bf16 F.linear (N,K)"] = bench(lambda: F.linear(x, nW()))
-    Wts = [w.t().contiguous() for w in Ws]  # (K, N): the layout dequantize_t writes
-    nWt = cycler(Wts)
-    res["bf16 mm (K,N)"] = bench(lambda: torch.mm(x, nWt()))
-    ch = wq.DEQUANT_CHUNK
-    buf = torch.empty((K, ch), device="cuda", dtype=torch.bfloat16)
-    out = torch.empty((M, N), device="cuda", dtype=torch.bfloat16)
-
-    def chunks_only(Wt):  # cuBLAS on 2048-column chunks of one reused buffer: no dequantize
-        for n0 in range(0, N, ch):
-            torch.mm(x, buf, out=out[:, n0:n0 + ch])
-    res[f"bf16 mm chunks of {ch} (one L2 buffer, no dequantize)"] = bench(lambda: chunks_only(None))
-    del Wts
-    torch.cuda.empty_cache()
-    for name in ("int4 g128 asym", "nf4 g64 dq", "int4 g128 act-order"):
-        pws = [VARIANTS[name](N, K) for _ in range(2)]
-        npw = cycler(pws)
-        res[f"{name} dequantize_t full"] = bench(lambda: wq.dequantize_t(npw(), torch.bfloat16, unpermute=True))
-        res[f"{name} dequantize_t full bytes"] = pws[0].nbytes + K * N * 2
-        res[f"{name} dequantize_t chunks of {ch}"] = bench(
-            lambda: [wq.dequantize_t(p, torch.bfloat16, n0, min(N, n0 + ch), buf[:, :min(N, n0 + ch) - n0],
-                                     unpermute=True) for p in [npw()] for n0 in range(0, N, ch)])
-        res[f"{name} dequant path"] = bench(lambda: wq.packed_linear(x, npw(), None, path="dequant"))
-        Wd = wq.dequantize_t(pws[0], torch.bfloat16, unpermute=True)
-        res[f"{name} mm on its dequantized (K,N) weight"] = bench(lambda: torch.mm(x, Wd))
-        del pws, Wd
-        torch.cuda.empty_cache()
-        print(json.dumps({k: v for k, v in res.items() if name in k}), flush=True)
-    res["bf16 F.linear (N,K) again"] = bench(lambda: F.linear(x, nW()))
-    res["copy bandwidth TB/s"] = bw / 1e12
-    return res
 
 
 def _dequant_tiles(tiles: dict):
@@ -262,7 +213,7 @@ def main() -> None:
     print("device", dev, "torch", torch.__version__, flush=True)
     bw = copy_bandwidth()
     t0 = time.time()
-    rows = [] if args.m2048_only else small_m((16,) if args.quick else (16, 32, 64), args.quick)
+    rows = [] if args.m2048_only else small_m((16,) if args.quick else (16, 8, 32, 64), args.quick)
     print(f"(small M {time.time() - t0:.0f} s)", flush=True)
     parts = {} if args.no_m2048 else m2048_parts(bw)
     if args.m2048_sweep:

@@ -41,7 +41,10 @@ MIN_M = 5  # below: the GEMVs of wq (M <= 4)
 MAX_M = 64
 MM16_TILES = dict(BR=32, BK=None, split=None, waves=None)  # defaults; None: chosen by mm16_config
 BK_BY_BM = {16: 128, 32: 64, 64: 32}
-MM16_PF = False  # prefetch the next word tile (and its scales) before decoding this one
+MM16_PF = None  # prefetch the next word tile (and its scales) before decoding this one; None: by BM (PF_BY_BM)
+# H100 run 2 (8192×28672): M = 16 93.6 -> 79.2 µs under graphs (int2 66.6 -> 60.3); at M = 32 slower (117.6 -> 174.6):
+# the prefetched tile's registers cut occupancy where the activation tile is already large
+PF_BY_BM = {16: True, 32: False, 64: False}
 MM16_WS = False  # serial split-K (workspace + reduce kernel) instead of atomics into a zeroed output
 MM16_PFD = 0  # > 0: prefetch.global.L2 of the word tile this many tiles ahead  # the activation tile (BM × BK bf16) lives in registers: BM 64 × BK 128 spills
 
@@ -101,7 +104,8 @@ def _mm16_kernel(xp_ptr, xs_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_x
                  B: gl.constexpr, GROUP: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
                  K_PER_PROG: gl.constexpr, SPLIT: gl.constexpr, EVEN: gl.constexpr,
                  DEC: gl.constexpr, XL: gl.constexpr, MMA: gl.constexpr, PF: gl.constexpr = False,
-                 WS: gl.constexpr = False, PFD: gl.constexpr = 0):
+                 WS: gl.constexpr = False, PFD: gl.constexpr = 0, PFX: gl.constexpr = False,
+                 PF2: gl.constexpr = False):
     P: gl.constexpr = 16 // B
     I: gl.constexpr = BR // 8
     S: gl.constexpr = BK // (8 * P)
@@ -137,33 +141,51 @@ def _mm16_kernel(xp_ptr, xs_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_x
     mrow = gl.arange(0, BM, layout=LM)
     acc = gl.zeros((BR, BM), gl.float32, MMA)
     kstart = pid_k * K_PER_PROG
+    k_last = kstart + K_PER_PROG - BK
     if PF:  # the first tile's loads before the loop; each iteration then asks for the next one first
         w, sv, zv = _tile_loads(qp, scale, zero, kstart, q, cols, rcol, N, K, KW, P, GROUP, EVEN, True)
+        if PF2:  # and the one after it: two tiles in flight
+            w2, sv2, zv2 = _tile_loads(qp, scale, zero, gl.minimum(kstart + BK, k_last), q, cols, rcol, N, K, KW, P,
+                                       GROUP, EVEN, True)
+        if PFX:
+            x = gl.load(xp_ptr + xoff + kstart)
+            xsum = gl.load(xs_ptr + (kstart // BK) * BM + mrow)
     for kt in range(0, K_PER_PROG, BK):
         k0 = kstart + kt
         if PFD > 0:  # ask L2 for the word tile PFD tiles ahead: one 128-byte line per row (BR = 32)
             pr = k0 // (2 * P) + PFD * 4 * S + q
             _prefetch_l2(qp + pr * N + n0, (pr < KW).to(gl.int32))
-        if PF:  # the last iteration re-reads its own tile (in bounds, unused) instead of masking
-            k_n = gl.minimum(k0 + BK, kstart + K_PER_PROG - BK)
+        if PF:  # the last iterations re-read the last tile (in bounds, unused) instead of masking
+            k_n = gl.minimum(k0 + (2 * BK if PF2 else BK), k_last)
             w_n, sv_n, zv_n = _tile_loads(qp, scale, zero, k_n, q, cols, rcol, N, K, KW, P, GROUP, EVEN, True)
+            if PFX:  # the activations' tile and its sums too (one tile ahead)
+                k_x = gl.minimum(k0 + BK, k_last)
+                x_n = gl.load(xp_ptr + xoff + k_x)
+                xsum_n = gl.load(xs_ptr + (k_x // BK) * BM + mrow)
         else:
             w, sv, zv = _tile_loads(qp, scale, zero, k0, q, cols, rcol, N, K, KW, P, GROUP, EVEN, True)
+        if not PFX:
+            x = gl.load(xp_ptr + xoff + k0)
+            xsum = gl.load(xs_ptr + (k0 // BK) * BM + mrow)
         w4, shb = gl.broadcast(gl.expand_dims(gl.expand_dims(w, 2), 3), sh)
         w4, _ = gl.broadcast(w4, gl.full((4 * S, BR, P, 2), 0, gl.int32, DEC))
         shb, _ = gl.broadcast(shb, w4)
         d = _pair_magic(w4, shb, B, DT == gl.bfloat16)
         d = gl.permute(gl.reshape(d, (S, 4, 8, I, P // 2, 2, 2)), (3, 2, 0, 4, 5, 1, 6))
         a = gl.convert_layout(gl.reshape(d, (BR, BK)), LA, assert_trivial=True)
-        x = gl.load(xp_ptr + xoff + k0)
-        x = gl.permute(gl.reshape(x, (BM, S, 4, P // 2, 2, 2)), (1, 3, 4, 2, 5, 0))
-        b = gl.convert_layout(gl.reshape(x, (BK, BM)), LB, assert_trivial=True)
+        xb = gl.permute(gl.reshape(x, (BM, S, 4, P // 2, 2, 2)), (1, 3, 4, 2, 5, 0))
+        b = gl.convert_layout(gl.reshape(xb, (BK, BM)), LB, assert_trivial=True)
         t = mma_v2(a, b, gl.zeros((BR, BM), gl.float32, MMA))
-        xsum = gl.load(xs_ptr + (k0 // BK) * BM + mrow)
         acc += gl.expand_dims(sv.to(gl.float32), 1) * \
             (t - gl.expand_dims(zv.to(gl.float32) + BASE, 1) * gl.expand_dims(xsum, 0))
-        if PF:
+        if PF2:
+            w, sv, zv = w2, sv2, zv2
+            w2, sv2, zv2 = w_n, sv_n, zv_n
+        elif PF:
             w, sv, zv = w_n, sv_n, zv_n
+        if PF:
+            if PFX:
+                x, xsum = x_n, xsum_n
     om = gl.expand_dims(mrow < M, 0) & gl.expand_dims(rcol < N, 1)
     if SPLIT == 1 or WS:  # WS: this split's partial sums into its own slice of the workspace, no atomics
         optr = out_ptr + pid_k * (M * stride_om) + gl.expand_dims(mrow, 0) * stride_om + gl.expand_dims(rcol, 1)
@@ -299,10 +321,12 @@ def mm16(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
                          f"{MIN_M} <= M <= {MAX_M} and bf16/fp16 x; got mode={pw.mode}, bits={pw.bits}, "
                          f"group_size={pw.group_size}, M={M}, dtype={x2.dtype}")
     cfg = dict(cfg or {})
-    pf, ws, pfd = cfg.pop("pf", MM16_PF), cfg.pop("ws", MM16_WS), cfg.pop("pfd", MM16_PFD)
+    pf, ws, pfd, pfx = cfg.pop("pf", MM16_PF), cfg.pop("ws", MM16_WS), cfg.pop("pfd", MM16_PFD), cfg.pop("pfx", False)
+    pf2 = cfg.pop("pf2", False)
     c = mm16_config(M, N, K, pw.group_size, pw.bits, _sms(x2.device), **cfg)
     BR, BK, BM, split, k_per = c["BR"], c["BK"], c["BM"], c["split"], c["k_per"]
     ws = ws and split > 1
+    pf = PF_BY_BM[BM] if pf is None else pf
     P = pairs_per_word(pw.bits)
     nkt = split * k_per // BK
     Kt = nkt * BK
@@ -325,7 +349,7 @@ def mm16(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
     _mm16_kernel[(-(-N // BR), split)](xp, xs, part, qp, pw.scale, pw.zero_point, M, N, K, KW, Kt, N,
                                        B=pw.bits, GROUP=pw.group_size, BR=BR, BK=BK, BM=BM, K_PER_PROG=k_per,
                                        SPLIT=split, EVEN=even, DEC=dec, XL=xl, MMA=mma, PF=pf, WS=ws, PFD=pfd,
-                                       num_warps=1)
+                                       PFX=pf and pfx, PF2=pf and pf2, num_warps=1)
     if split == 1:
         return part
     if not ws:
