@@ -18,6 +18,10 @@ zero point and scale are applied once per (K-tile, column, row) in fp32:
 ``acc += s · (T − (base + z) · Σ_k x_k)``. So the weights never take a bf16 rounding (the reference's bf16
 weight does); HQQ's float zero points are exact too. Requires ``group_size % BK == 0``.
 
+Latency, not issue or DRAM, bounds it (ncu, H100: 77 % of a warp's cycles wait on global loads, 30 % occupancy at 80
+registers), so at M <= 16 each iteration first asks for the next tile's words and scales (``pf``, on by default there).
+H100, 8192×28672, M = 16, under CUDA graphs: 79.0–79.2 µs = 2.05× bf16 (mm v4: 102 µs); 2-bit 60.3 µs = 2.69×.
+
 Measured choices and outcomes: ``benchmarks/NOTES_gpu_mm.md``; numbers: ``results/gpu_mm.md``.
 """
 
@@ -40,13 +44,16 @@ __all__ = ["MIN_M", "MAX_M", "fits", "mm16_config", "mm16", "packed_linear"]
 MIN_M = 5  # below: the GEMVs of wq (M <= 4)
 MAX_M = 64
 MM16_TILES = dict(BR=32, BK=None, split=None, waves=None)  # defaults; None: chosen by mm16_config
-BK_BY_BM = {16: 128, 32: 64, 64: 32}
+# K-tile by padded M: the activation tile (BM × BK bf16) lives in registers (BM 64 × BK 128 spills). H100 runs 1-3 at
+# M = 64: BK 32 250 / 395 / 342 µs under graphs (erratic), BK 64 196.7 (run 3 only; with pf + ws 214.6 / 212.3)
+BK_BY_BM = {16: 128, 32: 64, 64: 64}
 MM16_PF = None  # prefetch the next word tile (and its scales) before decoding this one; None: by BM (PF_BY_BM)
-# H100 run 2 (8192×28672): M = 16 93.6 -> 79.2 µs under graphs (int2 66.6 -> 60.3); at M = 32 slower (117.6 -> 174.6):
-# the prefetched tile's registers cut occupancy where the activation tile is already large
+# H100 runs 2 / 3 (8192×28672, µs under graphs): M = 16 93.6 -> 79.2 / 94.5 -> 79.0 (int2 66.6 -> 60.3 / 66.5 -> 60.3);
+# at M = 32 slower (117.6 -> 174.6): the prefetched tile's registers cut occupancy where the x tile is already large.
+# Two tiles ahead (pf2) 81.1, the activation tile too (pfx) 71.6 (run 3 only: not the default yet)
 PF_BY_BM = {16: True, 32: False, 64: False}
 MM16_WS = False  # serial split-K (workspace + reduce kernel) instead of atomics into a zeroed output
-MM16_PFD = 0  # > 0: prefetch.global.L2 of the word tile this many tiles ahead  # the activation tile (BM × BK bf16) lives in registers: BM 64 × BK 128 spills
+MM16_PFD = 0  # > 0: prefetch.global.L2 of the word tile this many tiles ahead (runs 2-3: no gain)
 
 
 def _log2(n: int) -> int:
