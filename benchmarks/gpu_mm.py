@@ -44,6 +44,13 @@ CANDIDATES = {
     32: {"int4 g128 asym": [dict(BK=32), dict(pf=True, BK=32)]},
     64: {"int4 g128 asym": [dict(BK=64), dict(pf=True, ws=True, BK=64)]},
 }
+# run 4 (--pfx-check): the activation-tile prefetch against the default on every variant, a second time
+PFX_CHECK = {
+    16: {"int4 g128 asym": [dict(pfx=True), dict(pfx=True, BK=64), dict(pfx=True, split=16), dict(pfx=True, ws=True)],
+         "int4 g128 sym": [dict(pfx=True)], "int4 g128 act-order": [dict(pfx=True)],
+         "hqq int4 g64 float-zero": [dict(pfx=True)], "int2 g128": [dict(pfx=True)]},
+    8: {"int4 g128 asym": [dict(pfx=True)]},
+}
 DQ_TILES = [dict(BK=64, BN=128, num_warps=4), dict(BK=128, BN=128, num_warps=8), dict(BK=64, BN=256, num_warps=8),
             dict(BK=32, BN=256, num_warps=4), dict(BK=64, BN=64, num_warps=2), dict(BK=128, BN=64, num_warps=4)]
 
@@ -69,7 +76,7 @@ def _timed(res: dict, key: str, fn, graphs: bool) -> None:
         traceback.print_exc()
 
 
-def small_m(Ms=(16, 8, 32, 64), quick=False) -> list[dict]:
+def small_m(Ms=(16, 8, 32, 64), quick=False, table=None) -> list[dict]:
     rows = []
     torch.manual_seed(0)
     W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -80,7 +87,7 @@ def small_m(Ms=(16, 8, 32, 64), quick=False) -> list[dict]:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         nW = cycler(Ws)
         _timed(row, "bf16", lambda: F.linear(x, nW()), True)
-        cands = CANDIDATES.get(M, {"int4 g128 asym": []})
+        cands = (table or CANDIDATES).get(M, {"int4 g128 asym": []})
         for name in (list(cands)[:1] if quick else cands):
             pws = [VARIANTS[name](N, K) for _ in range(ncopy)]
             Wd = R.dequantize_packed(pws[0], torch.float32)
@@ -204,6 +211,7 @@ def main() -> None:
     ap.add_argument("--m2048-only", action="store_true")
     ap.add_argument("--m2048-sweep", action="store_true", help="also the dequantize tile / chunk sweep at M = 2048")
     ap.add_argument("--profile", action="store_true", help="only three mm16 calls (run under ncu)")
+    ap.add_argument("--pfx-check", action="store_true", help="M = 16 and 8: PFX_CHECK's candidates only")
     args = ap.parse_args()
     if args.profile:
         profile_target()
@@ -213,7 +221,10 @@ def main() -> None:
     print("device", dev, "torch", torch.__version__, flush=True)
     bw = copy_bandwidth()
     t0 = time.time()
-    rows = [] if args.m2048_only else small_m((16,) if args.quick else (16, 8, 32, 64), args.quick)
+    if args.pfx_check:
+        rows = small_m((16, 8), table=PFX_CHECK)
+    else:
+        rows = [] if args.m2048_only else small_m((16,) if args.quick else (16, 8, 32, 64), args.quick)
     print(f"(small M {time.time() - t0:.0f} s)", flush=True)
     parts = {} if args.no_m2048 else m2048_parts(bw)
     if args.m2048_sweep:
