@@ -19,8 +19,9 @@ zero point and scale are applied once per (K-tile, column, row) in fp32:
 weight does); HQQ's float zero points are exact too. Requires ``group_size % BK == 0``.
 
 Latency, not issue or DRAM, bounds it (ncu, H100: 77 % of a warp's cycles wait on global loads, 30 % occupancy at 80
-registers), so at M <= 16 each iteration first asks for the next tile's words and scales (``pf``, on by default there).
-H100, 8192×28672, M = 16, under CUDA graphs: 79.0–79.2 µs = 2.05× bf16 (mm v4: 102 µs); 2-bit 60.3 µs = 2.69×.
+registers), so at M <= 16 each iteration first asks for the next tile's words, scales and activations (``pf`` and
+``pfx``, on by default there). H100, 8192×28672, M = 16, under CUDA graphs: 71.6 µs = 2.27× bf16 (mm v4: 102 µs);
+2-bit 55.5 µs = 2.93×.
 
 Measured choices and outcomes: ``benchmarks/NOTES_gpu_mm.md``; numbers: ``results/gpu_mm.md``.
 """
@@ -50,8 +51,10 @@ BK_BY_BM = {16: 128, 32: 64, 64: 64}
 MM16_PF = None  # prefetch the next word tile (and its scales) before decoding this one; None: by BM (PF_BY_BM)
 # H100 runs 2 / 3 (8192×28672, µs under graphs): M = 16 93.6 -> 79.2 / 94.5 -> 79.0 (int2 66.6 -> 60.3 / 66.5 -> 60.3);
 # at M = 32 slower (117.6 -> 174.6): the prefetched tile's registers cut occupancy where the x tile is already large.
-# Two tiles ahead (pf2) 81.1, the activation tile too (pfx) 71.6 (run 3 only: not the default yet)
+# Two tiles ahead (pf2) 81.1 (run 3). The activation tile and its sums too (pfx): 71.6 / 71.6 (runs 3 / 4; sym 71.6,
+# act-order 72.6, HQQ 77.1, int2 55.5 in run 4), so on by default with pf
 PF_BY_BM = {16: True, 32: False, 64: False}
+PFX_BY_BM = {16: True, 32: False, 64: False}
 MM16_WS = False  # serial split-K (workspace + reduce kernel) instead of atomics into a zeroed output
 MM16_PFD = 0  # > 0: prefetch.global.L2 of the word tile this many tiles ahead (runs 2-3: no gain)
 
@@ -328,12 +331,13 @@ def mm16(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
                          f"{MIN_M} <= M <= {MAX_M} and bf16/fp16 x; got mode={pw.mode}, bits={pw.bits}, "
                          f"group_size={pw.group_size}, M={M}, dtype={x2.dtype}")
     cfg = dict(cfg or {})
-    pf, ws, pfd, pfx = cfg.pop("pf", MM16_PF), cfg.pop("ws", MM16_WS), cfg.pop("pfd", MM16_PFD), cfg.pop("pfx", False)
+    pf, ws, pfd, pfx = cfg.pop("pf", MM16_PF), cfg.pop("ws", MM16_WS), cfg.pop("pfd", MM16_PFD), cfg.pop("pfx", None)
     pf2 = cfg.pop("pf2", False)
     c = mm16_config(M, N, K, pw.group_size, pw.bits, _sms(x2.device), **cfg)
     BR, BK, BM, split, k_per = c["BR"], c["BK"], c["BM"], c["split"], c["k_per"]
     ws = ws and split > 1
     pf = PF_BY_BM[BM] if pf is None else pf
+    pfx = PFX_BY_BM[BM] if pfx is None else pfx
     P = pairs_per_word(pw.bits)
     nkt = split * k_per // BK
     Kt = nkt * BK
