@@ -36,7 +36,7 @@ K, N = 8192, 28672
 MM16_VARIANTS = ("int4 g128 asym", "int4 g128 sym", "int4 g128 act-order", "hqq int4 g64 float-zero", "int2 g128")
 # candidates timed beside the defaults, per M and variant (runs 1-2's sweeps: results/gpu_mm.md, NOTES_gpu_mm.md)
 CANDIDATES = {
-    16: {"int4 g128 asym": [dict(pf=False), dict(pf2=True), dict(pfx=True), dict(ws=True, pfd=4),
+    16: {"int4 g128 asym": [dict(pf=False), dict(pf2=True), dict(pfx=True), dict(ws=True),
                             dict(pf2=True, ws=True)],
          "int4 g128 sym": [dict(pf=False)], "int4 g128 act-order": [dict(pf=False)],
          "hqq int4 g64 float-zero": [dict(pf=False), dict(pf2=True)], "int2 g128": [dict(pf=False), dict(pf2=True)]},

@@ -61,11 +61,9 @@ def test_mm16_act_order_matches_reference(M):
 
 
 @pytest.mark.parametrize("cfg", [dict(BR=64), dict(split=1), dict(split=2, BK=64), dict(BR=64, split=4, BK=32),
-                                 dict(pf=True), dict(ws=True), dict(pf=True, ws=True, split=3),
-                                 dict(pf=True, ws=True, BR=64, BK=64), dict(pfd=4, split=2),
-                                 dict(pfd=8, pf=True, ws=True, BK=64), dict(pf=True, pf2=True),
-                                 dict(pf=True, pf2=True, ws=True, BK=64), dict(pf=True, pfx=True),
-                                 dict(pf=False)],
+                                 dict(pf=True, pfx=False), dict(ws=True), dict(pf=True, ws=True, split=3),
+                                 dict(pf=True, ws=True, BR=64, BK=64), dict(pf=True, pf2=True),
+                                 dict(pf=True, pf2=True, ws=True, BK=64), dict(pf=True, pfx=True), dict(pf=False)],
                          ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 @pytest.mark.parametrize("N", [448, 300])
 def test_mm16_tiles_match_reference(cfg, N):

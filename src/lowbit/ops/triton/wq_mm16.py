@@ -36,6 +36,7 @@ import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.runtime.jit import constexpr_function
 
 from lowbit.ops.repack import PackedWeight
 from lowbit.ops.triton.wq_mm16_layout import pairs_per_word
@@ -56,7 +57,7 @@ MM16_PF = None  # prefetch the next word tile (and its scales) before decoding t
 PF_BY_BM = {16: True, 32: False, 64: False}
 PFX_BY_BM = {16: True, 32: False, 64: False}
 MM16_WS = False  # serial split-K (workspace + reduce kernel) instead of atomics into a zeroed output
-MM16_PFD = 0  # > 0: prefetch.global.L2 of the word tile this many tiles ahead (runs 2-3: no gain)
+# (an L2 prefetch of the word tile 4 / 8 tiles ahead, runs 2-3, gained nothing and was removed: NOTES_gpu_mm.md)
 
 
 def _log2(n: int) -> int:
@@ -83,29 +84,24 @@ def _layouts(bits: int, BR: int, BK: int, BM: int):
     return dec, xl, mma
 
 
+@constexpr_function
+def _pair_magic_asm(B, BF16):
+    """PTX for :func:`_pair_magic`: shift, then one LOP3 that masks the pair's bits and ORs in the magic exponent."""
+    mask = "0x000F000F" if B == 4 else "0x00030003"
+    magic = "0x43004300" if BF16 else "0x64006400"
+    return "{ .reg .b32 t, k; mov.b32 k, " + magic + "; shr.u32 t, $1, $3; lop3.b32 $0, t, " + mask + ", k, 0xEA; }"
+
+
 @gluon.jit
 def _pair_magic(w, sh, B: gl.constexpr, BF16: gl.constexpr):
     """Codes ``p`` and ``p + 16/B`` of each word (``sh = B·p``) as ``base + c`` in the two halves of one bf16x2
     (base 128: 0x4300) or fp16x2 (base 1024: 0x6400) register: one shift and one LOP3, exact. ``pack=2``: the two
     elements (halves) of a pair come out as one register."""
-    if B == 4:
-        if BF16:
-            r = gl.inline_asm_elementwise(
-                "{ .reg .b32 t, k; mov.b32 k, 0x43004300; shr.u32 t, $1, $3; lop3.b32 $0, t, 0x000F000F, k, 0xEA; }",
-                "=r,r,r,r,r", [w, sh], dtype=gl.bfloat16, is_pure=True, pack=2)
-        else:
-            r = gl.inline_asm_elementwise(
-                "{ .reg .b32 t, k; mov.b32 k, 0x64006400; shr.u32 t, $1, $3; lop3.b32 $0, t, 0x000F000F, k, 0xEA; }",
-                "=r,r,r,r,r", [w, sh], dtype=gl.float16, is_pure=True, pack=2)
+    ASM: gl.constexpr = _pair_magic_asm(B, BF16)
+    if BF16:
+        r = gl.inline_asm_elementwise(ASM, "=r,r,r,r,r", [w, sh], dtype=gl.bfloat16, is_pure=True, pack=2)
     else:
-        if BF16:
-            r = gl.inline_asm_elementwise(
-                "{ .reg .b32 t, k; mov.b32 k, 0x43004300; shr.u32 t, $1, $3; lop3.b32 $0, t, 0x00030003, k, 0xEA; }",
-                "=r,r,r,r,r", [w, sh], dtype=gl.bfloat16, is_pure=True, pack=2)
-        else:
-            r = gl.inline_asm_elementwise(
-                "{ .reg .b32 t, k; mov.b32 k, 0x64006400; shr.u32 t, $1, $3; lop3.b32 $0, t, 0x00030003, k, 0xEA; }",
-                "=r,r,r,r,r", [w, sh], dtype=gl.float16, is_pure=True, pack=2)
+        r = gl.inline_asm_elementwise(ASM, "=r,r,r,r,r", [w, sh], dtype=gl.float16, is_pure=True, pack=2)
     return r
 
 
@@ -114,7 +110,7 @@ def _mm16_kernel(xp_ptr, xs_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_x
                  B: gl.constexpr, GROUP: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, BM: gl.constexpr,
                  K_PER_PROG: gl.constexpr, SPLIT: gl.constexpr, EVEN: gl.constexpr,
                  DEC: gl.constexpr, XL: gl.constexpr, MMA: gl.constexpr, PF: gl.constexpr = False,
-                 WS: gl.constexpr = False, PFD: gl.constexpr = 0, PFX: gl.constexpr = False,
+                 WS: gl.constexpr = False, PFX: gl.constexpr = False,
                  PF2: gl.constexpr = False):
     P: gl.constexpr = 16 // B
     I: gl.constexpr = BR // 8
@@ -162,9 +158,6 @@ def _mm16_kernel(xp_ptr, xs_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_x
             xsum = gl.load(xs_ptr + (kstart // BK) * BM + mrow)
     for kt in range(0, K_PER_PROG, BK):
         k0 = kstart + kt
-        if PFD > 0:  # ask L2 for the word tile PFD tiles ahead: one 128-byte line per row (BR = 32)
-            pr = k0 // (2 * P) + PFD * 4 * S + q
-            _prefetch_l2(qp + pr * N + n0, (pr < KW).to(gl.int32))
         if PF:  # the last iterations re-read the last tile (in bounds, unused) instead of masking
             k_n = gl.minimum(k0 + (2 * BK if PF2 else BK), k_last)
             w_n, sv_n, zv_n = _tile_loads(qp, scale, zero, k_n, q, cols, rcol, N, K, KW, P, GROUP, EVEN, True)
@@ -203,14 +196,6 @@ def _mm16_kernel(xp_ptr, xs_ptr, out_ptr, qp, scale, zero, M, N, K, KW, stride_x
     else:
         optr = out_ptr + gl.expand_dims(mrow, 0) * stride_om + gl.expand_dims(rcol, 1)
         gl.atomic_add(optr, acc, mask=om, sem="relaxed")
-
-
-@gluon.jit
-def _prefetch_l2(ptr, ok):
-    """``prefetch.global.L2`` of each address where ``ok`` is nonzero (a hint: nothing returned or waited for)."""
-    return gl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-        "=r,l,r", [ptr, ok], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -331,7 +316,7 @@ def mm16(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
                          f"{MIN_M} <= M <= {MAX_M} and bf16/fp16 x; got mode={pw.mode}, bits={pw.bits}, "
                          f"group_size={pw.group_size}, M={M}, dtype={x2.dtype}")
     cfg = dict(cfg or {})
-    pf, ws, pfd, pfx = cfg.pop("pf", MM16_PF), cfg.pop("ws", MM16_WS), cfg.pop("pfd", MM16_PFD), cfg.pop("pfx", None)
+    pf, ws, pfx = cfg.pop("pf", MM16_PF), cfg.pop("ws", MM16_WS), cfg.pop("pfx", None)
     pf2 = cfg.pop("pf2", False)
     c = mm16_config(M, N, K, pw.group_size, pw.bits, _sms(x2.device), **cfg)
     BR, BK, BM, split, k_per = c["BR"], c["BK"], c["BM"], c["split"], c["k_per"]
@@ -359,7 +344,7 @@ def mm16(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.T
     even = N % BR == 0 and Kt == KW * (2 * P)
     _mm16_kernel[(-(-N // BR), split)](xp, xs, part, qp, pw.scale, pw.zero_point, M, N, K, KW, Kt, N,
                                        B=pw.bits, GROUP=pw.group_size, BR=BR, BK=BK, BM=BM, K_PER_PROG=k_per,
-                                       SPLIT=split, EVEN=even, DEC=dec, XL=xl, MMA=mma, PF=pf, WS=ws, PFD=pfd,
+                                       SPLIT=split, EVEN=even, DEC=dec, XL=xl, MMA=mma, PF=pf, WS=ws,
                                        PFX=pf and pfx, PF2=pf and pf2, num_warps=1)
     if split == 1:
         return part
