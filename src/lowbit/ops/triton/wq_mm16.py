@@ -39,6 +39,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.runtime.jit import constexpr_function
 
 from lowbit.ops.repack import PackedWeight
+from lowbit.ops.triton.wq import _sms
 from lowbit.ops.triton.wq_mm16_layout import pairs_per_word
 
 __all__ = ["MIN_M", "MAX_M", "fits", "mm16_config", "mm16", "packed_linear"]
@@ -295,16 +296,6 @@ def mm16_config(M: int, N: int, K: int, group: int, bits: int, sms: int, BR: int
     k_per = -(-k_tiles // split) * BK
     split = -(-K // k_per)
     return dict(BR=BR, BK=BK, BM=BM, split=split, k_per=k_per)
-
-
-_SMS: dict[int, int] = {}
-
-
-def _sms(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SMS[idx]
 
 
 def mm16(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Tensor:
