@@ -103,3 +103,28 @@ def test_mm16_refuses_what_it_does_not_take():
     assert not wq_mm16.fits(R.repack_quantized(q).to("cuda"), 16)
     pw4, _ = _weight(IntAffine(bits=4, group_size=128), 64, 256)
     assert not wq_mm16.fits(pw4, 4) and not wq_mm16.fits(pw4, 65) and not wq_mm16.fits(pw4, 16, torch.float32)
+
+
+@pytest.mark.parametrize("M", [4, 5, 16, 64, 65])
+def test_packed_linear_routes_m5_to_64_affine_to_mm16(M, monkeypatch):
+    """``wq.packed_linear`` (the op's CUDA kernel) sends 5 <= M <= 64 affine weights to mm16 by default, with the
+    same result as calling it; NF4, M <= 4, M > 64 and ``MM16 = False`` keep their former paths."""
+    from lowbit.ops.triton import wq
+
+    calls = []
+    real = wq_mm16.mm16
+    monkeypatch.setattr(wq_mm16, "mm16", lambda x2, pw, cfg=None: calls.append(x2.shape[0]) or real(x2, pw, cfg))
+    pw, W = _weight(IntAffine(bits=4, group_size=128), 320, 1536, act_order=True, seed=M)
+    x = torch.randn(M, 1536, device="cuda", dtype=torch.bfloat16)
+    y = wq.packed_linear(x, pw)
+    assert rel(y, x.float() @ W.t()) < TOL
+    routed = 5 <= M <= 64
+    assert calls == ([M] if routed else [])
+    if routed:
+        assert torch.equal(y, real(x, pw))
+        monkeypatch.setattr(wq, "MM16", False)
+        y_mm = wq.packed_linear(x, pw)
+        assert calls == [M] and rel(y_mm, x.float() @ W.t()) < TOL
+    nf4 = R.repack_quantized(Codebook("nf4", 64, True).quantize(torch.randn(320, 1536))).to("cuda")
+    wq.packed_linear(x, nf4)
+    assert len(calls) == (1 if routed else 0)

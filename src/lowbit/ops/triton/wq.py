@@ -38,12 +38,15 @@ Nothing here is compiled at import; Triton compiles on first call.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import triton
 import triton.language as tl
 
 from lowbit.ops.repack import PackedWeight, tiled_columns
+
+log = logging.getLogger(__name__)
 
 MODE_ID = {"affine": 0, "lut": 1, "lut_row": 2}
 GEMV_MAX_M = 4
@@ -1802,26 +1805,52 @@ def dequant_matmul(x2: torch.Tensor, pw: PackedWeight, chunk: int = 0, trans: bo
     return y
 
 
+# Session 7: 5 <= M <= 64 rows on affine 2/4-bit weights with a zero point go to the Gluon mma.sync kernel of
+# :mod:`.wq_mm16` (H100, 8192×28672, M = 16: 71.6 µs = 2.27× bf16 under CUDA graphs, mm v4 102 µs; M = 8, 32, 64
+# faster than mm v4 too: results/gpu_mm.md). False: mm v4 there (the benchmarks compare both).
+MM16 = True
+
+
+@functools.lru_cache(maxsize=1)
+def _mm16():  # type: ignore[no-untyped-def]
+    """:mod:`.wq_mm16`, or None where this Triton has no Gluon (it imports this module: imported on first use)."""
+    try:
+        from lowbit.ops.triton import wq_mm16
+    except ImportError as e:
+        log.info("the Gluon small-M kernel is not available (%s); mm v4 takes M = 5..64", e)
+        return None
+    return wq_mm16
+
+
 def packed_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
                   path: str | None = None) -> torch.Tensor:
-    """``x (..., K) -> (..., N)``; ``path`` forces ``gemv``, ``mm`` or ``dequant`` (default: by M)."""
+    """``x (..., K) -> (..., N)``; ``path`` forces ``gemv``, ``mm``, ``mm16`` or ``dequant`` (default: by M and
+    format: ``mm16`` where :func:`lowbit.ops.triton.wq_mm16.fits` and :data:`MM16`)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     M = x2.shape[0]
-    path = path or ("gemv" if M <= GEMV_MAX_M else "mm" if M < BIG_M else "dequant")
+    if path is None:
+        path = "gemv" if M <= GEMV_MAX_M else "mm" if M < BIG_M else "dequant"
+        if path == "mm" and MM16 and _mm16() is not None and _mm16().fits(pw, M, x2.dtype):
+            path = "mm16"
     if path == "gemv":
         y = gemv(x2, pw).to(x.dtype)
     else:
         if path == "mm":
             y = mm(x2 if pw.perm is None else x2.index_select(1, pw.perm.long()), pw)
+        elif path == "mm16":  # takes x in the weight's own column order (applies act-order itself)
+            mod = _mm16()
+            if mod is None:
+                raise ValueError("path='mm16' needs Triton's Gluon (Triton >= 3.5); this Triton has none")
+            y = mod.mm16(x2, pw)
         elif path == "mmt":
             y = mmt(x2, pw)
         elif path.startswith("dequant"):  # "dequant" or "dequant:<chunk>"
             y = dequant_matmul(x2, pw, int(path.split(":")[1]) if ":" in path else DEQUANT_CHUNK)
         else:
-            raise ValueError(f"path={path!r}; valid: gemv, mm, mmt, dequant, dequant:<chunk>")
+            raise ValueError(f"path={path!r}; valid: gemv, mm, mm16, mmt, dequant, dequant:<chunk>")
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, pw.out_features)
