@@ -120,8 +120,8 @@ def test_packed_linear_routes_m5_to_64_affine_to_mm16(M, monkeypatch):
     assert rel(y, x.float() @ W.t()) < TOL
     routed = 5 <= M <= 64
     assert calls == ([M] if routed else [])
-    if routed:
-        assert torch.equal(y, real(x, pw))
+    if routed:  # split-K sums land by atomics in any order: equal to a direct call up to the output's rounding
+        assert rel(y, real(x, pw)) < 4e-3
         monkeypatch.setattr(wq, "MM16", False)
         y_mm = wq.packed_linear(x, pw)
         assert calls == [M] and rel(y_mm, x.float() @ W.t()) < TOL
