@@ -1356,6 +1356,20 @@ def _bk_for(group: int, want: int) -> int:
     return max(bk, 32)
 
 
+def split_k(tiles: int, K: int, BK: int, programs: int, split: int | None = None, cap: int | None = None) \
+        -> tuple[int, int]:
+    """``(split, k_per)``: K cut into ``split`` ranges of ``k_per`` (a multiple of ``BK``) for a grid of ``tiles``
+    output tiles. ``split=None``: doubled from 1 while the grid has fewer than ``programs`` programs, each range
+    keeps at least one K-tile, and ``split`` stays below ``cap``; then trimmed to the ranges K needs."""
+    k_tiles = -(-K // BK)
+    if split is None:
+        split = 1
+        while tiles * split < programs and split * 2 <= k_tiles and (cap is None or split < cap):
+            split *= 2
+    k_per = -(-k_tiles // split) * BK
+    return -(-K // k_per), k_per
+
+
 @functools.lru_cache(maxsize=1024)
 def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
                 BN: int | None = None, BK: int | None = None, split: int | None = None,
@@ -1429,14 +1443,7 @@ def gemv_config(N: int, K: int, group: int, sms: int, bits: int, mode: str,
             warps *= 2
     else:
         BK = _bk_for(group, BK or (128 if bits != 3 or mode == "affine" else 64))
-    n_tiles = -(-N // BN)
-    k_tiles = -(-K // BK)
-    if split is None:
-        split = 1
-        while n_tiles * split < waves * sms and split * 2 <= k_tiles:
-            split *= 2
-    k_per = -(-k_tiles // split) * BK
-    split = -(-K // k_per)
+    split, k_per = split_k(-(-N // BN), K, BK, waves * sms, split)
     cfg = dict(BN=BN, BK=BK, split=split, k_per=k_per, num_warps=warps, v=v, pf=pf)
     if num_stages is not None:
         cfg["num_stages"] = num_stages
@@ -1608,14 +1615,7 @@ def mm_config(M: int, N: int, K: int, group: int, sms: int, v: int = 3, BM: int 
         bk = 128
     BM, BN, warps, stages = BM or bm, BN or bn, num_warps or warps, num_stages or stages
     BK = BK or (bk if v == 4 else _bk_for(group, bk))
-    tiles = -(-M // BM) * -(-N // BN)
-    k_tiles = -(-K // BK)
-    if split is None:
-        split = 1
-        while tiles * split < waves * sms and split * 2 <= k_tiles and split < 16:
-            split *= 2
-    k_per = -(-k_tiles // split) * BK
-    split = -(-K // k_per)
+    split, k_per = split_k(-(-M // BM) * -(-N // BN), K, BK, waves * sms, split, cap=16)
     return dict(BM=BM, BN=BN, BK=BK, split=split, k_per=k_per, num_warps=warps, num_stages=stages, v=v)
 
 

@@ -39,7 +39,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.runtime.jit import constexpr_function
 
 from lowbit.ops.repack import PackedWeight
-from lowbit.ops.triton.wq import _sms
+from lowbit.ops.triton.wq import _sms, split_k
 from lowbit.ops.triton.wq_mm16_layout import pairs_per_word
 
 __all__ = ["MIN_M", "MAX_M", "fits", "mm16_config", "mm16", "packed_linear"]
@@ -287,14 +287,7 @@ def mm16_config(M: int, N: int, K: int, group: int, bits: int, sms: int, BR: int
     if BK is None:
         raise ValueError(f"no K-tile divides group_size={group} for {bits}-bit codes")
     waves = waves or MM16_TILES["waves"] or 32
-    k_tiles = -(-K // BK)
-    n_blocks = -(-N // BR)
-    if split is None:
-        split = 1
-        while n_blocks * split < waves * sms and split * 2 <= k_tiles and split < 32:
-            split *= 2
-    k_per = -(-k_tiles // split) * BK
-    split = -(-K // k_per)
+    split, k_per = split_k(-(-N // BR), K, BK, waves * sms, split, cap=32)
     return dict(BR=BR, BK=BK, BM=BM, split=split, k_per=k_per)
 
 
