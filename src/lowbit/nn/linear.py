@@ -46,7 +46,7 @@ class QuantLinear(nn.Module):
     @property
     def qweight(self) -> QuantizedTensor:
         return QuantizedTensor(self.format, (self.out_features, self.in_features), self.compute_dtype,
-                               {n: getattr(self, n) for n in self._names})
+                               dict(zip(self._names, self._data())))
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.dequantize()
@@ -55,8 +55,19 @@ class QuantLinear(nn.Module):
     def bits_per_weight(self) -> float:
         return self.qweight.bits_per_weight
 
+    def _data(self) -> list[torch.Tensor]:
+        """The stored tensors in the format's order. Read from ``_buffers`` directly: ``nn.Module.__getattr__`` cost
+        ~1.4 µs a tensor (5.9 µs for NF4's four against 0.3 µs, measured), on every call of a layer whose whole CPU
+        kernel takes 10-30 µs at the default model's shapes. A name that is no longer a buffer (made a parameter or a
+        plain attribute since) is read the ordinary way."""
+        b = self._buffers
+        try:
+            return [b[n] for n in self._names]
+        except KeyError:
+            return [getattr(self, n) for n in self._names]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        data = [getattr(self, n) for n in self._names]
+        data = self._data()
         shape = [self.out_features, self.in_features]
         if x.device.type == "cpu" and cpu_ops.enabled() and not self._wants_grad(x, data) \
                 and not torch.compiler.is_compiling():
