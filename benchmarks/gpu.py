@@ -989,6 +989,9 @@ def run_matmuls(rows, out_rows, bw, bnb, quick):
             paths = ["gemv"] if M <= wq.GEMV_MAX_M else (["mm"] if M < wq.BIG_M else ["mm", "dequant"])
             if M >= wq.BIG_M and name == "int4 g128 asym":
                 paths.append("mmt")  # session 4's fused transposed kernel (slower; kept for comparison)
+            mm16 = wq._mm16()
+            if mm16 is not None and mm16.fits(pws[0], M, torch.bfloat16):
+                paths.append("mm16")  # packed_linear's default there since session 7; mm v4 ("mm") beside it
             for path in paths:
                 key = f"{name} [{path}]"
                 try:
