@@ -128,3 +128,14 @@ def test_packed_linear_routes_m5_to_64_affine_to_mm16(M, monkeypatch):
     nf4 = R.repack_quantized(Codebook("nf4", 64, True).quantize(torch.randn(320, 1536))).to("cuda")
     wq.packed_linear(x, nf4)
     assert len(calls) == (1 if routed else 0)
+
+
+def test_wrong_feature_count_or_layout_is_refused_before_any_kernel():
+    from lowbit.ops.triton import wq
+
+    pw, _ = _weight(IntAffine(bits=4, group_size=128), 64, 256)
+    for M in (1, 16, 2048):  # every path: gemv, mm16, dequant
+        with pytest.raises(ValueError, match="features"):
+            wq.packed_linear(torch.randn(M, 255, device="cuda", dtype=torch.bfloat16), pw)
+    with pytest.raises(ValueError, match="in_features=256"):
+        wq_mm16.mm16(torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)[:, ::2], pw)

@@ -1825,7 +1825,15 @@ def _mm16():  # type: ignore[no-untyped-def]
 def packed_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
                   path: str | None = None) -> torch.Tensor:
     """``x (..., K) -> (..., N)``; ``path`` forces ``gemv``, ``mm``, ``mm16`` or ``dequant`` (default: by M and
-    format: ``mm16`` where :func:`lowbit.ops.triton.wq_mm16.fits` and :data:`MM16`)."""
+    format: ``mm16`` where :func:`lowbit.ops.triton.wq_mm16.fits` and :data:`MM16`).
+
+    Raises:
+        ValueError: ``x``'s last dimension is not the weight's ``in_features`` (the kernels take K from ``x`` and
+            would read past the packed weight), or an unknown ``path``.
+    """
+    if x.dim() == 0 or x.shape[-1] != pw.in_features:
+        raise ValueError(f"x has {x.shape[-1] if x.dim() else 0} features, the weight {pw.in_features} "
+                         f"(x shape {tuple(x.shape)})")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():

@@ -293,6 +293,9 @@ def mm16_config(M: int, N: int, K: int, group: int, bits: int, sms: int, BR: int
 
 def mm16(x2: torch.Tensor, pw: PackedWeight, cfg: dict | None = None) -> torch.Tensor:
     """``x2 (M, K)`` in the weight's own column order (act-order is applied here) -> ``(M, N)`` in x's dtype."""
+    if x2.dim() != 2 or x2.shape[1] != pw.in_features or x2.stride(1) != 1:
+        raise ValueError(f"mm16 takes x2 (M, in_features={pw.in_features}) with unit column stride, got shape "
+                         f"{tuple(x2.shape)}, strides {tuple(x2.stride())}")
     M, K = x2.shape
     N = pw.out_features
     if not fits(pw, M, x2.dtype):
