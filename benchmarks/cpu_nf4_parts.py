@@ -16,8 +16,8 @@ Run on a quiet machine: ``OMP_NUM_THREADS=2 python benchmarks/cpu_nf4_parts.py``
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import torch
 
@@ -25,16 +25,12 @@ from lowbit.formats.codebook import Codebook
 from lowbit.nn.linear import QuantLinear
 from lowbit.ops import cpu, cpu_lut4
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu import timeit  # noqa: E402  (benchmarks/cpu.py: median ms of reps calls after 3 warm-up calls)
 
-def median_us(fn, reps: int, warmup: int = 30) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e6
+
+def median_us(fn, reps: int) -> float:
+    return timeit(fn, reps) * 1e3
 
 
 def call_layers(K: int, N: int, reps: int) -> str:
@@ -83,8 +79,8 @@ def call_layers(K: int, N: int, reps: int) -> str:
 def attribute_reads(reps: int) -> str:
     m = QuantLinear(Codebook("nf4", 64, True).quantize(torch.randn(576, 576)))
     names, b = m._names, m._buffers
-    ga = median_us(lambda: [getattr(m, n) for n in names], reps, 500)
-    bf = median_us(lambda: [b[n] for n in names], reps, 500)
+    ga = median_us(lambda: [getattr(m, n) for n in names], reps)
+    bf = median_us(lambda: [b[n] for n in names], reps)
     return ("| QuantLinear's 4 NF4 tensors read by | µs a call |\n|---|---|\n"
             f"| `getattr` (nn.Module.__getattr__) | {ga:.2f} |\n| `_buffers[name]` | {bf:.2f} |\n")
 
